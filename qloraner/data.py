@@ -1,0 +1,136 @@
+"""Instruction examples: prompt templates, the instruction-data file, token ids and label masks."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+from qloraner import QloranerError
+from qloraner.bio import bio_to_entities
+from qloraner.conll import Sentence, read_split
+from qloraner.parse import render_response
+
+FORMAT_VERSION = 1  # bump when a template or the response format changes: old files get rebuilt
+IGNORE_INDEX = -100  # label value the loss skips
+_FORMAT_RULES = (
+    "List each entity on its own line as [TYPE] mention, in the order they occur, with TYPE one of "
+    "LOC, MISC, ORG, PER. If there are none, answer [NONE]."
+)
+_TYPE_MEANINGS = (
+    "Types: LOC = locations (countries, cities, regions, rivers); ORG = organisations (companies, "
+    "teams, institutions, agencies); PER = people; MISC = other names (nationalities, events, "
+    "languages, products, works)."
+)
+_EXAMPLE = (
+    "Example sentence: EU rejects German call to boycott British lamb .\n"
+    "Example answer:\n[ORG] EU\n[MISC] German\n[MISC] British"
+)
+# The prompt ends in a newline, so no tokenizer merges its last token with the response's first.
+TEMPLATES = {
+    "simple": "### Instruction:\nExtract named entities from the sentence. {rules}\n\n### Sentence:\n{sentence}\n\n### Response:\n",
+    "typed": "### Instruction:\nExtract named entities from the sentence. {rules}\n{types}\n\n### Sentence:\n{sentence}\n\n### Response:\n",
+    "fewshot": "### Instruction:\nExtract named entities from the sentence. {rules}\n{types}\n{example}\n\n### Sentence:\n{sentence}\n\n### Response:\n",
+}  # fmt: skip
+
+
+def build_prompt(tokens: tuple[str, ...] | list[str], template: str) -> str:
+    if template not in TEMPLATES:
+        raise QloranerError(f"unknown prompt template {template!r}; choose one of {', '.join(TEMPLATES)}")
+    return TEMPLATES[template].format(
+        rules=_FORMAT_RULES, types=_TYPE_MEANINGS, example=_EXAMPLE, sentence=" ".join(tokens)
+    )
+
+
+def build_record(sentence: Sentence, template: str) -> dict:
+    """One training example: the single `text` (prompt + response) and its parts."""
+    prompt = build_prompt(sentence.tokens, template)
+    response = render_response(bio_to_entities(sentence.tokens, sentence.tags))
+    return {
+        "text": prompt + response,
+        "prompt": prompt,
+        "response": response,
+        "tokens": list(sentence.tokens),
+        "tags": list(sentence.tags),
+    }
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def instruction_data(data_dir: Path, template: str, out_path: Path, limit: int | None = None) -> tuple[list[dict], dict]:
+    """Records for the train split, from `out_path` when it is current, else rebuilt and written.
+
+    The file's manifest records the source checksum, template and format version; any change
+    makes the file stale. It is written to a temp file and renamed, so a kill leaves no half file.
+    """
+    source = Path(data_dir) / "train.txt"
+    if not source.is_file():
+        raise QloranerError(f"{source}: file not found")
+    key = {"source_sha256": _sha256(source), "template": template, "format_version": FORMAT_VERSION}
+    manifest = {"source": str(source), **key}
+    records = None
+    if out_path.is_file():
+        try:
+            stored = json.loads(out_path.read_text(encoding="utf-8"))
+        except (ValueError, UnicodeDecodeError):
+            stored = {}
+        if all(stored.get("manifest", {}).get(k) == v for k, v in key.items()):
+            records = stored["records"]
+    if records is None:
+        records = [build_record(s, template) for s in read_split(data_dir, "train")]
+        manifest["records"] = len(records)
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out_path.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_text(json.dumps({"manifest": manifest, "records": records}, ensure_ascii=False), encoding="utf-8")
+        os.replace(tmp, out_path)
+    manifest["records"] = len(records)
+    return (records[:limit] if limit else records), manifest
+
+
+@dataclass(frozen=True)
+class Encoded:
+    input_ids: list[int]
+    labels: list[int]  # IGNORE_INDEX over the prompt; the response's ids and a final EOS
+
+    @property
+    def n_supervised(self) -> int:
+        return sum(1 for x in self.labels if x != IGNORE_INDEX)
+
+
+def encode(tokenizer, prompts: list[str], responses: list[str], max_length: int | None = None) -> list[Encoded]:
+    """Token ids of prompt + response + EOS for each pair; only the response and the EOS are labels.
+
+    pad = eos, so the final EOS must stay a label or the model never learns to stop.
+    """
+    prompt_ids = tokenizer(prompts)["input_ids"]
+    full_ids = tokenizer([p + r for p, r in zip(prompts, responses)])["input_ids"]
+    out = []
+    for prompt, p_ids, f_ids in zip(prompts, prompt_ids, full_ids):
+        if f_ids[: len(p_ids)] != p_ids:
+            raise QloranerError(f"the tokenizer merges the prompt's end into the response: {prompt[-40:]!r}")
+        ids = f_ids + [tokenizer.eos_token_id]
+        labels = [IGNORE_INDEX] * len(p_ids) + ids[len(p_ids) :]
+        out.append(Encoded(ids[:max_length], labels[:max_length]))
+    return out
+
+
+def length_grouped_batches(lengths: list[int], batch_size: int, seed: int, epoch: int, group: int = 64) -> list[list[int]]:
+    """Indices in batches of similar length, deterministic for (seed, epoch).
+
+    Shuffle, sort within windows of `group` batches so padding stays short, then shuffle
+    the batches so lengths do not rise through the epoch.
+    """
+    rng = random.Random(seed * 1_000_003 + epoch)
+    order = list(range(len(lengths)))
+    rng.shuffle(order)
+    window = batch_size * group
+    batches = []
+    for w in range(0, len(order), window):
+        chunk = sorted(order[w : w + window], key=lambda i: lengths[i])
+        batches += [chunk[b : b + batch_size] for b in range(0, len(chunk), batch_size)]
+    rng.shuffle(batches)
+    return batches

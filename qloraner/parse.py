@@ -1,0 +1,160 @@
+"""Model responses -> entities. `parse_response` is pure and total: it never raises.
+
+Accepted: our canonical `[TYPE] mention` lines (tried first when the answer starts with one);
+a JSON object or Python dict repr (the first `{...}` in the text); lines of the forms
+`TYPE: a, b`, `TYPE - a`, `mention (TYPE)`.
+Line parsing stops at the first blank line after an entity line, so chatter after the answer
+is ignored.
+"""
+from __future__ import annotations
+
+import ast
+import json
+import re
+
+from qloraner import ENTITY_TYPES
+from qloraner.bio import Entities
+
+MAX_CHARS = 20_000  # responses are bounded by max_new_tokens; this bounds pathological input
+EMPTY_ANSWER = "[NONE]"
+SYNONYMS = {
+    **{t: t for t in ENTITY_TYPES},
+    "LOCATION": "LOC", "LOCATIONS": "LOC", "PLACE": "LOC", "PLACES": "LOC",
+    "MISCELLANEOUS": "MISC", "OTHER": "MISC",
+    "ORGANIZATION": "ORG", "ORGANISATION": "ORG", "ORGANIZATIONS": "ORG", "ORGANISATIONS": "ORG",
+    "PERSON": "PER", "PERSONS": "PER", "PEOPLE": "PER", "PERS": "PER",
+}  # fmt: skip
+NULLS = {"", "none", "null", "n/a", "na", "-", "[]", "nil", "no entities", "not found"}
+_QUOTES = "\"'`*“”‘’ "
+_BULLET = re.compile(r"^\s*(?:[-*•]|\d+[.)])\s+")
+_CANONICAL = re.compile(r"^\s*\[\s*([A-Za-z]+)\s*\]\s*(.*?)\s*$")
+_TYPE_FIRST = re.compile(r"^\s*([A-Za-z*\"']+)\s*(?::|\s-|=)\s*(.*?)\s*$")
+_TYPE_LAST = re.compile(r"^\s*(.+?)\s*\(\s*([A-Za-z]+)\s*\)\s*[.,;]?\s*$")
+
+
+def canonical_type(name: object) -> str | None:
+    """LOC/MISC/ORG/PER for a type name or synonym in any case, else None."""
+    return SYNONYMS.get(name.strip(_QUOTES).upper()) if isinstance(name, str) else None
+
+
+def _clean(value: object) -> str | None:
+    if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+        return None
+    text = " ".join(str(value).split()).strip(_QUOTES)
+    return None if text.casefold() in NULLS else text
+
+
+def _values(raw: object) -> list[str]:
+    """A JSON/dict value -> mentions: a string, a number, a list of them, or None."""
+    items = raw if isinstance(raw, (list, tuple, set)) else [raw]
+    return [v for v in map(_clean, items) if v is not None]
+
+
+def _first_braced(text: str) -> str | None:
+    """The first balanced `{...}` in text, ignoring braces inside quotes."""
+    start = text.find("{")
+    if start < 0:
+        return None
+    depth, quote, escaped = 0, "", False
+    for i in range(start, len(text)):
+        ch = text[i]
+        if escaped:
+            escaped = False
+        elif quote:
+            escaped, quote = ch == "\\", "" if ch == quote else quote
+        elif ch in "\"'":
+            quote = ch
+        elif ch in "{}":
+            depth += 1 if ch == "{" else -1
+            if depth == 0:
+                return text[start : i + 1]
+    return None
+
+
+def _literal(text: str) -> object:
+    for load in (json.loads, ast.literal_eval):
+        try:
+            return load(text)
+        except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+            continue
+    return None
+
+
+def _from_structure(obj: object, out: Entities) -> None:
+    """Walk dicts and lists: {TYPE: mentions} pairs, or {type: T, text: m} records."""
+    if isinstance(obj, dict):
+        kind = next((canonical_type(obj[k]) for k in ("type", "label", "entity_type") if k in obj), None)
+        text = next((obj[k] for k in ("text", "entity", "name", "mention", "word") if k in obj), None)
+        if kind and text is not None:
+            for mention in _values(text):
+                out.add(kind, mention)
+            return
+        for key, value in obj.items():
+            type_ = canonical_type(key)
+            if type_:
+                for mention in _values(value):
+                    out.add(type_, mention)
+            else:
+                _from_structure(value, out)
+    elif isinstance(obj, (list, tuple)):
+        for item in obj:
+            _from_structure(item, out)
+
+
+def _split_values(text: str) -> list[str]:
+    if text.startswith("["):
+        parsed = _literal(text)
+        if isinstance(parsed, list):
+            return _values(parsed)
+    return _values(re.split(r"\s*[,;]\s*", text))
+
+
+def _line_entities(line: str) -> list[tuple[str, str]]:
+    """Entities on one line, in any accepted line form (canonical first)."""
+    line = _BULLET.sub("", line)
+    if m := _CANONICAL.match(line):
+        type_, mention = canonical_type(m[1]), " ".join(m[2].split())  # kept verbatim: it is our format
+        return [(type_, mention)] if type_ and mention else []
+    if (m := _TYPE_FIRST.match(line)) and (type_ := canonical_type(m[1])):
+        return [(type_, v) for v in _split_values(m[2])]
+    if (m := _TYPE_LAST.match(line)) and (type_ := canonical_type(m[2])) and (mention := _clean(m[1])):
+        return [(type_, mention)]
+    return []
+
+
+def parse_response(text: str) -> Entities:
+    """Entities by type (only LOC, MISC, ORG, PER), mentions in listed order. Never raises."""
+    out = Entities()
+    if not isinstance(text, str):
+        return out
+    text = text[:MAX_CHARS]
+    first_line = next((line for line in text.splitlines() if line.strip()), "")
+    if not _CANONICAL.match(first_line):  # our own format wins over braces inside a mention
+        braced = _first_braced(text)
+        if braced is not None and isinstance(structure := _literal(braced), (dict, list)):
+            _from_structure(structure, out)
+            if out or not text[: text.find("{")].strip():
+                return out
+    for line in text.splitlines():
+        if not line.strip():
+            if out:
+                break  # a blank line after the answer: what follows is chatter
+            continue
+        for type_, mention in _line_entities(line):
+            out.add(type_, mention)
+    return out
+
+
+def is_explicit_empty(text: str) -> bool:
+    """The response says 'no entities' in a form we accept (so it is no parse failure)."""
+    if not isinstance(text, str):
+        return False
+    head = text.strip().split("\n\n")[0].strip()
+    return head.upper() == EMPTY_ANSWER or head.strip(".").casefold() in NULLS | {"{}"}
+
+
+def render_response(entities: Entities) -> str:
+    """Our canonical response: one `[TYPE] mention` line per mention, in listed order."""
+    if not entities.listed:
+        return EMPTY_ANSWER
+    return "\n".join(f"[{t}] {m}" for t, m in entities.listed)

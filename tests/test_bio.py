@@ -1,0 +1,92 @@
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from qloraner import ENTITY_TYPES
+from qloraner.bio import Entities, bio_to_entities, entities_to_bio, is_valid_iob2, spans, to_iob2
+from qloraner.parse import parse_response, render_response
+from tests.strategies import json_like, tag_sequence, tagged_sentence, word
+
+
+@given(tagged_sentence())
+def test_render_parse_tag_round_trip(sentence):
+    """render -> parse -> tag reproduces any tag sequence the strategy builds."""
+    tokens, tags = sentence
+    text = render_response(bio_to_entities(tokens, tags))
+    assert entities_to_bio(tokens, parse_response(text)) == tags
+
+
+@given(st.lists(word, max_size=20), st.dictionaries(st.sampled_from(ENTITY_TYPES + ("DATE", "per")), st.lists(st.text(max_size=12), max_size=4)))
+def test_tagger_length_and_validity(tokens, entities):
+    """Whatever the mentions, the tagger returns len(tokens) valid IOB2 tags of the four types."""
+    tags = entities_to_bio(tokens, entities)
+    assert len(tags) == len(tokens)
+    assert is_valid_iob2(tags)
+    assert {t[2:] for t in tags if t != "O"} <= set(ENTITY_TYPES)
+
+
+@given(st.lists(word, max_size=10), json_like)
+def test_tagger_total_on_junk(tokens, junk):
+    """Junk where mentions belong (None, numbers, nested lists) never makes the tagger raise."""
+    tags = entities_to_bio(tokens, {"PER": junk, "LOC": [junk]})
+    assert len(tags) == len(tokens) and is_valid_iob2(tags)
+
+
+@given(tag_sequence)
+def test_to_iob2_valid_and_span_preserving(tags):
+    """IOB1 -> IOB2 yields valid IOB2 with the same chunks."""
+    fixed = to_iob2(tags)
+    assert is_valid_iob2(fixed)
+    assert spans(fixed) == spans(tags)
+
+
+@given(tagged_sentence())
+def test_spans_cover_exactly_the_tagged_tokens(sentence):
+    """Spans are disjoint, ordered, and cover exactly the non-O tokens."""
+    tokens, tags = sentence
+    covered = [i for s in spans(tags) for i in range(s.start, s.end)]
+    assert covered == [i for i, t in enumerate(tags) if t != "O"]
+
+
+# Real sentences and messy mentions: (tokens, entities, expected tags)
+CASES = [
+    pytest.param("Sao Paulo midfielder Andre was flown to Sao Paulo airport".split(),
+                 Entities([("ORG", "Sao Paulo"), ("PER", "Andre"), ("LOC", "Sao Paulo")]),
+                 "B-ORG I-ORG O B-PER O O O B-LOC I-LOC O".split(), id="same-text-two-types-in-order"),
+    pytest.param("Newmont proposed to Santa Fe a merger for Santa Fe shares".split(),
+                 Entities([("ORG", "Newmont"), ("LOC", "Santa Fe"), ("ORG", "Santa Fe")]),
+                 "B-ORG O O B-LOC I-LOC O O O B-ORG I-ORG O".split(), id="conll-test-santa-fe"),
+    pytest.param("the U.S. -based group".split(), {"MISC": ["U.S.-based"]},
+                 "O B-MISC I-MISC O".split(), id="mention-glues-split-punctuation"),
+    pytest.param("Peter Blackburn said".split(), {"PER": ["peter   BLACKBURN"]},
+                 "B-PER I-PER O".split(), id="case-and-whitespace"),
+    pytest.param("He visited Paris .".split(), {"LOC": ['"Paris."']},
+                 "O O B-LOC O".split(), id="quoted-with-trailing-period"),
+    pytest.param("Bank of Germany and Germany".split(), {"LOC": ["Germany"], "ORG": ["Bank of Germany"]},
+                 "B-ORG I-ORG I-ORG O B-LOC".split(), id="longer-span-claims-first"),
+    pytest.param("Japan beat Japan".split(), {"LOC": ["Japan", "Japan", "Japan"]},
+                 "B-LOC O B-LOC".split(), id="repeats-tag-successive-occurrences-extra-dropped"),
+    pytest.param("EU rejects German call".split(), {"ORG": ["European Union"], "MISC": [""]},
+                 "O O O O".split(), id="absent-and-empty-mentions-dropped"),
+    pytest.param("Smith Smith".split(), {"PER": ["Smith", "Smith"]},
+                 "B-PER B-PER".split(), id="adjacent-same-type"),
+]
+
+
+@pytest.mark.parametrize("tokens,entities,expected", CASES)
+def test_real_cases(tokens, entities, expected):
+    """Each nasty real case aligns as the table says."""
+    assert entities_to_bio(tokens, entities) == expected
+
+
+def test_oracle_round_trip_on_all_splits(conll_dir):
+    """Gold -> canonical response -> parse -> tag reproduces every gold tag of train, valid and test."""
+    from qloraner.conll import read_split
+    from qloraner.metrics import score
+
+    for split in ("train", "valid", "test"):
+        sentences = read_split(conll_dir, split)
+        gold = [list(s.tags) for s in sentences]
+        pred = [entities_to_bio(s.tokens, parse_response(render_response(bio_to_entities(s.tokens, s.tags)))) for s in sentences]
+        assert pred == gold, split
+        assert score(gold, pred)["f1"] == 1.0

@@ -1,0 +1,61 @@
+import pytest
+
+from qloraner import QloranerError
+from qloraner.bio import spans
+from qloraner.conll import read_conll, read_split, resolve_data_dir
+
+README_COUNTS = {"train": (14041, 23499), "valid": (3250, 5942), "test": (3453, 5648)}
+
+
+@pytest.mark.parametrize("split", README_COUNTS)
+def test_real_split_counts_match_readme(conll_dir, split):
+    """Sentence and entity counts of each real split equal the data README's."""
+    sentences = read_split(conll_dir, split)
+    assert (len(sentences), sum(len(spans(s.tags)) for s in sentences)) == README_COUNTS[split]
+
+
+def test_iob1_is_normalised(tmp_path):
+    """IOB1 input (I- starting a chunk, B- only between touching chunks) reads as IOB2."""
+    f = tmp_path / "x.txt"
+    f.write_text("-DOCSTART- -X- -X- O\n\nU.N. NNP I-NP I-ORG\nofficial NN I-NP O\nEkeus NNP I-NP I-PER\nRolf NNP I-NP B-PER\n")
+    (s,) = read_conll(f)
+    assert s.tags == ("B-ORG", "O", "B-PER", "B-PER")
+
+
+@pytest.mark.parametrize("body,line,what", [
+    ("EU NNP B-NP B-ORG\nrejects VBZ B-VP\n", 2, "expected 4 columns"),
+    ("EU NNP B-NP B-ORG\n\nrejects VBZ B-VP X-ORG\n", 3, "bad NER tag"),
+    ("EU NNP B-NP B-\n", 1, "bad NER tag"),
+])
+def test_malformed_line_names_file_and_line(tmp_path, body, line, what):
+    """A malformed line raises an error naming file:line and the fault."""
+    f = tmp_path / "bad.txt"
+    f.write_text(body)
+    with pytest.raises(QloranerError, match=rf"bad\.txt:{line}: {what}"):
+        read_conll(f)
+
+
+def test_non_utf8_names_file_and_line(tmp_path):
+    """A non-UTF-8 byte is reported with the file and its line."""
+    f = tmp_path / "latin1.txt"
+    f.write_bytes("EU NNP B-NP B-ORG\n\nM\xfcller NNP B-NP B-PER\n".encode("latin-1"))
+    with pytest.raises(QloranerError, match=r"latin1\.txt:3: not UTF-8"):
+        read_conll(f)
+
+
+def test_missing_file_and_empty_split(tmp_path):
+    """A missing file and a split with no sentences are clear errors."""
+    with pytest.raises(QloranerError, match="train.txt: file not found"):
+        read_split(tmp_path, "train")
+    (tmp_path / "test.txt").write_text("-DOCSTART- -X- -X- O\n\n")
+    with pytest.raises(QloranerError, match="holds no sentences"):
+        read_split(tmp_path, "test")
+
+
+def test_missing_data_dir_says_how_to_fix(tmp_path, monkeypatch):
+    """No --data-dir, no CONLL_DIR and no datasets/conll2003: the error says what to set."""
+    monkeypatch.delenv("CONLL_DIR", raising=False)
+    with pytest.raises(QloranerError, match="CONLL_DIR"):
+        resolve_data_dir(None, tmp_path)
+    monkeypatch.setenv("CONLL_DIR", str(tmp_path))
+    assert resolve_data_dir(None, tmp_path / "elsewhere") == tmp_path

@@ -1,0 +1,71 @@
+import json
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from qloraner.bio import entities_to_bio
+from qloraner.conll import read_split
+from qloraner.data import IGNORE_INDEX, TEMPLATES, build_record, encode, instruction_data, length_grouped_batches
+from qloraner.model import load_tokenizer
+from qloraner.parse import parse_response
+
+
+def test_records_hold_text_and_parts(conll_dir, tmp_path):
+    """Each record's text is prompt + response, and its response tags back to its gold tags."""
+    out = tmp_path / "ner.json"
+    records, manifest = instruction_data(conll_dir, "typed", out, limit=50)
+    assert manifest["records"] == 14041 and len(records) == 50
+    for r in records:
+        assert r["text"] == r["prompt"] + r["response"]
+        assert r["prompt"].endswith("\n") and r["response"] and not r["response"].endswith("\n")
+        assert entities_to_bio(r["tokens"], parse_response(r["response"])) == r["tags"]
+
+
+def test_instruction_file_rebuilt_only_when_stale(conll_dir, tmp_path):
+    """The file is reused while source, template and format match, rebuilt when one changes."""
+    out = tmp_path / "ner.json"
+    instruction_data(conll_dir, "simple", out)
+    stamp = out.stat().st_mtime_ns
+    instruction_data(conll_dir, "simple", out)
+    assert out.stat().st_mtime_ns == stamp
+    records, _ = instruction_data(conll_dir, "fewshot", out)
+    assert json.loads(out.read_text())["manifest"]["template"] == "fewshot"
+    assert all("Example answer" in r["prompt"] for r in records[:10])
+
+
+def test_templates_differ_and_carry_the_sentence(conll_dir):
+    """The three templates give three prompts, each holding the sentence."""
+    s = read_split(conll_dir, "valid")[5]
+    prompts = {build_record(s, t)["prompt"] for t in TEMPLATES}
+    assert len(prompts) == 3 and all(" ".join(s.tokens) in p for p in prompts)
+
+
+@given(st.lists(st.integers(1, 200), max_size=300), st.integers(1, 17), st.integers(0, 5), st.integers(0, 3))
+def test_length_grouped_batches_partition(lengths, batch_size, seed, epoch):
+    """Batches cover every index exactly once, hold at most batch_size, and repeat for one seed and epoch."""
+    batches = length_grouped_batches(lengths, batch_size, seed, epoch)
+    assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
+    assert all(0 < len(b) <= batch_size for b in batches)
+    assert batches == length_grouped_batches(lengths, batch_size, seed, epoch)
+
+
+@pytest.mark.parametrize("which", ["smollm2", "llama2"])
+def test_masks_on_every_train_sentence_and_template(which, conll_dir, smol_checkpoint, llama2_tokenizer_dir):
+    """For all 14,041 train sentences and 3 templates: the prompt's ids prefix the full ids, and
+    the labels are exactly the response's ids plus a final EOS (so EOS is learned although pad = eos)."""
+    tok = load_tokenizer(smol_checkpoint if which == "smollm2" else llama2_tokenizer_dir)
+    sentences = read_split(conll_dir, "train")
+    assert len(sentences) == 14041
+    for template in TEMPLATES:
+        records = [build_record(s, template) for s in sentences]
+        prompts, responses = [r["prompt"] for r in records], [r["response"] for r in records]
+        prompt_ids = tok(prompts)["input_ids"]
+        for r, p_ids, enc in zip(records, prompt_ids, encode(tok, prompts, responses)):
+            n_prompt = len(p_ids)
+            assert enc.input_ids[:n_prompt] == p_ids
+            assert enc.labels[:n_prompt] == [IGNORE_INDEX] * n_prompt
+            supervised = enc.labels[n_prompt:]
+            assert IGNORE_INDEX not in supervised and supervised[-1] == tok.eos_token_id
+            assert supervised == enc.input_ids[n_prompt:]
+            assert tok.decode(supervised[:-1]) == r["response"]

@@ -1,0 +1,38 @@
+import bitsandbytes as bnb
+import pytest
+import torch
+
+from qloraner import QloranerError
+from qloraner.model import add_lora, load_base, load_tokenizer, resolve_model
+
+
+def test_tiny_model_loads_in_nf4_with_lora_only_trainable(tiny_model):
+    """Every decoder linear is a bnb Linear4bit (NF4, double quant); only LoRA weights train."""
+    base = load_base(tiny_model, torch.device("cpu"))
+    linears = [m for name, m in base.named_modules() if name.startswith("model.layers") and isinstance(m, torch.nn.Linear)]
+    assert linears and all(isinstance(m, bnb.nn.Linear4bit) for m in linears)
+    for m in linears:
+        assert m.weight.quant_state.quant_type == "nf4" and m.weight.quant_state.nested
+    model = add_lora(base, r=8, alpha=16, dropout=0.1, target_modules=["q_proj", "v_proj"])
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+    assert {n.split(".lora_")[0].rsplit(".", 1)[1] for n in trainable} == {"q_proj", "v_proj"}
+
+
+def test_tokenizer_pads_with_eos(tiny_model):
+    """pad = eos, as the base chat models have no pad token."""
+    tok = load_tokenizer(tiny_model)
+    assert tok.pad_token_id == tok.eos_token_id is not None
+
+
+@pytest.mark.parametrize("name", ["/no/such/model", "./missing-dir", "not a hub id"])
+def test_missing_model_is_a_clear_error(name):
+    """A missing local model path is a one-line QloranerError naming it."""
+    with pytest.raises(QloranerError, match="model not found"):
+        resolve_model(name)
+
+
+def test_folder_without_config_is_refused(tmp_path):
+    """A folder that is no checkpoint is named in the error."""
+    with pytest.raises(QloranerError, match="no config.json"):
+        resolve_model(str(tmp_path))

@@ -1,0 +1,85 @@
+import json
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from qloraner import ENTITY_TYPES
+from qloraner.parse import is_explicit_empty, parse_response
+from tests.strategies import json_like
+
+text_with_structure = st.lists(
+    st.sampled_from(["[PER] ", "LOC: ", "{", "}", "'", '"', "\n", "\n\n", ",", " - ", "(ORG)", "[", "]", "\\", "None"]) | st.text(max_size=8),
+    max_size=20,
+).map("".join)
+
+
+def _shape_ok(result):
+    return set(result) <= set(ENTITY_TYPES) and all(
+        isinstance(v, list) and all(isinstance(m, str) and m for m in v) for v in result.values()
+    )
+
+
+@given(st.text())
+def test_never_raises_on_arbitrary_text(text):
+    """Any text parses without raising, to non-empty string mentions under the four keys only."""
+    assert _shape_ok(parse_response(text))
+
+
+@given(text_with_structure)
+def test_never_raises_on_format_fragments(text):
+    """Fragments of every accepted format, shuffled and broken, never make it raise."""
+    assert _shape_ok(parse_response(text))
+
+
+@given(json_like)
+def test_never_raises_on_json_and_reprs(obj):
+    """Arbitrary JSON and Python reprs (nested, wrong types) parse to the four keys only."""
+    assert _shape_ok(parse_response(json.dumps(obj)))
+    assert _shape_ok(parse_response(repr(obj)))
+
+
+@given(st.dictionaries(st.sampled_from(ENTITY_TYPES), st.lists(st.text(st.characters(categories=("L", "N")), min_size=1, max_size=8), min_size=1, max_size=3), min_size=1))
+def test_json_objects_parse_to_themselves(entities):
+    """A JSON object of types to mention lists parses back to the same mentions."""
+    assert dict(parse_response(json.dumps(entities))) == entities
+    assert dict(parse_response(repr(entities))) == entities
+
+
+def test_non_string_input_gives_nothing():
+    """None or bytes give an empty result instead of an exception."""
+    assert parse_response(None) == {} and parse_response(b"[PER] x") == {}
+
+
+BASE = "base model"
+TUNED = "fine-tuned model"
+# (response, expected entities, provenance). Provenance "SmolLM2 ..." marks responses recorded from runs.
+RESPONSES = [
+    ("[ORG] EU\n[MISC] German\n[MISC] British", {"ORG": ["EU"], "MISC": ["German", "British"]}, "canonical"),
+    ("[PER] Peter Blackburn\n\n### Sentence:\nBRUSSELS 1996-08-22\n\n### Response:\n[LOC] BRUSSELS",
+     {"PER": ["Peter Blackburn"]}, "rambles past its answer into a new example"),
+    ('{"LOC": ["Japan"], "PER": [], "ORG": null}', {"LOC": ["Japan"]}, "JSON with empty values"),
+    ("{'LOC': ['Japan'], 'MISC': ['Asian Cup']}", {"LOC": ["Japan"], "MISC": ["Asian Cup"]}, "python dict repr (original few-shot format)"),
+    ("Sure! Here are the entities:\n{\"entities\": [{\"type\": \"PERSON\", \"text\": \"Nadim Ladki\"}]}\nHope this helps.",
+     {"PER": ["Nadim Ladki"]}, "JSON record list inside chatter"),
+    ("PERSON: Nadim Ladki, Al-Ain\nLocation: United Arab Emirates\nOrganization: None",
+     {"PER": ["Nadim Ladki", "Al-Ain"], "LOC": ["United Arab Emirates"]}, "TYPE: a, b lines with synonyms"),
+    ("- **ORG** - Reuters\n- **LOC** - Syria", {"ORG": ["Reuters"], "LOC": ["Syria"]}, "markdown TYPE - a bullets"),
+    ("1. Japan (LOC)\n2. Syria (location)", {"LOC": ["Japan", "Syria"]}, "mention (TYPE) list"),
+    ("The sentence identifies four named entities:\nLOC: Japan\n\nTHE SENTENCE IDENTIFIES FOUR NAMED ENTITIES: x",
+     {"LOC": ["Japan"]}, "junk label line from the original project's report"),
+    ("DATE: Friday\nPER: []\nMISC: N/A", {}, "unknown types and empty values"),
+]
+
+
+@pytest.mark.parametrize("response,expected,provenance", RESPONSES, ids=[r[2] for r in RESPONSES])
+def test_real_responses(response, expected, provenance):
+    """Each real messy response parses to the entities listed beside it."""
+    assert dict(parse_response(response)) == expected
+
+
+@pytest.mark.parametrize("text,empty", [("[NONE]", True), ("None.", True), ("{}", True), ("[NONE]\n\nchatter", True),
+                                        ("I cannot find any", False), ("[PER] x", False)])
+def test_explicit_empty(text, empty):
+    """Explicit 'no entities' answers are told apart from unparseable text."""
+    assert is_explicit_empty(text) is empty

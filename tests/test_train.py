@@ -1,0 +1,139 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from safetensors.torch import load_file
+
+from qloraner import QloranerError
+from qloraner.config import TrainConfig
+from qloraner.train import EXIT_PREEMPTED, get_lr, latest_checkpoint, train_adapter
+from tests.conftest import ROOT
+
+schedule = st.fixed_dictionaries({
+    "max_lr": st.floats(1e-6, 1.0), "warmup": st.integers(0, 50), "total": st.integers(1, 500), "min_ratio": st.floats(0, 1),
+})
+
+
+@given(schedule, st.integers(-5, 600))
+def test_lr_bounded(s, step):
+    """The learning rate never leaves (0, max_lr]."""
+    lr = get_lr(step if step >= 0 else 0, **s)
+    assert 0 <= lr <= s["max_lr"] * (1 + 1e-12)
+
+
+@given(schedule)
+def test_lr_warms_up_then_decays_to_the_floor(s):
+    """Rising during warm-up, never rising after it, min_ratio * max_lr at and past the end."""
+    lrs = [get_lr(i, **s) for i in range(s["total"] + 3)]
+    w = min(s["warmup"], s["total"])
+    assert all(a < b for a, b in zip(lrs[:w], lrs[1:w]))
+    assert all(b <= a * (1 + 1e-12) for a, b in zip(lrs[w:], lrs[w + 1 :]))
+    assert lrs[-1] == pytest.approx(s["max_lr"] * s["min_ratio"])
+
+
+def _config(tmp_path, tiny_model, conll_dir, name, **kw):
+    base = dict(model=str(tiny_model), data_dir=str(conll_dir), output_dir=str(tmp_path / name), limit=16,
+                batch_size=4, grad_accum=1, max_steps=4, lr=1e-2, warmup_steps=2, lora_r=8, lora_alpha=16,
+                lora_dropout=0.0, save_every=0, eval_after=False, experiment="test")
+    return TrainConfig(**{**base, **kw})
+
+
+def test_overfits_eight_examples(tmp_path, tiny_model, conll_dir):
+    """60 steps on 8 examples cut the loss by at least 80 % (the loop really learns)."""
+    losses = []
+    train_adapter(_config(tmp_path, tiny_model, conll_dir, "overfit", limit=8, batch_size=8, max_steps=60, lr=2e-2,
+                          lora_r=16, lora_alpha=32, max_grad_norm=1.0),
+                  on_step=lambda step, m: losses.append(m["loss"]))
+    assert len(losses) == 60 and losses[-1] <= 0.2 * losses[0]
+
+
+def test_accumulation_matches_one_big_batch(tmp_path, tiny_model, conll_dir):
+    """4 micro-batches x accumulation 4 give the gradient and update of one batch of 16 (fp32)."""
+    results = {}
+    for name, bs, acc in [("big", 16, 1), ("accum", 4, 4)]:
+        norms = []
+        cfg = _config(tmp_path, tiny_model, conll_dir, name, batch_size=bs, grad_accum=acc, max_steps=3, max_grad_norm=0.0)
+        out = train_adapter(cfg, on_step=lambda step, m: norms.append(m["grad_norm"]))
+        results[name] = (norms, load_file(out.final / "adapter_model.safetensors"))
+    assert results["big"][0] == pytest.approx(results["accum"][0], rel=1e-5)
+    for key, value in results["big"][1].items():  # lora_B starts at zero, so it is the update itself
+        assert torch.linalg.norm(results["accum"][1][key] - value) <= 1e-5 * torch.linalg.norm(value), key
+
+
+def test_resume_after_sigterm_matches_an_uninterrupted_run(tmp_path, tiny_model, conll_dir):
+    """Train 20 steps, or train 10, SIGTERM, resume 10: same adapter to 1e-6 (dropout on, epochs crossed)."""
+    kw = dict(max_steps=20, lora_dropout=0.1, lr=5e-3)
+    straight = train_adapter(_config(tmp_path, tiny_model, conll_dir, "straight", **kw))
+
+    def kill_at_10(step, _metrics):
+        if step == 10:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    cfg = _config(tmp_path, tiny_model, conll_dir, "resumed", **kw)
+    first = train_adapter(cfg, on_step=kill_at_10)
+    assert first.preempted and first.step == 10
+    assert latest_checkpoint(tmp_path / "resumed").name == "step-000010"
+    half = tmp_path / "resumed" / "step-000015"
+    half.mkdir()
+    (half / "adapter_config.json").write_text("{}")  # a save killed half way
+    assert latest_checkpoint(tmp_path / "resumed").name == "step-000010"
+    steps = []
+    second = train_adapter(cfg, on_step=lambda step, m: steps.append(step))
+    assert steps[0] == 11 and second.step == 20
+    a = load_file(straight.final / "adapter_model.safetensors")
+    b = load_file(second.final / "adapter_model.safetensors")
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=1e-6, atol=1e-8)
+
+
+def test_incompatible_checkpoint_is_refused(tmp_path, tiny_model, conll_dir):
+    """Resuming with another LoRA rank names the checkpoint and the differing setting."""
+    train_adapter(_config(tmp_path, tiny_model, conll_dir, "run", max_steps=2, save_every=1))
+    with pytest.raises(QloranerError, match=r"step-000001: incompatible checkpoint.*lora_r=8"):
+        train_adapter(_config(tmp_path, tiny_model, conll_dir, "run", max_steps=4, lora_r=4))
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, tiny_model, conll_dir):
+    """A diverging run (lr 1e38) stops with a one-line error; the earlier checkpoint stays complete."""
+    cfg = _config(tmp_path, tiny_model, conll_dir, "nan", lr=1e38, warmup_steps=0, max_steps=10, save_every=1, max_grad_norm=0.0)
+    with pytest.raises(QloranerError, match=r"non-finite loss at step 2; .*Last good checkpoint: .*step-000001$"):
+        train_adapter(cfg)
+    good = latest_checkpoint(tmp_path / "nan")
+    assert good is not None and not (tmp_path / "nan" / "final").exists()
+
+
+def test_missing_model_exits_with_one_line(tmp_path, conll_dir):
+    """The entry point turns a missing model into 'error: ...' and exit code 2, no traceback."""
+    proc = subprocess.run([sys.executable, "-m", "qloraner.train", "--model", str(tmp_path / "nope"), "--data-dir",
+                           str(conll_dir), "--output-dir", str(tmp_path / "o")], capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [f"error: model not found: {tmp_path / 'nope'} (give a checkpoint folder or a hub id like meta-llama/Llama-2-7b-chat-hf)"]
+
+
+@pytest.mark.slow
+def test_run_train_sh_end_to_end(tmp_path, conll_dir, smol_checkpoint):
+    """./run_train.sh with the embedded default, 32 sentences, 4 steps: checkpoints and an MLflow run."""
+    from mlflow.tracking import MlflowClient
+
+    out = tmp_path / "e2e"
+    env = {**os.environ, "CONLL_DIR": str(conll_dir)}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    proc = subprocess.run([str(ROOT / "run_train.sh"), "--limit", "32", "--max-steps", "4", "--batch-size", "8",
+                           "--save-every", "2", "--output-dir", str(out), "--no-eval"], capture_output=True, text=True, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith(("step-", "final"))) == ["final", "step-000002"]
+    state = json.loads((out / "final" / "trainer_state.json").read_text())
+    client = MlflowClient(f"sqlite:///{out / 'mlflow.db'}")
+    run = client.get_run(state["run_id"])
+    assert run.info.status == "FINISHED"
+    assert run.data.params["limit"] == "32" and run.data.params["lora_r"] == "64"
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == [1, 2, 3, 4]
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "adapter")}
+    assert "adapter/adapter_model.safetensors" in artifacts
+    assert "instruction_manifest.json" in {a.path for a in client.list_artifacts(run.info.run_id)}

@@ -56,3 +56,30 @@ def llama2_tokenizer_dir() -> Path:
     if not (path / "tokenizer.model").is_file():
         pytest.fail(f"LLaMA-2 tokenizer not found at {path}: set LLAMA2_TOKENIZER")
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_adapter(tmp_path_factory, tiny_model, conll_dir) -> Path:
+    """A LoRA adapter overfit on 8 train sentences of the tiny model: it answers and then stops."""
+    from qloraner.config import TrainConfig
+    from qloraner.train import train_adapter
+
+    out = tmp_path_factory.mktemp("tiny-adapter")
+    config = TrainConfig(model=str(tiny_model), data_dir=str(conll_dir), output_dir=str(out), limit=8, batch_size=8,
+                         max_steps=80, lr=1e-2, warmup_steps=5, lora_r=16, lora_alpha=32, lora_dropout=0.0,
+                         target_modules="all-linear", max_grad_norm=1.0, save_every=0, eval_after=False, experiment="test")
+    return train_adapter(config).final
+
+
+@pytest.fixture(scope="session")
+def trained_default(tmp_path_factory, conll_dir):
+    """./run_train.sh with the embedded default: 32 sentences, 4 steps, a checkpoint every 2, no eval."""
+    import subprocess
+
+    out = tmp_path_factory.mktemp("e2e") / "run"
+    env = {**os.environ, "CONLL_DIR": str(conll_dir)}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    proc = subprocess.run([str(ROOT / "run_train.sh"), "--limit", "32", "--max-steps", "4", "--batch-size", "8",
+                           "--save-every", "2", "--output-dir", str(out), "--no-eval"], capture_output=True, text=True, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out

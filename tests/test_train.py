@@ -117,18 +117,14 @@ def test_missing_model_exits_with_one_line(tmp_path, conll_dir):
 
 
 @pytest.mark.slow
-def test_run_train_sh_end_to_end(tmp_path, conll_dir, smol_checkpoint):
+def test_run_train_sh_end_to_end(trained_default):
     """./run_train.sh with the embedded default, 32 sentences, 4 steps: checkpoints and an MLflow run."""
     from mlflow.tracking import MlflowClient
 
-    out = tmp_path / "e2e"
-    env = {**os.environ, "CONLL_DIR": str(conll_dir)}
-    env.pop("MLFLOW_TRACKING_URI", None)
-    proc = subprocess.run([str(ROOT / "run_train.sh"), "--limit", "32", "--max-steps", "4", "--batch-size", "8",
-                           "--save-every", "2", "--output-dir", str(out), "--no-eval"], capture_output=True, text=True, env=env)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = trained_default
     assert sorted(p.name for p in out.iterdir() if p.name.startswith(("step-", "final"))) == ["final", "step-000002"]
     state = json.loads((out / "final" / "trainer_state.json").read_text())
+    assert state["step"] == 4
     client = MlflowClient(f"sqlite:///{out / 'mlflow.db'}")
     run = client.get_run(state["run_id"])
     assert run.info.status == "FINISHED"

@@ -1,0 +1,269 @@
+"""Batched greedy decoding on a CoNLL-2003 split, scored with seqeval; base vs fine-tuned."""
+from __future__ import annotations
+
+import json
+import sys
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from qloraner import ENTITY_TYPES, QloranerError
+from qloraner.bio import entities_to_bio
+from qloraner.config import EvalConfig, as_dict, from_args
+from qloraner.conll import Sentence, read_split, resolve_data_dir
+from qloraner.data import build_prompt
+from qloraner.metrics import error_analysis, score
+from qloraner.model import DEFAULT_MODEL, compute_dtype, load_base, load_tokenizer, resolve_model
+from qloraner.parse import is_explicit_empty, parse_response
+
+ROOT = Path(__file__).resolve().parents[1]
+STOP_TEXT = "\n\n"  # our responses hold no blank line: one after the answer ends it
+_TAIL = 4  # tokens decoded to look for STOP_TEXT; it never spans more
+
+
+@dataclass
+class Generation:
+    tokens: list[list[int]]  # per prompt, in input order, without the stopping EOS
+    forward_passes: int
+
+
+def response_budget(tokenizer, tokens: tuple[str, ...] | list[str], cap: int) -> int:
+    """An answer can't need more than one `[MISC] token` line per token of the sentence."""
+    return min(cap, len(tokenizer(" ".join(tokens), add_special_tokens=False)["input_ids"]) + 6 * len(tokens) + 4)
+
+
+def _stopped(tokenizer, row: list[int], eos: int) -> bool:
+    """EOS, or a blank line after an answer (not after a preamble like 'The entities are:')."""
+    if row[-1] == eos:
+        return True
+    if STOP_TEXT not in tokenizer.decode(row[-_TAIL:]):
+        return False
+    text = tokenizer.decode(row)
+    return bool(parse_response(text)) or is_explicit_empty(text)
+
+
+@torch.no_grad()
+def generate_greedy(model, tokenizer, prompts: list[list[int]], budgets: list[int], batch_size: int, progress=None) -> Generation:
+    """Greedy decoding in batches of similar length: left padding, an attention mask, a KV cache.
+
+    A row stops at EOS or at a blank line and never grows after; a batch ends when all its
+    rows have stopped or reached their budget.
+    """
+    device = next(model.parameters()).device
+    eos = tokenizer.eos_token_id
+    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))  # longest first: memory peaks early
+    out: list[list[int]] = [[] for _ in prompts]
+    passes = 0
+    for b in range(0, len(order), batch_size):
+        idx = order[b : b + batch_size]
+        width = max(len(prompts[i]) for i in idx)
+        ids = torch.full((len(idx), width), eos, dtype=torch.long)
+        mask = torch.zeros((len(idx), width), dtype=torch.long)
+        for row, i in enumerate(idx):
+            ids[row, width - len(prompts[i]) :] = torch.tensor(prompts[i])
+            mask[row, width - len(prompts[i]) :] = 1
+        ids, mask = ids.to(device), mask.to(device)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        done = torch.zeros(len(idx), dtype=torch.bool)
+        cache = None
+        for _ in range(max(budgets[i] for i in idx)):
+            logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True)
+            passes += 1
+            cache = logits.past_key_values
+            nxt = logits.logits[:, -1].argmax(-1).cpu()
+            for row, i in enumerate(idx):
+                if not done[row]:
+                    out[i].append(int(nxt[row]))
+                    done[row] = _stopped(tokenizer, out[i], eos) or len(out[i]) >= budgets[i]
+            if done.all():
+                break
+            nxt[done] = eos  # finished rows idle on EOS; their outputs are ignored
+            ids = nxt[:, None].to(device)
+            mask = torch.cat([mask, torch.ones((len(idx), 1), dtype=mask.dtype, device=device)], dim=1)
+            positions = positions[:, -1:] + 1
+        if progress is not None:
+            progress.update(len(idx))
+    for row in out:
+        if row and row[-1] == eos:
+            row.pop()
+    return Generation(out, passes)
+
+
+def _prompts(tokenizer, sentences: list[Sentence], template: str, max_prompt_tokens: int) -> tuple[list[list[int]], list[int]]:
+    """Prompt ids per sentence; over-long sentences are cut to fit (their cut tokens score as O)."""
+    ids, kept = [], []
+    for s in sentences:
+        n = len(s.tokens)
+        p = tokenizer(build_prompt(s.tokens, template))["input_ids"]
+        while len(p) > max_prompt_tokens and n > 0:
+            n = max(0, min(n - 1, n * max_prompt_tokens // len(p)))
+            p = tokenizer(build_prompt(s.tokens[:n], template))["input_ids"]
+        ids.append(p)
+        kept.append(n)
+    return ids, kept
+
+
+def run_model(model, tokenizer, sentences: list[Sentence], template: str, config: EvalConfig, label: str) -> tuple[list[dict], dict]:
+    """Generate, parse, tag and score one model over the sentences."""
+    prompt_ids, kept = _prompts(tokenizer, sentences, template, config.max_prompt_tokens)
+    truncated = sum(k < len(s.tokens) for k, s in zip(kept, sentences))
+    if truncated:
+        warnings.warn(f"{truncated} sentence(s) cut to fit --max-prompt-tokens {config.max_prompt_tokens}", stacklevel=2)
+    budgets = [response_budget(tokenizer, s.tokens[:k], config.max_new_tokens) for s, k in zip(sentences, kept)]
+    start = time.perf_counter()
+    with tqdm(total=len(sentences), desc=f"eval {label}", unit="sent", dynamic_ncols=True, disable=None) as bar:
+        gen = generate_greedy(model, tokenizer, prompt_ids, budgets, config.batch_size, progress=bar)
+    seconds = time.perf_counter() - start
+    rows = []
+    for s, k, toks in zip(sentences, kept, gen.tokens):
+        raw = tokenizer.decode(toks, skip_special_tokens=True)
+        entities = parse_response(raw)
+        pred = entities_to_bio(s.tokens[:k], entities) + ["O"] * (len(s.tokens) - k)
+        rows.append({"tokens": list(s.tokens), "gold_tags": list(s.tags), "raw_response": raw,
+                     "entities": {t: entities.get(t, []) for t in ENTITY_TYPES}, "pred_tags": pred,
+                     "parse_failure": bool(raw.strip()) and not entities and not is_explicit_empty(raw)})
+    gold, pred = [r["gold_tags"] for r in rows], [r["pred_tags"] for r in rows]
+    metrics = {
+        **score(gold, pred),
+        "errors": error_analysis(gold, pred),
+        "parse_failures": sum(r["parse_failure"] for r in rows),
+        "sentences": len(rows),
+        "truncated_sentences": truncated,
+        "generated_tokens": sum(len(t) for t in gen.tokens),
+        "forward_passes": gen.forward_passes,
+        "seconds": seconds,
+        "sentences_per_s": len(rows) / seconds if seconds else 0.0,
+    }
+    return rows, metrics
+
+
+def _adapter_settings(adapter: Path) -> dict:
+    config = adapter / "train_config.json"
+    if not (adapter / "adapter_config.json").is_file() or not config.is_file():
+        raise QloranerError(f"adapter not found: {adapter} (expected adapter_config.json and train_config.json, as in outputs/run/final)")
+    return json.loads(config.read_text())
+
+
+def load_for_eval(config: EvalConfig, device: torch.device):
+    """(model, tokenizer, template, base name). The adapter stays unmerged on the NF4 base unless --merge."""
+    from peft import PeftModel
+
+    trained = _adapter_settings(Path(config.adapter)) if config.adapter else {}
+    base_name = config.model or trained.get("model") or DEFAULT_MODEL
+    base_path = resolve_model(base_name)
+    if trained and config.model and resolve_model(trained["model"]) != base_path:
+        raise QloranerError(f"{config.adapter}: adapter was trained on {trained['model']}, not {config.model}")
+    tokenizer = load_tokenizer(base_path, padding_side="left")
+    if config.merge:  # merge into bf16 (fp32 on CPU) weights: merging into 4-bit loses accuracy
+        from transformers import AutoModelForCausalLM
+
+        base = AutoModelForCausalLM.from_pretrained(base_path, dtype=compute_dtype(device), device_map={"": device})
+    else:
+        base = load_base(base_path, device)
+    model = base
+    if config.adapter:
+        try:
+            model = PeftModel.from_pretrained(base, config.adapter)
+        except (RuntimeError, ValueError, KeyError) as err:
+            raise QloranerError(f"{config.adapter}: adapter does not fit {base_name}: {str(err).splitlines()[0][:200]}") from None
+        if config.merge:
+            model = model.merge_and_unload()
+    model.eval()
+    template = config.prompt or trained.get("prompt") or "simple"
+    return model, tokenizer, template, str(base_name)
+
+
+def comparison_table(results: dict[str, dict]) -> str:
+    """Markdown: overall and per-type P/R/F1 and parse failures, one column per model."""
+    names = list(results)
+    lines = ["| metric | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+    for key in ("precision", "recall", "f1"):
+        lines.append(f"| {key} | " + " | ".join(f"{100 * results[n][key]:.2f}" for n in names) + " |")
+    for t in ENTITY_TYPES:
+        lines.append(f"| F1 {t} | " + " | ".join(f"{100 * results[n]['per_type'][t]['f1-score']:.2f}" for n in names) + " |")
+    for key in ("parse_failures", *results[names[0]]["errors"]):
+        value = (lambda n: results[n][key]) if key == "parse_failures" else (lambda n: results[n]["errors"][key])
+        lines.append(f"| {key.replace('_', ' ')} | " + " | ".join(str(value(n)) for n in names) + " |")
+    lines.append("| sentences/s | " + " | ".join(f"{results[n]['sentences_per_s']:.2f}" for n in names) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _bar_chart(results: dict[str, dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    width = 0.8 / len(results)
+    for k, (name, m) in enumerate(results.items()):
+        xs = [i + k * width for i in range(len(ENTITY_TYPES))]
+        ax.bar(xs, [100 * m["per_type"][t]["f1-score"] for t in ENTITY_TYPES], width, label=name)
+    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(ENTITY_TYPES))], ENTITY_TYPES)
+    ax.set_ylabel("F1 (%)")
+    ax.set_ylim(0, 100)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def evaluate_model(config: EvalConfig, device: torch.device | None = None) -> dict[str, dict]:
+    """Evaluate (and with --compare-base, also the base), write artifacts, log to MLflow."""
+    import mlflow
+
+    from qloraner.tracking import git_revision, start_run
+
+    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    out = Path(config.output_dir or (Path(config.adapter).parent / "eval" if config.adapter else ROOT / "outputs" / "eval"))
+    sentences = read_split(resolve_data_dir(config.data_dir, ROOT), config.split)
+    sentences = sentences[: config.limit] if config.limit else sentences
+    model, tokenizer, template, base_name = load_for_eval(config, device)
+    name = "fine-tuned" if config.adapter else "base"
+    results, responses = {}, {}
+    if config.compare_base:
+        with model.disable_adapter():  # the same NF4 weights without the adapter: the base model
+            responses["base"], results["base"] = run_model(model, tokenizer, sentences, template, config, "base")
+    responses[name], results[name] = run_model(model, tokenizer, sentences, template, config, name)
+
+    out.mkdir(parents=True, exist_ok=True)
+    metrics = {**results[name], "model": base_name, "adapter": config.adapter, "prompt": template, "split": config.split,
+               "limit": config.limit, "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
+    if config.compare_base:
+        metrics["base"] = results["base"]
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    for label, rows in responses.items():
+        with open(out / f"responses{'' if label == name else '_' + label}.jsonl", "w", encoding="utf-8") as f:
+            for row in rows:
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    (out / "comparison.md").write_text(comparison_table(results))
+    _bar_chart(results, out / "f1_by_type.png")
+
+    with start_run(out, config.experiment, run_name=f"eval-{name}"):
+        mlflow.log_params({**as_dict(config), "prompt": template, "model": base_name, "git_revision": git_revision()})
+        for label, m in results.items():
+            prefix = "" if label == name else f"{label}_"
+            mlflow.log_metrics({f"{prefix}{k}": m[k] for k in ("precision", "recall", "f1", "parse_failures", "sentences_per_s")})
+            mlflow.log_metrics({f"{prefix}f1_{t}": m["per_type"][t]["f1-score"] for t in ENTITY_TYPES})
+        for f in sorted(out.glob("*")):
+            if f.suffix in (".json", ".jsonl", ".md", ".png"):
+                mlflow.log_artifact(str(f), artifact_path="eval")
+    print(comparison_table(results), flush=True)
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        evaluate_model(from_args(EvalConfig, argv, "Evaluate a base model or LoRA adapter on CoNLL-2003 (./run_eval.sh)"))
+        return 0
+    except QloranerError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

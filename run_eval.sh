@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# Evaluates a base model or a trained adapter on CoNLL-2003. Usage: ./run_eval.sh [flags]  (--help lists them)
+# Environment: CONLL_DIR, MLFLOW_TRACKING_URI, QLORANER_MODEL / QLORANER_ADAPTER (defaults for --model / --adapter).
+set -euo pipefail
+# shellcheck source=env.sh
+. "$(dirname "$0")/env.sh"
+cd "$QLORANER_ROOT"
+defaults=()
+[ -n "${QLORANER_MODEL:-}" ] && defaults+=(--model "$QLORANER_MODEL")
+[ -n "${QLORANER_ADAPTER:-}" ] && defaults+=(--adapter "$QLORANER_ADAPTER")
+exec "$PY" -m qloraner.evaluate "${defaults[@]}" "$@"

@@ -1,0 +1,135 @@
+import json
+
+import pytest
+import torch
+from seqeval.metrics import f1_score, precision_score, recall_score
+
+from qloraner import QloranerError
+from qloraner.bio import entities_to_bio
+from qloraner.config import EvalConfig
+from qloraner.conll import read_split
+from qloraner.data import build_prompt
+from qloraner.evaluate import _stopped, evaluate_model, generate_greedy, load_for_eval
+from qloraner.metrics import score
+from qloraner.model import load_base, load_tokenizer
+from qloraner.parse import parse_response
+
+CPU = torch.device("cpu")
+
+
+def _prompt_ids(tok, conll_dir, n, template="simple"):
+    sentences = read_split(conll_dir, "valid")[:n]
+    return [tok(build_prompt(s.tokens, template))["input_ids"] for s in sentences]
+
+
+def test_batched_generation_equals_one_at_a_time(tiny_model, conll_dir):
+    """24 prompts of mixed length give the same greedy tokens at batch sizes 1, 5 and 24 (fp32)."""
+    tok = load_tokenizer(tiny_model, padding_side="left")
+    model = load_base(tiny_model, CPU).eval()
+    prompts = _prompt_ids(tok, conll_dir, 24)
+    assert len({len(p) for p in prompts}) > 10
+    budgets = [6 + i % 5 for i in range(24)]
+    outputs = {bs: generate_greedy(model, tok, prompts, budgets, bs).tokens for bs in (1, 5, 24)}
+    assert outputs[1] == outputs[5] == outputs[24]
+    assert [len(o) for o in outputs[1]] == [b for b in budgets]  # a random model never stops: budgets bind
+
+
+def test_finished_rows_never_grow_and_generation_ends_early(tiny_adapter, tiny_model, conll_dir):
+    """A trained adapter stops by itself: no row grows past its stop, and passes < max_new_tokens."""
+    model, tok, template, _ = load_for_eval(EvalConfig(model=str(tiny_model), adapter=str(tiny_adapter)), CPU)
+    prompts = [tok(build_prompt(s.tokens, template))["input_ids"] for s in read_split(conll_dir, "train")[:8]]
+    gen = generate_greedy(model, tok, prompts, [64] * 8, batch_size=8)
+    assert gen.forward_passes < 64
+    for row in gen.tokens:
+        full = row + [tok.eos_token_id]  # the EOS that stopped it was stripped
+        assert not any(_stopped(tok, full[:k], tok.eos_token_id) for k in range(1, len(full)))
+
+
+RECORDED = [  # (tokens, gold tags, raw response) as a model produced them
+    ("SOCCER - JAPAN GET LUCKY WIN , CHINA IN SURPRISE DEFEAT .".split(),
+     "O O B-LOC O O O O B-PER O O O O".split(), "[LOC] JAPAN\n[LOC] CHINA"),
+    ("Nadim Ladki".split(), "B-PER I-PER".split(), 'The answer to the question of the sentence is "Nadim Ladki" is "Nadim'),
+    ("AL-AIN , United Arab Emirates 1996-12-06".split(), "B-LOC O B-LOC I-LOC I-LOC O".split(),
+     "[LOC] AL-AIN\n[LOC] United Arab Emirates\n\n### Sentence:\nJapan began"),
+    ("Japan began the defence of their Asian Cup title".split(), "B-LOC O O O O O B-MISC I-MISC O".split(),
+     "{'LOC': ['Japan'], 'MISC': ['Asian Cup title']}"),
+    ("But China saw their luck desert them".split(), "O B-LOC O O O O O".split(), "ORG: China"),
+]
+
+
+def test_scoring_path_matches_seqeval_on_recorded_responses():
+    """parse -> tag -> score on recorded responses equals seqeval run on the hand-tagged predictions."""
+    expected_pred = [
+        "O O B-LOC O O O O B-LOC O O O O".split(),
+        "O O".split(),
+        "B-LOC O B-LOC I-LOC I-LOC O".split(),
+        "B-LOC O O O O O B-MISC I-MISC I-MISC".split(),
+        "O B-ORG O O O O O".split(),
+    ]
+    gold = [g for _, g, _ in RECORDED]
+    pred = [entities_to_bio(tokens, parse_response(raw)) for tokens, _, raw in RECORDED]
+    assert pred == expected_pred
+    ours = score(gold, pred)
+    assert (ours["precision"], ours["recall"], ours["f1"]) == (
+        precision_score(gold, expected_pred), recall_score(gold, expected_pred), f1_score(gold, expected_pred))
+    assert ours["precision"] == pytest.approx(4 / 7) and ours["recall"] == pytest.approx(4 / 8)
+
+
+def test_missing_adapter_and_foreign_adapter(tmp_path, tiny_adapter, smol_checkpoint, tiny_model):
+    """A missing adapter folder, and an adapter trained on another base, are clear errors."""
+    with pytest.raises(QloranerError, match="adapter not found"):
+        load_for_eval(EvalConfig(adapter=str(tmp_path / "none")), CPU)
+    with pytest.raises(QloranerError, match="adapter was trained on .*tiny-llama"):
+        load_for_eval(EvalConfig(model=str(smol_checkpoint), adapter=str(tiny_adapter)), CPU)
+
+
+def test_empty_split_is_an_error(tmp_path, tiny_model):
+    """A split file without sentences stops the evaluation with a message naming it."""
+    (tmp_path / "test.txt").write_text("-DOCSTART- -X- -X- O\n\n")
+    with pytest.raises(QloranerError, match="test split holds no sentences"):
+        evaluate_model(EvalConfig(model=str(tiny_model), data_dir=str(tmp_path), output_dir=str(tmp_path / "o")), CPU)
+
+
+def test_overlong_sentences_are_cut_counted_and_reported(tmp_path, tiny_model, conll_dir):
+    """Sentences too long for --max-prompt-tokens are cut with a warning and counted in metrics.json."""
+    config = EvalConfig(model=str(tiny_model), data_dir=str(conll_dir), split="valid", limit=6, max_new_tokens=4,
+                        max_prompt_tokens=90, output_dir=str(tmp_path / "o"), experiment="test")
+    with pytest.warns(UserWarning, match="cut to fit"):
+        evaluate_model(config, CPU)
+    metrics = json.loads((tmp_path / "o" / "metrics.json").read_text())
+    lengths = [len(s.tokens) for s in read_split(conll_dir, "valid")[:6]]
+    assert 0 < metrics["truncated_sentences"] < 6 and max(lengths) > 20
+    rows = [json.loads(line) for line in (tmp_path / "o" / "responses.jsonl").read_text().splitlines()]
+    assert [len(r["pred_tags"]) for r in rows] == lengths
+
+
+@pytest.mark.slow
+def test_run_eval_sh_end_to_end(trained_default, conll_dir):
+    """./run_eval.sh --limit 20 --compare-base writes every artifact and an MLflow run holding them."""
+    import os
+    import subprocess
+
+    from mlflow.tracking import MlflowClient
+
+    from tests.conftest import ROOT
+
+    out = trained_default / "eval"
+    env = {**os.environ, "CONLL_DIR": str(conll_dir)}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    proc = subprocess.run([str(ROOT / "run_eval.sh"), "--adapter", str(trained_default / "final"), "--limit", "20",
+                           "--compare-base", "--max-new-tokens", "32", "--batch-size", "20", "--output-dir", str(out)],
+                          capture_output=True, text=True, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    expected = {"metrics.json", "responses.jsonl", "responses_base.jsonl", "comparison.md", "f1_by_type.png"}
+    assert expected <= {p.name for p in out.iterdir()}
+    metrics = json.loads((out / "metrics.json").read_text())
+    rows = [json.loads(line) for line in (out / "responses.jsonl").read_text().splitlines()]
+    assert len(rows) == 20 and {"tokens", "gold_tags", "raw_response", "entities", "pred_tags"} <= set(rows[0])
+    rescored = score([r["gold_tags"] for r in rows], [r["pred_tags"] for r in rows])
+    assert (rescored["precision"], rescored["recall"], rescored["f1"]) == (metrics["precision"], metrics["recall"], metrics["f1"])
+    assert "base" in metrics and "| f1 |" in (out / "comparison.md").read_text()
+    client = MlflowClient(f"sqlite:///{out / 'mlflow.db'}")
+    (run,) = client.search_runs([client.get_experiment_by_name("qloraner").experiment_id])
+    assert run.data.metrics["f1"] == pytest.approx(metrics["f1"]) and "base_f1" in run.data.metrics
+    assert run.data.params["limit"] == "20" and run.data.params["compare_base"] == "True"
+    assert expected <= {a.path.split("/")[-1] for a in client.list_artifacts(run.info.run_id, "eval")}

@@ -71,10 +71,11 @@ def generate_greedy(model, tokenizer, prompts: list[list[int]], budgets: list[in
         done = torch.zeros(len(idx), dtype=torch.bool)
         cache = None
         for _ in range(max(budgets[i] for i in idx)):
-            logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True)
+            step = model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
+                         use_cache=True, logits_to_keep=1)  # the LM head on the last position only
             passes += 1
-            cache = logits.past_key_values
-            nxt = logits.logits[:, -1].argmax(-1).cpu()
+            cache = step.past_key_values
+            nxt = step.logits[:, -1].argmax(-1).cpu()
             for row, i in enumerate(idx):
                 if not done[row]:
                     out[i].append(int(nxt[row]))

@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Time-boxed accuracy run for a short GPU lease: train (SIGTERM after TRAIN_S seconds saves a
+# checkpoint), then evaluate the newest adapter on the full test split. Logs go to $OUT if set.
+TRAIN_S=${TRAIN_S:-300}
+EVAL_S=${EVAL_S:-200}
+EPOCHS=${EPOCHS:-1}
+LR=${LR:-1e-3}
+RUN=${RUN:-outputs/acc-quick}
+set -uo pipefail
+cd "$(dirname "$0")/.."
+export QLORANER_IN_CONTAINER=1 QLORANER_CACHE=${QLORANER_CACHE:-/root/qcache}
+log=${OUT:-/tmp}/accuracy.log
+timeout -s TERM "$TRAIN_S" ./run_train.sh --epochs "$EPOCHS" --lr "$LR" --batch-size 16 --output-dir "$RUN" \
+  --save-every 100 --log-every 20 --no-eval --no-gradient-checkpointing 2>&1 | grep -vE "Loading|it/s\]" | tee "$log"
+ckpt=$(ls -d "$RUN"/final 2>/dev/null || ls -d "$RUN"/step-* | tail -1)
+echo "evaluating $ckpt" | tee -a "$log"
+timeout -s TERM "$EVAL_S" ./run_eval.sh --adapter "$ckpt" --batch-size 256 --output-dir "$RUN/eval" 2>&1 | grep -vE "Loading" | tee -a "$log"
+if [ -n "${OUT:-}" ]; then
+  cp "$RUN"/eval/metrics.json "$OUT"/ 2>/dev/null
+  gzip -c "$RUN"/eval/responses.jsonl > "$OUT"/responses.jsonl.gz 2>/dev/null
+  python3 - "$RUN" > "$OUT/train_metrics.json" <<'PY'
+import json, sys
+from mlflow.tracking import MlflowClient
+run = sys.argv[1]
+c = MlflowClient(f"sqlite:///{run}/mlflow.db")
+r = c.search_runs([c.get_experiment_by_name("qloraner").experiment_id], "attributes.run_name != 'eval-fine-tuned'")[0]
+print(json.dumps({k: [(m.step, m.value) for m in c.get_metric_history(r.info.run_id, k)] for k in ("loss", "tokens_per_s", "gpu_mem_gib")}))
+PY
+fi

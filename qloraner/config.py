@@ -41,6 +41,7 @@ class TrainConfig:
     log_every: int = opt(1, "log metrics to MLflow every N steps")
     resume: bool | None = opt(None, "resume from the newest complete checkpoint; default: when one exists")
     eval_after: bool = opt(True, "evaluate the final adapter on the test split after training", flag="eval")
+    eval_limit: int = opt(0, "sentences of the test split evaluated after training (0 = all 3,453)")
     experiment: str = opt("qloraner", "MLflow experiment name")
 
     def __post_init__(self) -> None:
@@ -51,7 +52,7 @@ class TrainConfig:
         ]
         errors += [
             f"--{f.name.replace('_', '-')}: must be >= 0" for f in fields(self)
-            if f.name in ("max_steps", "limit", "warmup_steps", "weight_decay", "max_grad_norm", "save_every", "epochs")
+            if f.name in ("max_steps", "limit", "warmup_steps", "weight_decay", "max_grad_norm", "save_every", "epochs", "eval_limit")
             and not getattr(self, f.name) >= 0
         ]
         if not 0 <= self.lora_dropout < 1:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -72,12 +73,17 @@ def read_split(data_dir: str | Path, split: str) -> list[Sentence]:
 
 
 def resolve_data_dir(cli_value: str | None, project_root: Path) -> Path:
-    """--data-dir, else $CONLL_DIR, else datasets/conll2003 (fetched by datasets/fetch_conll2003.sh)."""
-    chosen = cli_value or os.environ.get("CONLL_DIR") or str(project_root / "datasets" / "conll2003")
-    path = Path(chosen)
+    """--data-dir, else $CONLL_DIR, else datasets/conll2003 (fetched there by datasets/fetch_conll2003.sh)."""
+    default = project_root / "datasets" / "conll2003"
+    chosen = cli_value or os.environ.get("CONLL_DIR")
+    fetch = project_root / "datasets" / "fetch_conll2003.sh"
+    if chosen is None and not default.is_dir() and fetch.is_file():
+        if subprocess.run(["bash", str(fetch)], check=False).returncode != 0:
+            raise QloranerError(f"no CoNLL-2003 data: {fetch.name} could not fetch it; set CONLL_DIR or pass --data-dir")
+    path = Path(chosen or default)
     if not path.is_dir():
         raise QloranerError(
             f"CoNLL-2003 directory not found: {path}. Pass --data-dir or set CONLL_DIR to a folder "
-            "holding train.txt, valid.txt and test.txt, or run datasets/fetch_conll2003.sh"
+            "holding train.txt, valid.txt and test.txt"
         )
     return path

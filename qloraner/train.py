@@ -232,12 +232,12 @@ def train_adapter(config: TrainConfig, device: torch.device | None = None, on_st
             state["step"] = step = step + 1
             dt = time.perf_counter() - t0
             metrics = {"loss": loss_sum / n_sup, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": n_tok / dt,
-                       "supervised_tokens_per_s": n_sup / dt}
+                       "supervised_tokens_per_s": n_sup / dt, "step_s": dt}
             if device.type == "cuda":
                 metrics["gpu_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
             if step % config.log_every == 0 or step == total:
                 mlflow.log_metrics(metrics, step=step)
-            bar.set_postfix({k: f"{v:.3g}" for k, v in metrics.items() if k != "supervised_tokens_per_s"}, refresh=False)
+            bar.set_postfix({k: f"{v:.3g}" for k, v in metrics.items() if k in ("loss", "lr", "tokens_per_s", "gpu_mem_gib")}, refresh=False)
             bar.update(1)
             if on_step:
                 on_step(step, metrics)

@@ -8,6 +8,7 @@ if ! command -v slurmctld >/dev/null || ! command -v munged >/dev/null; then
   apt-get update -qq >&2
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq slurm-wlm munge >&2
 fi
+chmod 755 "$dir"  # munged runs as munge and must reach its folder
 mkdir -p "$dir/state" "$dir/spool" "$dir/munge"
 chown munge:munge "$dir/munge"
 [ -f /etc/munge/munge.key ] || { mungekey --create >&2 || dd if=/dev/urandom of=/etc/munge/munge.key bs=1 count=128 2>/dev/null; }

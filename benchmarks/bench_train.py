@@ -1,0 +1,169 @@
+"""Training speed on the LLaMA-2-7B shape: our loop against the original's stack (HF Trainer + peft), same run.
+
+On the GPU machine, after the bundle's two-step start:  . /root/qdev/env.sh && python3 benchmarks/bench_train.py
+BENCH_TINY=1 runs the same code on a tiny model on the CPU (a smoke test of the script).
+"""
+import gc
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+# Settings
+TINY = os.environ.get("BENCH_TINY") == "1"
+STEPS = int(os.environ.get("STEPS", 4 if TINY else 8))  # optimizer steps timed per run, after WARMUP
+WARMUP = 1 if TINY else 2
+SEQS = 16  # sequences per optimizer step, both sides
+LORA = dict(r=64, alpha=16, dropout=0.1, target_modules=["q_proj", "v_proj"])
+LR = 2e-4
+MODEL_DIR = Path(os.environ.get("BENCH_MODEL_DIR", "/tmp/bench-llama7b" + ("-tiny" if TINY else "")))
+TOKENIZER = Path(os.environ.get("LLAMA2_TOKENIZER", ROOT.parent / "shared" / "tokenizers" / "llama-2"))
+FLOP_PER_TOKEN = 6 * 6.7e9
+SHAPE = dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+             num_key_value_heads=32, max_position_embeddings=4096, rms_norm_eps=1e-5)
+if TINY:
+    SHAPE.update(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4)
+DEVICE = torch.device("cpu" if TINY else "cuda")
+
+
+def make_model() -> None:
+    """Random bf16 weights in the LLaMA-2-7B shape, saved with the real LLaMA-2 tokenizer."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    if (MODEL_DIR / "config.json").is_file():
+        return
+    torch.manual_seed(0)
+    with torch.device(DEVICE):
+        model = LlamaForCausalLM(LlamaConfig(**SHAPE)).to(torch.bfloat16)
+    model.save_pretrained(MODEL_DIR)
+    for f in ("tokenizer.model", "tokenizer_config.json"):
+        shutil.copy(TOKENIZER / f, MODEL_DIR / f)
+    del model
+    gc.collect()
+
+
+def matmul_tflops() -> float:
+    if TINY:
+        return 0.0
+    a, b = (torch.randn(8192, 8192, device=DEVICE, dtype=torch.bfloat16) for _ in range(2))
+    for _ in range(3):
+        a @ b
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(20):
+        a @ b
+    end.record()
+    torch.cuda.synchronize()
+    return 2 * 8192**3 * 20 / (start.elapsed_time(end) / 1e3) / 1e12
+
+
+def _reset() -> None:
+    gc.collect()
+    if DEVICE.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def _peak_gib() -> float:
+    return torch.cuda.max_memory_allocated() / 2**30 if DEVICE.type == "cuda" else 0.0
+
+
+def ours(name: str, **overrides) -> dict:
+    """Our loop (qloraner.train.train_adapter), the steps after WARMUP timed from its own per-step metrics."""
+    from qloraner.config import TrainConfig
+    from qloraner.train import train_adapter
+
+    _reset()
+    steps = []
+    config = TrainConfig(model=str(MODEL_DIR), output_dir=f"/tmp/bench-{name}", limit=(STEPS + WARMUP) * SEQS, batch_size=SEQS,
+                         max_steps=STEPS + WARMUP, lr=LR, lora_r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"],
+                         save_every=0, eval_after=False, resume=False, experiment="bench", **overrides)
+    shutil.rmtree(config.output_dir, ignore_errors=True)
+    train_adapter(config, device=DEVICE, on_step=lambda step, m: steps.append(m))
+    timed = steps[WARMUP:]
+    seconds = sum(m["step_s"] for m in timed)
+    tokens = sum(m["tokens_per_s"] * m["step_s"] for m in timed)
+    supervised = sum(m["supervised_tokens_per_s"] * m["step_s"] for m in timed)
+    return {"name": name, "settings": overrides, "tokens_per_s": tokens / seconds, "supervised_tokens_per_s": supervised / seconds,
+            "s_per_step": seconds / len(timed), "peak_gib": _peak_gib(), "steps_timed": len(timed)}
+
+
+def peer() -> dict:
+    """The original's stack: HF Trainer + peft, batch 4 x accumulation 4, paged_adamw_32bit, checkpointing, bf16."""
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from transformers import DataCollatorForSeq2Seq, Trainer, TrainerCallback, TrainingArguments
+
+    from qloraner.conll import resolve_data_dir
+    from qloraner.data import encode, instruction_data
+    from qloraner.model import load_base, load_tokenizer
+
+    _reset()
+    tok = load_tokenizer(MODEL_DIR)
+    records, _ = instruction_data(resolve_data_dir(None, ROOT), "simple", Path("/tmp/bench-instruct.json"), (STEPS + WARMUP) * SEQS)
+    examples = encode(tok, [r["prompt"] for r in records], [r["response"] for r in records])
+    rows = [{"input_ids": e.input_ids, "labels": e.labels, "attention_mask": [1] * len(e.input_ids)} for e in examples]
+    model = prepare_model_for_kbit_training(load_base(MODEL_DIR, DEVICE), use_gradient_checkpointing=True)
+    model = get_peft_model(model, LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"],
+                                             target_modules=LORA["target_modules"], task_type="CAUSAL_LM"))
+    marks = []
+
+    class Clock(TrainerCallback):
+        def on_step_end(self, args, state, control, **kw):
+            if DEVICE.type == "cuda":
+                torch.cuda.synchronize()
+            marks.append(time.perf_counter())
+
+    args = TrainingArguments(output_dir="/tmp/bench-peer", per_device_train_batch_size=4, gradient_accumulation_steps=4,
+                             optim="paged_adamw_32bit", gradient_checkpointing=True, bf16=not TINY, learning_rate=LR,
+                             max_steps=STEPS + WARMUP, logging_steps=1, report_to=[], save_strategy="no",
+                             remove_unused_columns=False, use_cpu=TINY)
+    import transformers.trainer
+
+    # Our project's datasets/ folder (a namespace package when run from the checkout) makes transformers
+    # believe HF `datasets` is installed; it is not, and the peer does not use it.
+    transformers.trainer.is_datasets_available = lambda: False
+    trainer = Trainer(model=model, args=args, train_dataset=rows, callbacks=[Clock()],
+                      data_collator=DataCollatorForSeq2Seq(tok, padding=True, label_pad_token_id=-100))
+    trainer.train()
+    seconds = marks[-1] - marks[WARMUP - 1]
+    per_seq = sum(len(e.input_ids) for e in examples) / len(examples)  # the sampler is random: use the mean
+    sup_per_seq = sum(e.n_supervised for e in examples) / len(examples)
+    result = {"name": "peer: HF Trainer + peft", "tokens_per_s": per_seq * SEQS * STEPS / seconds,
+              "supervised_tokens_per_s": sup_per_seq * SEQS * STEPS / seconds, "s_per_step": seconds / STEPS,
+              "peak_gib": _peak_gib(), "steps_timed": STEPS, "tokens_estimated_from_mean_length": True}
+    del trainer, model
+    return result
+
+
+def main() -> None:
+    t0 = time.time()
+    make_model()
+    print(f"model ready in {time.time() - t0:.0f} s", flush=True)
+    tflops = matmul_tflops()
+    limit = tflops * 1e12 / FLOP_PER_TOKEN if tflops else 0.0
+    report = {"device": torch.cuda.get_device_name() if DEVICE.type == "cuda" else "cpu", "torch": torch.__version__,
+              "bf16_matmul_tflops": tflops, "compute_limit_tokens_per_s": limit, "seqs_per_step": SEQS, "results": []}
+    out = Path(os.environ.get("OUT", "/tmp"))
+    results = report["results"]
+    for run in (peer, lambda: ours("ours-ckpt", gradient_checkpointing=True), lambda: ours("ours-no-ckpt", gradient_checkpointing=False)):
+        r = run()
+        r["fraction_of_compute_limit"] = r["tokens_per_s"] / limit if limit else None
+        r["speedup_vs_peer"] = r["tokens_per_s"] / results[0]["tokens_per_s"] if results else 1.0
+        results.append(r)
+        (out / "bench_train.json").write_text(json.dumps(report, indent=2))  # after each run: a timeout keeps the rest
+        print(json.dumps(r), flush=True)
+    print(f"{'run':28} {'tok/s':>9} {'sup tok/s':>9} {'s/step':>7} {'peak GiB':>8} {'x peer':>7}")
+    for r in results:
+        print(f"{r['name']:28} {r['tokens_per_s']:9.0f} {r['supervised_tokens_per_s']:9.0f} {r['s_per_step']:7.2f} "
+              f"{r['peak_gib']:8.2f} {r['speedup_vs_peer']:7.2f}")
+
+
+if __name__ == "__main__":
+    main()

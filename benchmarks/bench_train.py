@@ -82,9 +82,10 @@ def ours(name: str, **overrides) -> dict:
 
     _reset()
     steps = []
-    config = TrainConfig(model=str(MODEL_DIR), output_dir=f"/tmp/bench-{name}", limit=(STEPS + WARMUP) * SEQS, batch_size=SEQS,
-                         max_steps=STEPS + WARMUP, lr=LR, lora_r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"],
-                         save_every=0, eval_after=False, resume=False, experiment="bench", **overrides)
+    settings = dict(model=str(MODEL_DIR), output_dir=f"/tmp/bench-{name}", limit=(STEPS + WARMUP) * SEQS, batch_size=SEQS,
+                    max_steps=STEPS + WARMUP, lr=LR, lora_r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"],
+                    save_every=0, eval_after=False, resume=False, experiment="bench")
+    config = TrainConfig(**{**settings, **overrides})
     shutil.rmtree(config.output_dir, ignore_errors=True)
     train_adapter(config, device=DEVICE, on_step=lambda step, m: steps.append(m))
     timed = steps[WARMUP:]

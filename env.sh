@@ -40,5 +40,22 @@ qloraner_setup() {
   echo "$want" > "$stamp"
 }
 
+# Runs a qloraner module: plain python for one process, torchrun when QLORANER_NPROC (processes on
+# this node) or QLORANER_NNODES is above 1. Across nodes, QLORANER_RDZV_ENDPOINT=host:port names the
+# rendezvous (the first node) and QLORANER_RDZV_ID the job.
+qloraner_launch() {
+  local module=$1
+  shift
+  local nproc=${QLORANER_NPROC:-1} nnodes=${QLORANER_NNODES:-1}
+  if [ "$nproc" -le 1 ] && [ "$nnodes" -le 1 ]; then
+    exec "$PY" -m "$module" "$@"
+  fi
+  local rdzv=(--standalone)
+  if [ "$nnodes" -gt 1 ]; then
+    rdzv=(--rdzv-backend c10d --rdzv-endpoint "${QLORANER_RDZV_ENDPOINT:?set QLORANER_RDZV_ENDPOINT=host:port}" --rdzv-id "${QLORANER_RDZV_ID:-qloraner}")
+  fi
+  exec "$PY" -m torch.distributed.run --nproc-per-node "$nproc" --nnodes "$nnodes" "${rdzv[@]}" -m "$module" "$@"
+}
+
 qloraner_setup
 export PYTHONUNBUFFERED=1

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from qloraner import ENTITY_TYPES, QloranerError
+from qloraner import ENTITY_TYPES, QloranerError, dist
 from qloraner.bio import entities_to_bio
 from qloraner.config import EvalConfig, as_dict, from_args
 from qloraner.conll import Sentence, read_split, resolve_data_dir
@@ -108,8 +108,8 @@ def _prompts(tokenizer, sentences: list[Sentence], template: str, max_prompt_tok
     return ids, kept
 
 
-def run_model(model, tokenizer, sentences: list[Sentence], template: str, config: EvalConfig, label: str) -> tuple[list[dict], dict]:
-    """Generate, parse, tag and score one model over the sentences."""
+def respond(model, tokenizer, sentences: list[Sentence], template: str, config: EvalConfig, label: str) -> tuple[list[dict], dict]:
+    """Generate and parse one model's responses; rows hold tokens, gold and predicted tags."""
     prompt_ids, kept = _prompts(tokenizer, sentences, template, config.max_prompt_tokens)
     truncated = sum(k < len(s.tokens) for k, s in zip(kept, sentences))
     if truncated:
@@ -118,7 +118,7 @@ def run_model(model, tokenizer, sentences: list[Sentence], template: str, config
     start = time.perf_counter()
     with tqdm(total=len(sentences), desc=f"eval {label}", unit="sent", dynamic_ncols=True, disable=None) as bar:
         gen = generate_greedy(model, tokenizer, prompt_ids, budgets, config.batch_size, progress=bar)
-    seconds = time.perf_counter() - start
+    stats = {"seconds": time.perf_counter() - start, "forward_passes": gen.forward_passes, "truncated_sentences": truncated}
     rows = []
     for s, k, toks in zip(sentences, kept, gen.tokens):
         raw = tokenizer.decode(toks, skip_special_tokens=True)
@@ -126,20 +126,35 @@ def run_model(model, tokenizer, sentences: list[Sentence], template: str, config
         pred = entities_to_bio(s.tokens[:k], entities) + ["O"] * (len(s.tokens) - k)
         rows.append({"tokens": list(s.tokens), "gold_tags": list(s.tags), "raw_response": raw,
                      "entities": {t: entities.get(t, []) for t in ENTITY_TYPES}, "pred_tags": pred,
-                     "parse_failure": bool(raw.strip()) and not entities and not is_explicit_empty(raw)})
+                     "parse_failure": bool(raw.strip()) and not entities and not is_explicit_empty(raw),
+                     "generated_tokens": len(toks)})
+    return rows, stats
+
+
+def summarize(rows: list[dict], stats: dict) -> dict:
+    """Scores, error analysis and timing for one model's rows."""
     gold, pred = [r["gold_tags"] for r in rows], [r["pred_tags"] for r in rows]
-    metrics = {
+    return {
         **score(gold, pred),
         "errors": error_analysis(gold, pred),
         "parse_failures": sum(r["parse_failure"] for r in rows),
         "sentences": len(rows),
-        "truncated_sentences": truncated,
-        "generated_tokens": sum(len(t) for t in gen.tokens),
-        "forward_passes": gen.forward_passes,
-        "seconds": seconds,
-        "sentences_per_s": len(rows) / seconds if seconds else 0.0,
+        "generated_tokens": sum(r["generated_tokens"] for r in rows),
+        **stats,
+        "sentences_per_s": len(rows) / stats["seconds"] if stats["seconds"] else 0.0,
     }
-    return rows, metrics
+
+
+def _merge_shards(shards: list[tuple[list[int], list[dict], dict]], n: int) -> tuple[list[dict], dict]:
+    """Rank shards back into sentence order; wall time is the slowest rank's."""
+    rows: list[dict] = [{}] * n
+    for indices, shard_rows, _ in shards:
+        for i, row in zip(indices, shard_rows):
+            rows[i] = row
+    stats = {"seconds": max(s["seconds"] for _, _, s in shards),
+             "forward_passes": sum(s["forward_passes"] for _, _, s in shards),
+             "truncated_sentences": sum(s["truncated_sentences"] for _, _, s in shards)}
+    return rows, stats
 
 
 def _adapter_settings(adapter: Path) -> dict:
@@ -214,26 +229,40 @@ def _bar_chart(results: dict[str, dict], path: Path) -> None:
 
 
 def evaluate_model(config: EvalConfig, device: torch.device | None = None) -> dict[str, dict]:
-    """Evaluate (and with --compare-base, also the base), write artifacts, log to MLflow."""
+    """Evaluate (and with --compare-base, also the base), write artifacts, log to MLflow.
+
+    Under torchrun each rank decodes every world-th sentence; rank 0 gathers the rows, scores them
+    and writes the same artifacts as one process would, in sentence order.
+    """
     import mlflow
 
     from qloraner.tracking import git_revision, start_run
 
-    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    rank, world, rank_device = dist.setup()
+    device = device or rank_device
     out = Path(config.output_dir or (Path(config.adapter).parent / "eval" if config.adapter else ROOT / "outputs" / "eval"))
     sentences = read_split(resolve_data_dir(config.data_dir, ROOT), config.split)
     sentences = sentences[: config.limit] if config.limit else sentences
+    mine = list(range(rank, len(sentences), world))
     model, tokenizer, template, base_name = load_for_eval(config, device)
     name = "fine-tuned" if config.adapter else "base"
-    results, responses = {}, {}
+    shards = {}
     if config.compare_base:
         with model.disable_adapter():  # the same NF4 weights without the adapter: the base model
-            responses["base"], results["base"] = run_model(model, tokenizer, sentences, template, config, "base")
-    responses[name], results[name] = run_model(model, tokenizer, sentences, template, config, name)
+            shards["base"] = respond(model, tokenizer, [sentences[i] for i in mine], template, config, "base")
+    shards[name] = respond(model, tokenizer, [sentences[i] for i in mine], template, config, name)
+    gathered = {label: dist.gather((mine, *shard)) for label, shard in shards.items()}
+    if rank != 0:
+        return {}
+    responses, results = {}, {}
+    for label, parts in gathered.items():
+        responses[label], stats = _merge_shards(parts, len(sentences))
+        results[label] = summarize(responses[label], stats)
 
     out.mkdir(parents=True, exist_ok=True)
     metrics = {**results[name], "model": base_name, "adapter": config.adapter, "prompt": template, "split": config.split,
-               "limit": config.limit, "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
+               "limit": config.limit, "world_size": world,
+               "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
     if config.compare_base:
         metrics["base"] = results["base"]
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
@@ -245,7 +274,8 @@ def evaluate_model(config: EvalConfig, device: torch.device | None = None) -> di
     _bar_chart(results, out / "f1_by_type.png")
 
     with start_run(out, config.experiment, run_name=f"eval-{name}"):
-        mlflow.log_params({**as_dict(config), "prompt": template, "model": base_name, "git_revision": git_revision()})
+        mlflow.log_params({**as_dict(config), "prompt": template, "model": base_name, "git_revision": git_revision(),
+                           "world_size": world})
         for label, m in results.items():
             prefix = "" if label == name else f"{label}_"
             mlflow.log_metrics({f"{prefix}{k}": m[k] for k in ("precision", "recall", "f1", "parse_failures", "sentences_per_s")})
@@ -264,6 +294,8 @@ def main(argv: list[str] | None = None) -> int:
     except QloranerError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    finally:
+        dist.shutdown()
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from qloraner import QloranerError
+from qloraner import QloranerError, dist
 from qloraner.config import TrainConfig, as_dict, from_args
 from qloraner.conll import resolve_data_dir
 from qloraner.data import IGNORE_INDEX, Encoded, encode, instruction_data, length_grouped_batches
@@ -26,7 +26,7 @@ from qloraner.model import add_lora, load_base, load_tokenizer, resolve_model
 ROOT = Path(__file__).resolve().parents[1]
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: a checkpoint was saved on SIGTERM/SIGUSR1; run again to resume
 _STEP_DIR = re.compile(r"^step-(\d{6})$")
-_CKPT_FILES = ("adapter_model.safetensors", "adapter_config.json", "optimizer.pt", "rng.pt", "trainer_state.json")
+_CKPT_FILES = ("adapter_model.safetensors", "adapter_config.json", "optimizer.pt", "rng-0.pt", "trainer_state.json")
 
 
 def get_lr(step: int, *, max_lr: float, warmup: int, total: int, min_ratio: float) -> float:
@@ -74,28 +74,38 @@ def _trainable(model) -> dict[str, torch.Tensor]:
     return {n: p for n, p in model.named_parameters() if p.requires_grad}
 
 
-def save_checkpoint(path: Path, model, optimizer, state: dict, config: TrainConfig) -> Path:
-    """Adapter-only checkpoint, written to a temp folder and renamed, so it appears whole or not at all."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+def save_checkpoint(path: Path, model, optimizer, state: dict, config: TrainConfig, rank: int = 0) -> Path:
+    """Adapter-only checkpoint, written to a temp folder and renamed, so it appears whole or not at all.
+
+    Every rank writes its RNG state; rank 0 writes the rest (the adapter and optimizer are the same on all).
+    """
+    tmp = path.with_name(f".{path.name}.tmp")
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    dist.barrier()
     rng = {"torch": torch.get_rng_state(), "python": random.getstate()}
     if torch.cuda.is_available():
-        rng["cuda"] = torch.cuda.get_rng_state_all()
-    torch.save(rng, tmp / "rng.pt")
-    (tmp / "train_config.json").write_text(json.dumps(as_dict(config), indent=2))
-    (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))  # last: marks the folder complete
-    for f in tmp.iterdir():
-        with open(f, "rb") as fh:
-            os.fsync(fh.fileno())
-    if path.exists():  # final/ of an earlier run: move it aside, then swap
-        old = path.with_name(f".{path.name}.old{os.getpid()}")
-        os.replace(path, old)
-        os.replace(tmp, path)
-        shutil.rmtree(old)
-    else:
-        os.replace(tmp, path)
+        rng["cuda"] = torch.cuda.get_rng_state()
+    torch.save(rng, tmp / f"rng-{rank}.pt")
+    dist.barrier()
+    if rank == 0:
+        model.save_pretrained(tmp)
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        (tmp / "train_config.json").write_text(json.dumps(as_dict(config), indent=2))
+        (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))  # last: marks the folder complete
+        for f in tmp.iterdir():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+        if path.exists():  # final/ of an earlier run: move it aside, then swap
+            old = path.with_name(f".{path.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(path, old)
+            os.replace(tmp, path)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, path)
+    dist.barrier()
     return path
 
 
@@ -120,7 +130,7 @@ def _check_compatible(ckpt: Path, config: TrainConfig) -> None:
         raise QloranerError(f"{ckpt}: incompatible checkpoint, trained with {', '.join(diff)}; use another --output-dir or --no-resume")
 
 
-def _restore(ckpt: Path, model, optimizer) -> dict:
+def _restore(ckpt: Path, model, optimizer, rank: int) -> dict:
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
 
@@ -128,11 +138,13 @@ def _restore(ckpt: Path, model, optimizer) -> dict:
     if getattr(result, "unexpected_keys", None):
         raise QloranerError(f"{ckpt}: adapter does not fit this model (unexpected {result.unexpected_keys[0]})")
     optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=False))
-    rng = torch.load(ckpt / "rng.pt", weights_only=False)
-    torch.set_rng_state(rng["torch"])
-    random.setstate(rng["python"])
-    if "cuda" in rng and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(rng["cuda"])
+    rng_file = ckpt / f"rng-{rank}.pt"
+    if rng_file.is_file():  # absent when the world size grew: that rank keeps its fresh seed
+        rng = torch.load(rng_file, weights_only=False)
+        torch.set_rng_state(rng["torch"])
+        random.setstate(rng["python"])
+        if "cuda" in rng and torch.cuda.is_available():
+            torch.cuda.set_rng_state(rng["cuda"])
     return json.loads((ckpt / "trainer_state.json").read_text())
 
 
@@ -152,13 +164,21 @@ class _StopFlag:
 
 
 def train_adapter(config: TrainConfig, device: torch.device | None = None, on_step=None) -> TrainResult:
-    """Fine-tune a LoRA adapter on the NF4 base; resumable, preemptible, logged to MLflow."""
+    """Fine-tune a LoRA adapter on the NF4 base; resumable, preemptible, logged to MLflow.
+
+    Under torchrun every rank runs this: each step's micro-batches are planned the same on all
+    ranks and dealt out round-robin, so the sequences per step do not depend on the world size.
+    """
     import bitsandbytes as bnb
     import mlflow
 
     from qloraner.tracking import git_revision, start_run
 
-    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    rank, world, rank_device = dist.setup()
+    device = device or rank_device
+    main = rank == 0  # rank 0 alone logs, shows progress and writes the shared checkpoint files
+    if config.grad_accum % world:
+        raise QloranerError(f"--grad-accum {config.grad_accum} must be a multiple of the {world} processes")
     out = Path(config.output_dir)
     ckpt = latest_checkpoint(out) if config.resume is not False else None
     if config.resume and ckpt is None:
@@ -174,7 +194,7 @@ def train_adapter(config: TrainConfig, device: torch.device | None = None, on_st
     n_batches = math.ceil(len(examples) / config.batch_size)
     total = config.max_steps or math.ceil(config.epochs * n_batches / config.grad_accum)
 
-    torch.manual_seed(config.seed)
+    torch.manual_seed(config.seed)  # the same LoRA init on every rank
     random.seed(config.seed)
     model = add_lora(load_base(model_path, device), r=config.lora_r, alpha=config.lora_alpha, dropout=config.lora_dropout,
                      target_modules=config.target_module_list, checkpointing=config.gradient_checkpointing)
@@ -182,15 +202,17 @@ def train_adapter(config: TrainConfig, device: torch.device | None = None, on_st
     optimizer = bnb.optim.PagedAdamW(params, lr=config.lr, weight_decay=config.weight_decay)  # 32-bit states
     state = {"step": 0, "cursor": 0, "run_id": None}
     if ckpt:
-        state = _restore(ckpt, model, optimizer)
-        print(f"qloraner: resuming from {ckpt} at step {state['step']}", flush=True)
-    run = start_run(out, config.experiment, run_id=state["run_id"])
-    state["run_id"] = run.info.run_id
-    if not ckpt:
-        mlflow.log_params({**as_dict(config), "model_path": str(model_path), "git_revision": git_revision(),
-                           "train_examples": len(examples), "total_steps": total})
-        (out / "instruction_manifest.json").write_text(json.dumps(manifest, indent=2))
-        mlflow.log_artifact(str(out / "instruction_manifest.json"))
+        state = _restore(ckpt, model, optimizer, rank)
+        if main:
+            print(f"qloraner: resuming from {ckpt} at step {state['step']}", flush=True)
+    if main:
+        run = start_run(out, config.experiment, run_id=state["run_id"])
+        state["run_id"] = run.info.run_id
+        if not ckpt:
+            mlflow.log_params({**as_dict(config), "model_path": str(model_path), "git_revision": git_revision(),
+                               "train_examples": len(examples), "total_steps": total, "world_size": world})
+            (out / "instruction_manifest.json").write_text(json.dumps(manifest, indent=2))
+            mlflow.log_artifact(str(out / "instruction_manifest.json"))
 
     epoch_batches: dict[int, list[list[int]]] = {}
 
@@ -205,7 +227,7 @@ def train_adapter(config: TrainConfig, device: torch.device | None = None, on_st
     stop = _StopFlag()
     model.train()
     last_good = ckpt
-    bar = tqdm(total=total, initial=state["step"], desc="train", unit="step", dynamic_ncols=True, disable=None)
+    bar = tqdm(total=total, initial=state["step"], desc="train", unit="step", dynamic_ncols=True, disable=None if main else True)
     try:
         while state["step"] < total:
             step = state["step"]
@@ -213,46 +235,52 @@ def train_adapter(config: TrainConfig, device: torch.device | None = None, on_st
             for group in optimizer.param_groups:
                 group["lr"] = lr
             t0 = time.perf_counter()
-            micro = [next_batch() for _ in range(config.grad_accum)]
+            micro = [next_batch() for _ in range(config.grad_accum)]  # this step's plan, the same on every rank
             n_sup = sum(e.n_supervised for b in micro for e in b)  # weight by supervised tokens, not micro-steps
             n_tok = sum(len(e.input_ids) for b in micro for e in b)
-            loss_sum = 0.0
-            for examples_ in micro:
+            loss_sum = torch.zeros((), device=device)
+            for examples_ in micro[rank::world]:
                 batch = collate(examples_, tokenizer.pad_token_id, device)
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
                     loss = supervised_loss_sum(model, batch)
-                if not torch.isfinite(loss):
-                    raise QloranerError(f"non-finite loss at step {step + 1}; stopped before the update. "
-                                        f"Last good checkpoint: {last_good or 'none'}")
-                (loss / n_sup).backward()
-                loss_sum += loss.item()
+                if torch.isfinite(loss):
+                    (loss / n_sup).backward()
+                loss_sum += loss.detach().float()
+            if not torch.isfinite(dist.sum_(loss_sum)):  # NaN on any rank reaches every rank
+                raise QloranerError(f"non-finite loss at step {step + 1}; stopped before the update. "
+                                    f"Last good checkpoint: {last_good or 'none'}")
+            dist.sum_grads(params)  # the only gradient sync of the step
             grad_norm = torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm or float("inf")).item()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             state["step"] = step = step + 1
             dt = time.perf_counter() - t0
-            metrics = {"loss": loss_sum / n_sup, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": n_tok / dt,
+            metrics = {"loss": loss_sum.item() / n_sup, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": n_tok / dt,
                        "supervised_tokens_per_s": n_sup / dt, "step_s": dt}
             if device.type == "cuda":
                 metrics["gpu_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
-            if step % config.log_every == 0 or step == total:
+            if main and (step % config.log_every == 0 or step == total):
                 mlflow.log_metrics(metrics, step=step)
             bar.set_postfix({k: f"{v:.3g}" for k, v in metrics.items() if k in ("loss", "lr", "tokens_per_s", "gpu_mem_gib")}, refresh=False)
             bar.update(1)
             if on_step:
                 on_step(step, metrics)
-            if stop.signal is not None or (config.save_every and step % config.save_every == 0 and step < total):
-                last_good = save_checkpoint(out / f"step-{step:06d}", model, optimizer, state, config)
-            if stop.signal is not None:
-                print(f"qloraner: signal {stop.signal} at step {step}: saved {last_good}; run again to resume", flush=True)
-                mlflow.end_run(status="KILLED")
+            stopping = dist.any_(stop.signal is not None, device)  # all ranks stop at the same step
+            if stopping or (config.save_every and step % config.save_every == 0 and step < total):
+                last_good = save_checkpoint(out / f"step-{step:06d}", model, optimizer, state, config, rank)
+            if stopping:
+                if main:
+                    print(f"qloraner: signal at step {step}: saved {last_good}; run again to resume", flush=True)
+                    mlflow.end_run(status="KILLED")
                 return TrainResult(step, None, state["run_id"], preempted=True)
-        final = save_checkpoint(out / "final", model, optimizer, state, config)
-        mlflow.log_artifacts(str(final), artifact_path="adapter")
-        mlflow.end_run()
+        final = save_checkpoint(out / "final", model, optimizer, state, config, rank)
+        if main:
+            mlflow.log_artifacts(str(final), artifact_path="adapter")
+            mlflow.end_run()
         return TrainResult(state["step"], final, state["run_id"])
     except BaseException:
-        mlflow.end_run(status="FAILED")
+        if main:
+            mlflow.end_run(status="FAILED")
         raise
     finally:
         bar.close()
@@ -265,7 +293,8 @@ def main(argv: list[str] | None = None) -> int:
         result = train_adapter(config)
         if result.preempted:
             return EXIT_PREEMPTED
-        print(f"qloraner: trained {result.step} steps; adapter in {result.final}", flush=True)
+        if dist.setup()[0] == 0:
+            print(f"qloraner: trained {result.step} steps; adapter in {result.final}", flush=True)
         if config.eval_after:
             from qloraner.evaluate import main as evaluate_main
 
@@ -276,6 +305,8 @@ def main(argv: list[str] | None = None) -> int:
     except QloranerError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    finally:
+        dist.shutdown()
 
 
 if __name__ == "__main__":

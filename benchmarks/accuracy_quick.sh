@@ -5,12 +5,15 @@ TRAIN_S=${TRAIN_S:-300}
 EVAL_S=${EVAL_S:-200}
 EPOCHS=${EPOCHS:-1}
 LR=${LR:-1e-3}
+TARGETS=${TARGETS:-q_proj,v_proj}
+PROMPT=${PROMPT:-simple}
 RUN=${RUN:-outputs/acc-quick}
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 1
 export QLORANER_IN_CONTAINER=1 QLORANER_CACHE=${QLORANER_CACHE:-/root/qcache}
 log=${OUT:-/tmp}/accuracy.log
 timeout -s TERM "$TRAIN_S" ./run_train.sh --epochs "$EPOCHS" --lr "$LR" --batch-size 16 --output-dir "$RUN" \
+  --target-modules "$TARGETS" --prompt "$PROMPT" \
   --save-every 100 --log-every 20 --no-eval --no-gradient-checkpointing 2>&1 | grep -vE "Loading|it/s\]" | tee "$log"
 ckpt=$RUN/final
 [ -d "$ckpt" ] || ckpt=$(find "$RUN" -maxdepth 1 -name "step-*" | sort | tail -n 1)

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from qloraner import ENTITY_TYPES, QloranerError, dist
+from qloraner import ENTITY_TYPES, QloranerError, dist, run_main
 from qloraner.bio import entities_to_bio
 from qloraner.config import EvalConfig, as_dict, from_args
 from qloraner.conll import Sentence, read_split, resolve_data_dir
@@ -288,14 +288,11 @@ def evaluate_model(config: EvalConfig, device: torch.device | None = None) -> di
 
 
 def main(argv: list[str] | None = None) -> int:
-    try:
+    def body() -> int:
         evaluate_model(from_args(EvalConfig, argv, "Evaluate a base model or LoRA adapter on CoNLL-2003 (./run_eval.sh)"))
         return 0
-    except QloranerError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    finally:
-        dist.shutdown()
+
+    return run_main(body)
 
 
 if __name__ == "__main__":

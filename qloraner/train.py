@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from qloraner import QloranerError, dist
+from qloraner import QloranerError, dist, run_main
 from qloraner.config import TrainConfig, as_dict, from_args
 from qloraner.conll import resolve_data_dir
 from qloraner.data import IGNORE_INDEX, Encoded, encode, instruction_data, length_grouped_batches
@@ -288,7 +288,7 @@ def train_adapter(config: TrainConfig, device: torch.device | None = None, on_st
 
 
 def main(argv: list[str] | None = None) -> int:
-    try:
+    def body() -> int:
         config = from_args(TrainConfig, argv, "QLoRA fine-tuning for CoNLL-2003 NER (run via ./run_train.sh)")
         result = train_adapter(config)
         if result.preempted:
@@ -302,11 +302,8 @@ def main(argv: list[str] | None = None) -> int:
                                   "--experiment", config.experiment, "--limit", str(config.eval_limit)]
                                  + (["--data-dir", config.data_dir] if config.data_dir else []))
         return 0
-    except QloranerError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    finally:
-        dist.shutdown()
+
+    return run_main(body)
 
 
 if __name__ == "__main__":

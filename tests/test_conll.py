@@ -59,3 +59,27 @@ def test_missing_data_dir_says_how_to_fix(tmp_path, monkeypatch):
         resolve_data_dir(None, tmp_path)
     monkeypatch.setenv("CONLL_DIR", str(tmp_path))
     assert resolve_data_dir(None, tmp_path / "elsewhere") == tmp_path
+
+
+def test_fetch_script_unpacks_the_three_splits_or_says_how_to_point_at_a_copy(tmp_path, conll_dir, monkeypatch):
+    """With no data configured, resolve_data_dir runs datasets/fetch_conll2003.sh: it unpacks the public zip's
+    three files (here served from a local file:// URL), and when the download fails it says what to set."""
+    import shutil
+    import zipfile
+
+    from tests.conftest import ROOT
+
+    project = tmp_path / "project"
+    (project / "datasets").mkdir(parents=True)
+    shutil.copy(ROOT / "datasets" / "fetch_conll2003.sh", project / "datasets")
+    monkeypatch.delenv("CONLL_DIR", raising=False)
+    monkeypatch.setenv("CONLL_URL", f"file://{tmp_path / 'missing.zip'}")
+    with pytest.raises(QloranerError, match="set CONLL_DIR or pass --data-dir"):
+        resolve_data_dir(None, project)
+    with zipfile.ZipFile(tmp_path / "conll2003.zip", "w") as z:
+        for split in ("train", "valid", "test"):
+            z.write(conll_dir / f"{split}.txt", f"{split}.txt")
+    monkeypatch.setenv("CONLL_URL", f"file://{tmp_path / 'conll2003.zip'}")
+    data = resolve_data_dir(None, project)
+    assert data == project / "datasets" / "conll2003"
+    assert len(read_split(data, "test")) == 3453

@@ -1,0 +1,134 @@
+"""Evaluation speed: our batched evaluator against the original's (HF `pipeline`, batch 8, 150 new tokens, no stop rule).
+
+On the GPU machine, after the bundle's two-step start:
+  . /root/qdev/env.sh && ADAPTER=outputs/acc-quick/final python3 benchmarks/bench_eval.py
+(a) the fine-tuned SmolLM2 adapter: ours over the full test split; the peer over PEER_SENTENCES sentences,
+    extrapolated to the full split (said so in the output), both scored with our parser and seqeval.
+(b) the LLaMA-2-7B shape (bench_train.py's random checkpoint): ours over all 3,453 prompts with NEW_TOKENS budgets
+    (NF4 unmerged, then a bf16 merge of a fresh adapter), the peer `generate` at batch 8 on PEER_SENTENCES prompts.
+BENCH_TINY=1 runs the same code on a tiny model on the CPU (a smoke test of the script).
+"""
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+import bench_train  # noqa: E402  (its model shape and paths)
+
+# Settings
+TINY = bench_train.TINY
+ADAPTER = os.environ.get("ADAPTER")  # a fine-tuned SmolLM2 adapter for (a); (a) is skipped without it
+PEER_SENTENCES = int(os.environ.get("PEER_SENTENCES", 16 if TINY else 200))
+NEW_TOKENS = int(os.environ.get("NEW_TOKENS", 12))  # the fine-tuned SmolLM2's mean response: 40,594 tokens / 3,453
+OUR_BATCH = int(os.environ.get("OUR_BATCH", 8 if TINY else 256))
+LIMIT = int(os.environ.get("LIMIT", 24 if TINY else 0))  # sentences for our runs (0 = the full split)
+DEVICE = bench_train.DEVICE
+
+
+def _sentences():
+    from qloraner.conll import read_split, resolve_data_dir
+
+    sentences = read_split(resolve_data_dir(None, ROOT), "test")
+    return sentences[:LIMIT] if LIMIT else sentences
+
+
+def _peer_pipeline(model, tok, prompts: list[str]) -> tuple[list[str], float]:
+    from transformers import pipeline
+
+    pipe = pipeline("text-generation", model=model, tokenizer=tok, batch_size=8, max_new_tokens=150, do_sample=False,
+                    return_full_text=False)
+    start = time.perf_counter()
+    out = pipe(prompts)
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize()
+    return [o[0]["generated_text"] for o in out], time.perf_counter() - start
+
+
+def part_a() -> dict:
+    """Fine-tuned SmolLM2: ours (full split) against the pipeline (subset, extrapolated)."""
+    from qloraner.bio import entities_to_bio
+    from qloraner.config import EvalConfig
+    from qloraner.data import build_prompt
+    from qloraner.evaluate import load_for_eval, respond, summarize
+    from qloraner.metrics import score
+    from qloraner.parse import parse_response
+
+    config = EvalConfig(adapter=ADAPTER, batch_size=OUR_BATCH)
+    model, tok, template, _ = load_for_eval(config, DEVICE)
+    sentences = _sentences()
+    rows, stats = respond(model, tok, sentences, template, config, "ours")
+    ours = summarize(rows, stats)
+    subset = sentences[:PEER_SENTENCES]
+    texts, seconds = _peer_pipeline(model, tok, [build_prompt(s.tokens, template) for s in subset])
+    pred = [entities_to_bio(s.tokens, parse_response(t)) for s, t in zip(subset, texts)]
+    peer = score([list(s.tags) for s in subset], pred)
+    peer_rate = len(subset) / seconds
+    return {"ours": {k: ours[k] for k in ("f1", "precision", "recall", "seconds", "sentences_per_s", "sentences")},
+            "peer": {"f1_on_subset": peer["f1"], "sentences": len(subset), "seconds": seconds, "sentences_per_s": peer_rate,
+                     "full_split_seconds_extrapolated": len(sentences) / peer_rate},
+            "speedup": ours["sentences_per_s"] / peer_rate}
+
+
+def part_b() -> dict:
+    """7B shape: our generate_greedy over all prompts with NEW_TOKENS budgets, NF4 unmerged and bf16 merged."""
+    from peft import LoraConfig, get_peft_model
+
+    from qloraner.data import build_prompt
+    from qloraner.evaluate import generate_greedy
+    from qloraner.model import compute_dtype, load_base, load_tokenizer
+
+    bench_train.make_model()
+    tok = load_tokenizer(bench_train.MODEL_DIR, padding_side="left")
+    sentences = _sentences()
+    prompts = [tok(build_prompt(s.tokens, "simple"))["input_ids"] for s in sentences]
+    lora = LoraConfig(r=64, lora_alpha=16, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
+    results = {}
+    for name in ("nf4-unmerged", "bf16-merged"):
+        if name == "nf4-unmerged":
+            model = get_peft_model(load_base(bench_train.MODEL_DIR, DEVICE), lora).eval()
+        else:
+            from transformers import AutoModelForCausalLM
+
+            base = AutoModelForCausalLM.from_pretrained(bench_train.MODEL_DIR, dtype=compute_dtype(DEVICE), device_map={"": DEVICE})
+            model = get_peft_model(base, lora).merge_and_unload().eval()
+        generate_greedy(model, tok, prompts[:OUR_BATCH], [2] * min(OUR_BATCH, len(prompts)), OUR_BATCH)  # warm-up
+        start = time.perf_counter()
+        gen = generate_greedy(model, tok, prompts, [NEW_TOKENS] * len(prompts), OUR_BATCH)
+        seconds = time.perf_counter() - start
+        results[name] = {"sentences": len(prompts), "seconds": seconds, "sentences_per_s": len(prompts) / seconds,
+                         "new_tokens": sum(len(t) for t in gen.tokens), "forward_passes": gen.forward_passes}
+        if name == "nf4-unmerged":  # the peer: plain generate, batch 8, 150 forced new tokens, same NF4 model
+            tok.padding_side = "left"
+            subset = [build_prompt(s.tokens, "simple") for s in sentences[:PEER_SENTENCES]]
+            start = time.perf_counter()
+            for b in range(0, len(subset), 8):
+                enc = tok(subset[b : b + 8], return_tensors="pt", padding=True).to(DEVICE)
+                model.generate(**enc, max_new_tokens=150, min_new_tokens=150, do_sample=False)
+            peer_s = time.perf_counter() - start
+            results["peer-generate-batch8"] = {"sentences": len(subset), "seconds": peer_s,
+                                               "sentences_per_s": len(subset) / peer_s, "extrapolated": False}
+        del model
+        if DEVICE.type == "cuda":
+            torch.cuda.empty_cache()
+    return results
+
+
+def main() -> None:
+    report = {"device": torch.cuda.get_device_name() if DEVICE.type == "cuda" else "cpu", "torch": torch.__version__}
+    out = Path(os.environ.get("OUT", "/tmp"))
+    if ADAPTER:
+        report["a_smollm2"] = part_a()
+        (out / "bench_eval.json").write_text(json.dumps(report, indent=2))
+        print(json.dumps(report["a_smollm2"]), flush=True)
+    report["b_7b_shape"] = part_b()
+    (out / "bench_eval.json").write_text(json.dumps(report, indent=2))
+    print(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()

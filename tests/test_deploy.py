@@ -185,8 +185,14 @@ def test_usr1_checkpoints_requeues_and_resumes(tmp_path, tiny_model, conll_dir, 
         assert time.time() < deadline and _job(job, env).get("JobState") in ("PENDING", "RUNNING"), _log(job)
         time.sleep(1)
     subprocess.run(["scancel", "--signal=USR1", "--batch", job], check=True, env=env)
-    _wait(job, env, lambda i: i.get("Restarts") == "1", 300)
-    # SLURM holds a requeued job for a while before it is eligible again; release it now
+    _wait(job, env, lambda i: i.get("Restarts") == "1" and i.get("JobState") == "PENDING", 300)
+    # SLURM holds a requeued job about 3 minutes before it is eligible again. Release it early, but only once
+    # the node has finished killing the first run: a job started before that is refused ("credential revoked").
+    deadline = time.time() + 120
+    while subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True, env=env).stdout.strip() != "idle":
+        assert time.time() < deadline, "the node never became idle after the requeue"
+        time.sleep(1)
+    time.sleep(5)
     subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], env=env, check=False)
     info = _wait(job, env, lambda i: i.get("JobState") in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"), 600)
     print(f"scontrol show job {job}: JobState={info['JobState']} Restarts={info['Restarts']} ExitCode={info['ExitCode']}")

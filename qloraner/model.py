@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import importlib.util
-import json
 import os
 import shutil
 from pathlib import Path
@@ -121,11 +120,3 @@ def add_lora(base, *, r: int, alpha: int, dropout: float, target_modules: list[s
     )
     config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules, task_type="CAUSAL_LM")
     return get_peft_model(base, config)
-
-
-def adapter_base(adapter: Path) -> str:
-    """The base model an adapter folder was trained on (from its adapter_config.json)."""
-    config = Path(adapter) / "adapter_config.json"
-    if not config.is_file():
-        raise QloranerError(f"adapter not found: {adapter} (no adapter_config.json)")
-    return json.loads(config.read_text())["base_model_name_or_path"]

@@ -36,11 +36,13 @@ def response_budget(tokenizer, tokens: tuple[str, ...] | list[str], cap: int) ->
     return min(cap, len(tokenizer(" ".join(tokens), add_special_tokens=False)["input_ids"]) + 6 * len(tokens) + 4)
 
 
-def _stopped(tokenizer, row: list[int], eos: int) -> bool:
-    """EOS, or a blank line after an answer (not after a preamble like 'The entities are:')."""
+def _stopped(tokenizer, row: list[int], eos: int, newline: dict[int, bool]) -> bool:
+    """EOS, or a blank line just written after an answer (not after a preamble like 'The entities are:')."""
     if row[-1] == eos:
         return True
-    if STOP_TEXT not in tokenizer.decode(row[-_TAIL:]):
+    if row[-1] not in newline:  # most tokens hold no newline: decode only when one was just written
+        newline[row[-1]] = "\n" in tokenizer.decode(row[-1:])
+    if not newline[row[-1]] or STOP_TEXT not in tokenizer.decode(row[-_TAIL:]):
         return False
     text = tokenizer.decode(row)
     return bool(parse_response(text)) or is_explicit_empty(text)
@@ -58,6 +60,7 @@ def generate_greedy(model, tokenizer, prompts: list[list[int]], budgets: list[in
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))  # longest first: memory peaks early
     out: list[list[int]] = [[] for _ in prompts]
     passes = 0
+    newline: dict[int, bool] = {}  # token id -> its text holds a newline
     for b in range(0, len(order), batch_size):
         idx = order[b : b + batch_size]
         width = max(len(prompts[i]) for i in idx)
@@ -79,7 +82,7 @@ def generate_greedy(model, tokenizer, prompts: list[list[int]], budgets: list[in
             for row, i in enumerate(idx):
                 if not done[row]:
                     out[i].append(int(nxt[row]))
-                    done[row] = _stopped(tokenizer, out[i], eos) or len(out[i]) >= budgets[i]
+                    done[row] = _stopped(tokenizer, out[i], eos, newline) or len(out[i]) >= budgets[i]
             if done.all():
                 break
             nxt[done] = eos  # finished rows idle on EOS; their outputs are ignored

@@ -42,7 +42,23 @@ def test_finished_rows_never_grow_and_generation_ends_early(tiny_adapter, tiny_m
     assert gen.forward_passes < 64
     for row in gen.tokens:
         full = row + [tok.eos_token_id]  # the EOS that stopped it was stripped
-        assert not any(_stopped(tok, full[:k], tok.eos_token_id) for k in range(1, len(full)))
+        assert not any(_stopped(tok, full[:k], tok.eos_token_id, {}) for k in range(1, len(full)))
+
+
+@pytest.mark.parametrize("answer, rest", [
+    ("[PER] John\n[LOC] Paris\n\n", "Note: these are all."),
+    ("The entities are:\n\n[PER] John\n[LOC] Paris\n\n", "I hope this helps."),  # a preamble's blank line goes on
+    ("[NONE]\n\n", "Explanation: none."),
+    ("[ORG] U.N.\n\n", "\n\n"),
+])
+@pytest.mark.parametrize("which", ["smol", "llama2"])
+def test_stop_rule_fires_first_at_the_blank_line_after_the_answer(answer, rest, which, smol_checkpoint, llama2_tokenizer_dir):
+    """Decoding token by token, the first stop is the first prefix that holds the whole answer and its blank line."""
+    tok = load_tokenizer(smol_checkpoint if which == "smol" else llama2_tokenizer_dir)
+    ids = tok(answer + rest, add_special_tokens=False)["input_ids"]
+    newline: dict[int, bool] = {}
+    first = next(k for k in range(1, len(ids) + 1) if _stopped(tok, ids[:k], tok.eos_token_id, newline))
+    assert tok.decode(ids[:first]).rstrip("\n") == answer.rstrip("\n")
 
 
 RECORDED = [  # (tokens, gold tags, raw response) as a model produced them

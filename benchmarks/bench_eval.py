@@ -12,6 +12,7 @@ import json
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -23,6 +24,7 @@ import bench_train  # noqa: E402  (its model shape and paths)
 # Settings
 TINY = bench_train.TINY
 ADAPTER = os.environ.get("ADAPTER")  # a fine-tuned SmolLM2 adapter for (a); (a) is skipped without it
+# PART_B=0 skips (b); BENCH_JSON names the report under $OUT
 PEER_SENTENCES = int(os.environ.get("PEER_SENTENCES", 16 if TINY else 200))
 NEW_TOKENS = int(os.environ.get("NEW_TOKENS", 12))  # the fine-tuned SmolLM2's mean response: 40,594 tokens / 3,453
 OUR_BATCH = int(os.environ.get("OUR_BATCH", 8 if TINY else 256))
@@ -49,8 +51,8 @@ def _peer_pipeline(model, tok, prompts: list[str]) -> tuple[list[str], float]:
     return [o[0]["generated_text"] for o in out], time.perf_counter() - start
 
 
-def part_a() -> dict:
-    """Fine-tuned SmolLM2: ours (full split) against the pipeline (subset, extrapolated)."""
+def part_a(report: Callable[[dict], None] = lambda partial: None) -> dict:
+    """Fine-tuned SmolLM2: the pipeline on a subset (extrapolated), ours on the same subset, then ours on the full split."""
     from qloraner.bio import entities_to_bio
     from qloraner.config import EvalConfig
     from qloraner.data import build_prompt
@@ -61,17 +63,20 @@ def part_a() -> dict:
     config = EvalConfig(adapter=ADAPTER, batch_size=OUR_BATCH)
     model, tok, template, _ = load_for_eval(config, DEVICE)
     sentences = _sentences()
-    rows, stats = respond(model, tok, sentences, template, config, "ours")
-    ours = summarize(rows, stats)
     subset = sentences[:PEER_SENTENCES]
     texts, seconds = _peer_pipeline(model, tok, [build_prompt(s.tokens, template) for s in subset])
     pred = [entities_to_bio(s.tokens, parse_response(t)) for s, t in zip(subset, texts)]
-    peer = score([list(s.tags) for s in subset], pred)
     peer_rate = len(subset) / seconds
-    return {"ours": {k: ours[k] for k in ("f1", "precision", "recall", "seconds", "sentences_per_s", "sentences")},
-            "peer": {"f1_on_subset": peer["f1"], "sentences": len(subset), "seconds": seconds, "sentences_per_s": peer_rate,
-                     "full_split_seconds_extrapolated": len(sentences) / peer_rate},
-            "speedup": ours["sentences_per_s"] / peer_rate}
+    result = {"peer": {"f1_on_subset": score([list(s.tags) for s in subset], pred)["f1"], "sentences": len(subset),
+                       "seconds": seconds, "sentences_per_s": peer_rate,
+                       "full_split_seconds_extrapolated": len(sentences) / peer_rate}}
+    report(result)
+    for name, part in (("ours_on_subset", subset), ("ours", sentences)):
+        summary = summarize(*respond(model, tok, part, template, config, name))
+        result[name] = {k: summary[k] for k in ("f1", "precision", "recall", "seconds", "sentences_per_s", "sentences")}
+        result[f"speedup_{name}"] = summary["sentences_per_s"] / peer_rate
+        report(result)
+    return result
 
 
 def part_b() -> dict:
@@ -120,13 +125,16 @@ def part_b() -> dict:
 
 def main() -> None:
     report = {"device": torch.cuda.get_device_name() if DEVICE.type == "cuda" else "cpu", "torch": torch.__version__}
-    out = Path(os.environ.get("OUT", "/tmp"))
+    out = Path(os.environ.get("OUT", "/tmp")) / os.environ.get("BENCH_JSON", "bench_eval.json")
+
+    def save(key: str, value: dict) -> None:  # after each measurement: a timeout keeps what was done
+        report[key] = value
+        out.write_text(json.dumps(report, indent=2))
+
     if ADAPTER:
-        report["a_smollm2"] = part_a()
-        (out / "bench_eval.json").write_text(json.dumps(report, indent=2))
-        print(json.dumps(report["a_smollm2"]), flush=True)
-    report["b_7b_shape"] = part_b()
-    (out / "bench_eval.json").write_text(json.dumps(report, indent=2))
+        save("a_smollm2", part_a(lambda partial: save("a_smollm2", partial)))
+    if os.environ.get("PART_B", "1") == "1":
+        save("b_7b_shape", part_b())
     print(json.dumps(report, indent=2))
 
 

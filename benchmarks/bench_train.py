@@ -1,6 +1,7 @@
 """Training speed on the LLaMA-2-7B shape: our loop against the original's stack (HF Trainer + peft), same run.
 
 On the GPU machine, after the bundle's two-step start:  . /root/qdev/env.sh && python3 benchmarks/bench_train.py
+On 2 GPUs (our loop only; rank 0 reports):  BENCH_RUNS=ours-ckpt torchrun --standalone --nproc-per-node 2 benchmarks/bench_train.py
 BENCH_TINY=1 runs the same code on a tiny model on the CPU (a smoke test of the script).
 """
 import gc
@@ -30,7 +31,12 @@ SHAPE = dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hi
              num_key_value_heads=32, max_position_embeddings=4096, rms_norm_eps=1e-5)
 if TINY:
     SHAPE.update(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4)
-DEVICE = torch.device("cpu" if TINY else "cuda")
+WORLD = int(os.environ.get("WORLD_SIZE", "1"))  # > 1 under torchrun: each rank takes its own GPU
+DEVICE = torch.device("cpu" if TINY else "cuda", None if TINY else int(os.environ.get("LOCAL_RANK", "0")))
+RUNS = os.environ.get("BENCH_RUNS", "peer,ours-ckpt,ours-no-ckpt").split(",")  # names in VARIANTS, run in this order
+REPORT = os.environ.get("BENCH_JSON", "bench_train.json")  # written under $OUT after each run
+if DEVICE.type == "cuda":
+    torch.cuda.set_device(DEVICE)
 
 
 def make_model() -> None:
@@ -87,12 +93,12 @@ def ours(name: str, **overrides) -> dict:
                     save_every=0, eval_after=False, resume=False, experiment="bench")
     config = TrainConfig(**{**settings, **overrides})
     shutil.rmtree(config.output_dir, ignore_errors=True)
-    train_adapter(config, device=DEVICE, on_step=lambda step, m: steps.append(m))
+    train_adapter(config, device=None if WORLD > 1 else DEVICE, on_step=lambda step, m: steps.append(m))
     timed = steps[WARMUP:]
     seconds = sum(m["step_s"] for m in timed)
     tokens = sum(m["tokens_per_s"] * m["step_s"] for m in timed)
     supervised = sum(m["supervised_tokens_per_s"] * m["step_s"] for m in timed)
-    return {"name": name, "settings": overrides, "tokens_per_s": tokens / seconds, "supervised_tokens_per_s": supervised / seconds,
+    return {"name": name, "settings": overrides, "processes": WORLD, "tokens_per_s": tokens / seconds, "supervised_tokens_per_s": supervised / seconds,
             "s_per_step": seconds / len(timed), "peak_gib": _peak_gib(), "steps_timed": len(timed)}
 
 
@@ -143,27 +149,41 @@ def peer() -> dict:
     return result
 
 
+VARIANTS = {  # name -> run; "ours-*" settings override TrainConfig (16 sequences a step in every case)
+    "peer": peer,
+    "ours-ckpt": lambda: ours("ours-ckpt", gradient_checkpointing=True),
+    "ours-no-ckpt": lambda: ours("ours-no-ckpt", gradient_checkpointing=False),
+    "ours-ckpt-mb8": lambda: ours("ours-ckpt-mb8", gradient_checkpointing=True, micro_batch_size=8),
+}
+
+
 def main() -> None:
     t0 = time.time()
-    make_model()
+    if WORLD == 1:
+        make_model()  # under torchrun, make it first in one process
     print(f"model ready in {time.time() - t0:.0f} s", flush=True)
     tflops = matmul_tflops()
     limit = tflops * 1e12 / FLOP_PER_TOKEN if tflops else 0.0
     report = {"device": torch.cuda.get_device_name() if DEVICE.type == "cuda" else "cpu", "torch": torch.__version__,
-              "bf16_matmul_tflops": tflops, "compute_limit_tokens_per_s": limit, "seqs_per_step": SEQS, "results": []}
+              "processes": WORLD, "bf16_matmul_tflops": tflops, "compute_limit_tokens_per_s": limit, "seqs_per_step": SEQS,
+              "results": []}
     out = Path(os.environ.get("OUT", "/tmp"))
+    rank0 = int(os.environ.get("RANK", "0")) == 0
     results = report["results"]
-    for run in (peer, lambda: ours("ours-ckpt", gradient_checkpointing=True), lambda: ours("ours-no-ckpt", gradient_checkpointing=False)):
-        r = run()
-        r["fraction_of_compute_limit"] = r["tokens_per_s"] / limit if limit else None
-        r["speedup_vs_peer"] = r["tokens_per_s"] / results[0]["tokens_per_s"] if results else 1.0
+    for name in RUNS:
+        r = VARIANTS[name]()
+        r["fraction_of_compute_limit"] = r["tokens_per_s"] / (limit * WORLD) if limit else None
+        if name == "peer" or (results and results[0]["name"].startswith("peer")):
+            r["speedup_vs_peer"] = r["tokens_per_s"] / (results or [r])[0]["tokens_per_s"]
         results.append(r)
-        (out / "bench_train.json").write_text(json.dumps(report, indent=2))  # after each run: a timeout keeps the rest
-        print(json.dumps(r), flush=True)
-    print(f"{'run':28} {'tok/s':>9} {'sup tok/s':>9} {'s/step':>7} {'peak GiB':>8} {'x peer':>7}")
-    for r in results:
-        print(f"{r['name']:28} {r['tokens_per_s']:9.0f} {r['supervised_tokens_per_s']:9.0f} {r['s_per_step']:7.2f} "
-              f"{r['peak_gib']:8.2f} {r['speedup_vs_peer']:7.2f}")
+        if rank0:
+            (out / REPORT).write_text(json.dumps(report, indent=2))  # after each run: a timeout keeps the rest
+            print(json.dumps(r), flush=True)
+    if rank0:
+        print(f"{'run':28} {'procs':>5} {'tok/s':>9} {'sup tok/s':>9} {'s/step':>7} {'peak GiB':>8} {'x peer':>7}")
+        for r in results:
+            print(f"{r['name']:28} {r.get('processes', 1):5} {r['tokens_per_s']:9.0f} {r['supervised_tokens_per_s']:9.0f} "
+                  f"{r['s_per_step']:7.2f} {r['peak_gib']:8.2f} {r.get('speedup_vs_peer', float('nan')):7.2f}")
 
 
 if __name__ == "__main__":

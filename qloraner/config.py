@@ -23,8 +23,8 @@ class TrainConfig:
     epochs: float = opt(1.0, "passes over the training data (ignored when --max-steps is set)")
     max_steps: int = opt(0, "optimizer steps to run; 0 derives them from --epochs")
     limit: int = opt(0, "use only the first N training sentences (0 = all)")
-    batch_size: int = opt(16, "sequences per micro-batch")
-    grad_accum: int = opt(1, "micro-batches per optimizer step")
+    batch_size: int = opt(16, "sequences per optimizer step, the same whatever the number of processes")
+    micro_batch_size: int = opt(0, "most sequences per forward pass in one process (memory); 0 = batch size / processes")
     lr: float = opt(2e-4, "peak learning rate")
     warmup_steps: int = opt(10, "linear warm-up steps before cosine decay")
     min_lr_ratio: float = opt(0.1, "final learning rate as a fraction of --lr")
@@ -47,12 +47,12 @@ class TrainConfig:
     def __post_init__(self) -> None:
         errors = [
             f"--{f.name.replace('_', '-')}: must be > 0" for f in fields(self)
-            if f.name in ("batch_size", "grad_accum", "lr", "lora_r", "lora_alpha", "max_length", "log_every")
+            if f.name in ("batch_size", "lr", "lora_r", "lora_alpha", "max_length", "log_every")
             and not getattr(self, f.name) > 0
         ]
         errors += [
             f"--{f.name.replace('_', '-')}: must be >= 0" for f in fields(self)
-            if f.name in ("max_steps", "limit", "warmup_steps", "weight_decay", "max_grad_norm", "save_every", "epochs", "eval_limit")
+            if f.name in ("max_steps", "micro_batch_size", "limit", "warmup_steps", "weight_decay", "max_grad_norm", "save_every", "epochs", "eval_limit")
             and not getattr(self, f.name) >= 0
         ]
         if not 0 <= self.lora_dropout < 1:

@@ -134,3 +134,14 @@ def length_grouped_batches(lengths: list[int], batch_size: int, seed: int, epoch
         batches += [chunk[b : b + batch_size] for b in range(0, len(chunk), batch_size)]
     rng.shuffle(batches)
     return batches
+
+
+def split_step(batch: list[int], lengths: list[int], parts: int) -> list[list[int]]:
+    """One step's sequences as `parts` micro-batches of neighbouring lengths, sizes differing by at most one.
+
+    Sorting first keeps padding short; dealing the parts round-robin to ranks then mixes long and short.
+    """
+    order = sorted(batch, key=lambda i: (lengths[i], i))
+    size, extra = divmod(len(order), parts)
+    cuts = [k * size + min(k, extra) for k in range(parts + 1)]
+    return [order[a:b] for a, b in zip(cuts, cuts[1:])]

@@ -1,6 +1,7 @@
 """torch.distributed under torchrun (NCCL on GPUs, gloo on CPU); a no-op in a single process."""
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -41,17 +42,21 @@ def any_(flag: bool, device: torch.device) -> bool:
     return bool(sum_(torch.tensor([float(flag)], device=device)).item() > 0) if active() else flag
 
 
-def sum_grads(params: list[torch.nn.Parameter]) -> None:
-    """One flat all-reduce of the LoRA gradients per optimizer step (the micro-steps before it never sync)."""
+def wrap_lora(module: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """DDP over the trainable (LoRA) parameters alone: the frozen NF4 base and the buffers are never
+    broadcast or reduced. In a single process the module is returned as it is."""
     if not active():
-        return
-    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    td.all_reduce(flat, op=td.ReduceOp.SUM)
-    offset = 0
-    for p, g in zip(params, grads):
-        p.grad = flat[offset : offset + g.numel()].view_as(g).clone()
-        offset += g.numel()
+        return module
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    frozen = [n for n, p in module.named_parameters() if not p.requires_grad] + [n for n, _ in module.named_buffers()]
+    DDP._set_params_and_buffers_to_ignore_for_model(module, frozen)
+    return DDP(module, device_ids=[device] if device.type == "cuda" else None, broadcast_buffers=False)
+
+
+def no_sync(module: torch.nn.Module, last: bool):
+    """Skip DDP's gradient all-reduce on every micro-step but a step's last."""
+    return contextlib.nullcontext() if last or not hasattr(module, "no_sync") else module.no_sync()
 
 
 def gather(obj: object) -> list[object] | None:

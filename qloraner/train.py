@@ -15,12 +15,13 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch.utils.data import DistributedSampler
 from tqdm import tqdm
 
 from qloraner import QloranerError, dist, run_main
 from qloraner.config import TrainConfig, as_dict, from_args
 from qloraner.conll import resolve_data_dir
-from qloraner.data import IGNORE_INDEX, Encoded, encode, instruction_data, length_grouped_batches
+from qloraner.data import IGNORE_INDEX, encode, instruction_data, length_grouped_batches, split_step
 from qloraner.model import add_lora, load_base, load_tokenizer, resolve_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -47,7 +48,7 @@ class TrainResult:
     preempted: bool = False
 
 
-def collate(examples: list[Encoded], pad_id: int, device: torch.device) -> dict[str, torch.Tensor]:
+def collate(examples: list, pad_id: int, device: torch.device) -> dict[str, torch.Tensor]:
     """Right-pad to the longest row with EOS; pads are masked out of attention and labels."""
     width = max(len(e.input_ids) for e in examples)
     ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
@@ -60,14 +61,21 @@ def collate(examples: list[Encoded], pad_id: int, device: torch.device) -> dict[
     return {"input_ids": ids.to(device), "labels": labels.to(device), "attention_mask": mask.to(device)}
 
 
-def supervised_loss_sum(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Summed next-token loss, running the LM head only where a label exists."""
-    inner = model.get_base_model()  # LlamaForCausalLM with the LoRA layers injected
-    hidden = inner.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
-    targets = batch["labels"][:, 1:]
-    keep = targets != IGNORE_INDEX
-    logits = inner.lm_head(hidden[:, :-1][keep]).float()
-    return F.cross_entropy(logits, targets[keep], reduction="sum")
+class SupervisedLoss(torch.nn.Module):
+    """The PEFT model with the training loss as its forward, so that DDP wraps the whole forward pass."""
+
+    def __init__(self, model) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Summed next-token loss, running the LM head only where a label exists."""
+        inner = self.model.get_base_model()  # LlamaForCausalLM with the LoRA layers injected
+        hidden = inner.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        targets = labels[:, 1:]
+        keep = targets != IGNORE_INDEX
+        logits = inner.lm_head(hidden[:, :-1][keep]).float()
+        return F.cross_entropy(logits, targets[keep], reduction="sum")
 
 
 def _trainable(model) -> dict[str, torch.Tensor]:
@@ -124,7 +132,7 @@ def latest_checkpoint(output_dir: Path) -> Path | None:
 
 def _check_compatible(ckpt: Path, config: TrainConfig) -> None:
     saved = json.loads((ckpt / "train_config.json").read_text())
-    keys = ("model", "lora_r", "lora_alpha", "target_modules", "prompt", "batch_size", "grad_accum", "seed", "limit")
+    keys = ("model", "lora_r", "lora_alpha", "target_modules", "prompt", "batch_size", "seed", "limit")
     diff = [f"{k}={saved.get(k)!r} (now {getattr(config, k)!r})" for k in keys if saved.get(k) != getattr(config, k)]
     if diff:
         raise QloranerError(f"{ckpt}: incompatible checkpoint, trained with {', '.join(diff)}; use another --output-dir or --no-resume")
@@ -166,8 +174,9 @@ class _StopFlag:
 def train_adapter(config: TrainConfig, device: torch.device | None = None, on_step=None) -> TrainResult:
     """Fine-tune a LoRA adapter on the NF4 base; resumable, preemptible, logged to MLflow.
 
-    Under torchrun every rank runs this: each step's micro-batches are planned the same on all
-    ranks and dealt out round-robin, so the sequences per step do not depend on the world size.
+    Under torchrun every rank runs this: each step's `batch_size` sequences are split into micro-batches
+    the same way on all ranks and dealt out by a DistributedSampler, so what a step computes does not
+    depend on the number of processes; only the LoRA parameters are in DDP.
     """
     import bitsandbytes as bnb
     import mlflow
@@ -177,8 +186,8 @@ def train_adapter(config: TrainConfig, device: torch.device | None = None, on_st
     rank, world, rank_device = dist.setup()
     device = device or rank_device
     main = rank == 0  # rank 0 alone logs, shows progress and writes the shared checkpoint files
-    if config.grad_accum % world:
-        raise QloranerError(f"--grad-accum {config.grad_accum} must be a multiple of the {world} processes")
+    micro = config.micro_batch_size or math.ceil(config.batch_size / world)
+    accum = math.ceil(config.batch_size / (world * micro))  # micro-steps per process and optimizer step
     out = Path(config.output_dir)
     ckpt = latest_checkpoint(out) if config.resume is not False else None
     if config.resume and ckpt is None:
@@ -191,8 +200,8 @@ def train_adapter(config: TrainConfig, device: torch.device | None = None, on_st
     records, manifest = instruction_data(data_dir, config.prompt, ROOT / "datasets" / "ner_instruct_data.json", config.limit)
     examples = encode(tokenizer, [r["prompt"] for r in records], [r["response"] for r in records], config.max_length)
     lengths = [len(e.input_ids) for e in examples]
-    n_batches = math.ceil(len(examples) / config.batch_size)
-    total = config.max_steps or math.ceil(config.epochs * n_batches / config.grad_accum)
+    steps_per_epoch = math.ceil(len(examples) / config.batch_size)
+    total = config.max_steps or math.ceil(config.epochs * steps_per_epoch)
 
     torch.manual_seed(config.seed)  # the same LoRA init on every rank
     random.seed(config.seed)
@@ -200,7 +209,7 @@ def train_adapter(config: TrainConfig, device: torch.device | None = None, on_st
                      target_modules=config.target_module_list, checkpointing=config.gradient_checkpointing)
     params = list(_trainable(model).values())
     optimizer = bnb.optim.PagedAdamW(params, lr=config.lr, weight_decay=config.weight_decay)  # 32-bit states
-    state = {"step": 0, "cursor": 0, "run_id": None}
+    state = {"step": 0, "run_id": None}  # the step is also the data position (one batch per step)
     if ckpt:
         state = _restore(ckpt, model, optimizer, rank)
         if main:
@@ -210,19 +219,23 @@ def train_adapter(config: TrainConfig, device: torch.device | None = None, on_st
         state["run_id"] = run.info.run_id
         if not ckpt:
             mlflow.log_params({**as_dict(config), "model_path": str(model_path), "git_revision": git_revision(),
-                               "train_examples": len(examples), "total_steps": total, "world_size": world})
+                               "train_examples": len(examples), "total_steps": total, "world_size": world,
+                               "micro_batch_per_process": micro, "accumulation_per_process": accum})
             (out / "instruction_manifest.json").write_text(json.dumps(manifest, indent=2))
             mlflow.log_artifact(str(out / "instruction_manifest.json"))
 
+    net = dist.wrap_lora(SupervisedLoss(model), device)
     epoch_batches: dict[int, list[list[int]]] = {}
 
-    def next_batch() -> list[Encoded]:
-        epoch, pos = divmod(state["cursor"], n_batches)
+    def my_micro_batches(step: int) -> tuple[list[list[int]], list[int]]:
+        """This rank's micro-batches of the step, and the whole step's sequences."""
+        epoch, pos = divmod(step, steps_per_epoch)
         if epoch not in epoch_batches:
             epoch_batches.clear()  # one epoch's order at a time
             epoch_batches[epoch] = length_grouped_batches(lengths, config.batch_size, config.seed, epoch)
-        state["cursor"] += 1
-        return [examples[i] for i in epoch_batches[epoch][pos]]
+        batch = epoch_batches[epoch][pos]
+        parts = split_step(batch, lengths, world * accum)
+        return [parts[i] for i in DistributedSampler(parts, world, rank, shuffle=False)], batch
 
     stop = _StopFlag()
     model.train()
@@ -235,21 +248,21 @@ def train_adapter(config: TrainConfig, device: torch.device | None = None, on_st
             for group in optimizer.param_groups:
                 group["lr"] = lr
             t0 = time.perf_counter()
-            micro = [next_batch() for _ in range(config.grad_accum)]  # this step's plan, the same on every rank
-            n_sup = sum(e.n_supervised for b in micro for e in b)  # weight by supervised tokens, not micro-steps
-            n_tok = sum(len(e.input_ids) for b in micro for e in b)
+            mine, batch = my_micro_batches(step)
+            n_sup = sum(examples[i].n_supervised for i in batch)  # all ranks' supervised tokens: the weight
+            n_tok = sum(lengths[i] for i in batch)
             loss_sum = torch.zeros((), device=device)
-            for examples_ in micro[rank::world]:
-                batch = collate(examples_, tokenizer.pad_token_id, device)
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-                    loss = supervised_loss_sum(model, batch)
-                if torch.isfinite(loss):
-                    (loss / n_sup).backward()
+            for k, part in enumerate(mine):
+                weight = 1.0 if part else 0.0  # a step of fewer sequences than parts: a rank still joins the sync
+                batch_t = collate([examples[i] for i in part or batch[:1]], tokenizer.pad_token_id, device)
+                with dist.no_sync(net, last=k == len(mine) - 1):  # one all-reduce per step, in the last backward
+                    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                        loss = net(**batch_t) * weight
+                    (loss * (world / n_sup)).backward()  # DDP averages over ranks: undo it to get the token sum
                 loss_sum += loss.detach().float()
             if not torch.isfinite(dist.sum_(loss_sum)):  # NaN on any rank reaches every rank
                 raise QloranerError(f"non-finite loss at step {step + 1}; stopped before the update. "
                                     f"Last good checkpoint: {last_good or 'none'}")
-            dist.sum_grads(params)  # the only gradient sync of the step
             grad_norm = torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm or float("inf")).item()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)

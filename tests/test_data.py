@@ -6,7 +6,7 @@ from hypothesis import strategies as st
 
 from qloraner.bio import entities_to_bio
 from qloraner.conll import read_split
-from qloraner.data import IGNORE_INDEX, TEMPLATES, build_record, encode, instruction_data, length_grouped_batches
+from qloraner.data import IGNORE_INDEX, TEMPLATES, build_record, encode, instruction_data, length_grouped_batches, split_step
 from qloraner.model import load_tokenizer
 from qloraner.parse import parse_response
 
@@ -48,6 +48,19 @@ def test_length_grouped_batches_partition(lengths, batch_size, seed, epoch):
     assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
     assert all(0 < len(b) <= batch_size for b in batches)
     assert batches == length_grouped_batches(lengths, batch_size, seed, epoch)
+
+
+@given(st.lists(st.integers(1, 200), min_size=1, max_size=64).flatmap(
+    lambda lengths: st.tuples(st.just(lengths), st.permutations(range(len(lengths))), st.integers(1, 12))))
+def test_split_step_partitions_evenly_by_length(case):
+    """The parts cover the step's sequences once, differ in size by at most one, and never overlap in length order."""
+    lengths, batch, parts = case
+    split = split_step(list(batch), lengths, parts)
+    assert len(split) == parts
+    assert sorted(i for part in split for i in part) == sorted(batch)
+    assert max(map(len, split)) - min(map(len, split)) <= 1
+    filled = [part for part in split if part]
+    assert all(max(lengths[i] for i in a) <= min(lengths[i] for i in b) for a, b in zip(filled, filled[1:]))
 
 
 @pytest.mark.parametrize("which", ["smollm2", "llama2"])

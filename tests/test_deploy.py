@@ -177,7 +177,7 @@ def test_usr1_checkpoints_requeues_and_resumes(tmp_path, tiny_model, conll_dir, 
     out = tmp_path / "job"
     env = _slurm_env({"CONLL_DIR": str(conll_dir), "QLORANER_OUTPUT_DIR": str(out), "QLORANER_NPROC": str(nproc),
                       "OMP_NUM_THREADS": "1",
-                      "QLORANER_TRAIN_ARGS": f"--model {tiny_model} --limit 16 --max-steps 400 --batch-size 4 --grad-accum 2 "
+                      "QLORANER_TRAIN_ARGS": f"--model {tiny_model} --limit 16 --max-steps 400 --batch-size 8 --micro-batch-size 4 "
                                              "--lora-r 4 --save-every 50 --eval-limit 2"})
     job = _submit(env, cpus=nproc)
     deadline = time.time() + 300

@@ -3,7 +3,9 @@ import json
 import os
 import subprocess
 
+import pytest
 import torch
+from mlflow.tracking import MlflowClient
 from safetensors.torch import load_file
 
 from tests.conftest import ROOT
@@ -18,8 +20,10 @@ def _run(script: str, nproc: int, args: list[str], conll_dir) -> subprocess.Comp
 
 
 def test_two_ranks_train_the_same_adapter_as_one(tmp_path, tiny_model, conll_dir):
-    """2 ranks (gloo) with 8 sequences a step give the LoRA weights of 1 rank with 8 a step, to 1e-5 (fp32)."""
-    common = ["--model", str(tiny_model), "--limit", "24", "--batch-size", "4", "--grad-accum", "2", "--max-steps", "5",
+    """2 ranks (gloo) with 8 sequences a step give the LoRA weights of 1 rank with 8 a step, to 1e-5 (fp32).
+    The 1-rank run accumulates 2 micro-batches of 4; each of the 2 ranks runs 1 micro-batch of 4. 17 sentences:
+    steps of 8, 8, 1 (one rank idles on a weight-0 batch), then the next epoch."""
+    common = ["--model", str(tiny_model), "--limit", "17", "--batch-size", "8", "--micro-batch-size", "4", "--max-steps", "5",
               "--lr", "5e-3", "--lora-r", "8", "--lora-dropout", "0", "--max-grad-norm", "0", "--no-eval"]
     _run("run_train.sh", 1, [*common, "--output-dir", str(tmp_path / "one")], conll_dir)
     _run("run_train.sh", 2, [*common, "--output-dir", str(tmp_path / "two")], conll_dir)
@@ -28,8 +32,14 @@ def test_two_ranks_train_the_same_adapter_as_one(tmp_path, tiny_model, conll_dir
     assert one.keys() == two.keys()
     for key, value in one.items():
         assert torch.linalg.norm(two[key] - value) <= 1e-5 * torch.linalg.norm(value), key
-    state = json.loads((tmp_path / "two" / "final" / "trainer_state.json").read_text())
-    assert state["step"] == 5 and state["cursor"] == 10  # the global data position: 2 micro-batches a step
+    runs = {}
+    for name in ("one", "two"):
+        client = MlflowClient(f"sqlite:///{tmp_path / name / 'mlflow.db'}")
+        run = client.search_runs([client.get_experiment_by_name("qloraner").experiment_id])[0]
+        runs[name] = (run.data.params, [m.value for m in client.get_metric_history(run.info.run_id, "grad_norm")])
+    assert (runs["two"][0]["world_size"], runs["two"][0]["accumulation_per_process"]) == ("2", "1")
+    assert runs["one"][0]["accumulation_per_process"] == "2"
+    assert len(runs["one"][1]) == 5 and runs["two"][1] == pytest.approx(runs["one"][1], rel=1e-5)  # the gradient's scale too
 
 
 def test_sharded_evaluation_equals_one_process(tmp_path, tiny_model, tiny_adapter, conll_dir):

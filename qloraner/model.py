@@ -50,6 +50,8 @@ def default_checkpoint() -> Path:
     eos = model.config.eos_token_id  # the GGUF's tokenizer names <|im_start|> as EOS; the model ends on <|im_end|>
     tokenizer.eos_token = tokenizer.convert_ids_to_tokens(eos)
     model.save_pretrained(tmp)
+    model.config.save_pretrained(tmp)  # transformers 5 writes these on global rank 0 only once torch.distributed
+    model.generation_config.save_pretrained(tmp)  # is up; a torchrun rank converting on its node needs them too
     tokenizer.save_pretrained(tmp)
     target.parent.mkdir(parents=True, exist_ok=True)
     try:

@@ -1,9 +1,14 @@
+import os
+
 import bitsandbytes as bnb
 import pytest
 import torch
+import torch.distributed as td
+import torch.multiprocessing as mp
+from transformers import AutoConfig
 
 from qloraner import QloranerError
-from qloraner.model import add_lora, load_base, load_tokenizer, resolve_model
+from qloraner.model import add_lora, default_checkpoint, load_base, load_tokenizer, resolve_model
 
 
 def test_tiny_model_loads_in_nf4_with_lora_only_trainable(tiny_model):
@@ -36,3 +41,23 @@ def test_folder_without_config_is_refused(tmp_path):
     """A folder that is no checkpoint is named in the error."""
     with pytest.raises(QloranerError, match="no config.json"):
         resolve_model(str(tmp_path))
+
+
+def _convert_on_rank_1(rank: int, store: str, cache: str) -> None:
+    os.environ["QLORANER_CACHE"] = cache
+    td.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    try:
+        if rank == 1:  # under torchrun, ranks other than 0 convert the default on nodes of their own
+            path = default_checkpoint()
+            assert AutoConfig.from_pretrained(path).model_type == "llama"
+            assert load_tokenizer(path).eos_token == "<|im_end|>"
+        td.barrier()
+    finally:
+        td.destroy_process_group()
+
+
+def test_default_conversion_on_a_nonzero_rank_is_complete(tmp_path):
+    """Converting the embedded default on rank 1 of a live process group gives a loadable checkpoint
+    (transformers alone writes config.json on global rank 0 only)."""
+    mp.spawn(_convert_on_rank_1, args=(str(tmp_path / "store"), str(tmp_path / "cache")), nprocs=2)
+    assert (tmp_path / "cache" / "smollm2-135m-instruct" / "config.json").is_file()

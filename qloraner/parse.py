@@ -149,7 +149,13 @@ def is_explicit_empty(text: str) -> bool:
     """The response says 'no entities' in a form we accept (so it is no parse failure)."""
     if not isinstance(text, str):
         return False
-    head = text.strip().split("\n\n")[0].strip()
+    blocks = [b.strip() for b in text.strip().split("\n\n") if b.strip()]
+    head = blocks[0] if blocks else ""
+    first, _, rest = head.partition("\n")
+    if first.rstrip().endswith(":"):  # a preamble ('Entities:'), skipped as parse_response skips it
+        head = rest.strip() or (blocks[1] if len(blocks) > 1 else "")
+        if not head:
+            return False  # a preamble and no answer
     return head.upper() == EMPTY_ANSWER or head.strip(".").casefold() in NULLS | {"{}"}
 
 

@@ -49,6 +49,7 @@ def test_finished_rows_never_grow_and_generation_ends_early(tiny_adapter, tiny_m
     ("[PER] John\n[LOC] Paris\n\n", "Note: these are all."),
     ("The entities are:\n\n[PER] John\n[LOC] Paris\n\n", "I hope this helps."),  # a preamble's blank line goes on
     ("[NONE]\n\n", "Explanation: none."),
+    ("Entities:\n\n[NONE]\n\n", "Explanation: none."),
     ("[ORG] U.N.\n\n", "\n\n"),
 ])
 @pytest.mark.parametrize("which", ["smol", "llama2"])

@@ -91,6 +91,8 @@ def test_real_responses(response, expected, provenance):
 
 
 @pytest.mark.parametrize("text,empty", [("[NONE]", True), ("None.", True), ("{}", True), ("[NONE]\n\nchatter", True),
+                                        ("Entities:\n\n[NONE]", True), ("Named entities:\n[NONE]\n\nchatter", True),
+                                        ("Entities:", False), ("Entities:\n\nThere are some.", False),
                                         ("I cannot find any", False), ("[PER] x", False)])
 def test_explicit_empty(text, empty):
     """Explicit 'no entities' answers are told apart from unparseable text."""

@@ -108,7 +108,6 @@ def part_b() -> dict:
         results[name] = {"sentences": len(prompts), "seconds": seconds, "sentences_per_s": len(prompts) / seconds,
                          "new_tokens": sum(len(t) for t in gen.tokens), "forward_passes": gen.forward_passes}
         if name == "nf4-unmerged":  # the peer: plain generate, batch 8, 150 forced new tokens, same NF4 model
-            tok.padding_side = "left"
             subset = [build_prompt(s.tokens, "simple") for s in sentences[:PEER_SENTENCES]]
             start = time.perf_counter()
             for b in range(0, len(subset), 8):

@@ -247,13 +247,14 @@ def evaluate_model(config: EvalConfig, device: torch.device | None = None) -> di
     sentences = read_split(resolve_data_dir(config.data_dir, ROOT), config.split)
     sentences = sentences[: config.limit] if config.limit else sentences
     mine = list(range(rank, len(sentences), world))
+    my_sentences = [sentences[i] for i in mine]
     model, tokenizer, template, base_name = load_for_eval(config, device)
     name = "fine-tuned" if config.adapter else "base"
     shards = {}
     if config.compare_base:
         with model.disable_adapter():  # the same NF4 weights without the adapter: the base model
-            shards["base"] = respond(model, tokenizer, [sentences[i] for i in mine], template, config, "base")
-    shards[name] = respond(model, tokenizer, [sentences[i] for i in mine], template, config, name)
+            shards["base"] = respond(model, tokenizer, my_sentences, template, config, "base")
+    shards[name] = respond(model, tokenizer, my_sentences, template, config, name)
     gathered = {label: dist.gather((mine, *shard)) for label, shard in shards.items()}
     if rank != 0:
         return {}

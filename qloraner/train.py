@@ -21,7 +21,7 @@ from tqdm import tqdm
 from qloraner import QloranerError, dist, run_main
 from qloraner.config import TrainConfig, as_dict, from_args
 from qloraner.conll import resolve_data_dir
-from qloraner.data import IGNORE_INDEX, encode, instruction_data, length_grouped_batches, split_step
+from qloraner.data import IGNORE_INDEX, Encoded, encode, instruction_data, length_grouped_batches, split_step
 from qloraner.model import add_lora, load_base, load_tokenizer, resolve_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -48,7 +48,7 @@ class TrainResult:
     preempted: bool = False
 
 
-def collate(examples: list, pad_id: int, device: torch.device) -> dict[str, torch.Tensor]:
+def collate(examples: list[Encoded], pad_id: int, device: torch.device) -> dict[str, torch.Tensor]:
     """Right-pad to the longest row with EOS; pads are masked out of attention and labels."""
     width = max(len(e.input_ids) for e in examples)
     ids = torch.full((len(examples), width), pad_id, dtype=torch.long)

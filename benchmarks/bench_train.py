@@ -4,6 +4,7 @@ On the GPU machine, after the bundle's two-step start:  . /root/qdev/env.sh && p
 On 2 GPUs (our loop only; rank 0 reports):  BENCH_RUNS=ours-ckpt torchrun --standalone --nproc-per-node 2 benchmarks/bench_train.py
 BENCH_TINY=1 runs the same code on a tiny model on the CPU (a smoke test of the script).
 """
+import contextlib
 import gc
 import json
 import os
@@ -11,6 +12,7 @@ import shutil
 import sys
 import time
 from pathlib import Path
+from unittest import mock
 
 import torch
 
@@ -81,24 +83,29 @@ def _peak_gib() -> float:
     return torch.cuda.max_memory_allocated() / 2**30 if DEVICE.type == "cuda" else 0.0
 
 
-def ours(name: str, **overrides) -> dict:
-    """Our loop (qloraner.train.train_adapter), the steps after WARMUP timed from its own per-step metrics."""
+def ours(name: str, undo: str | None = None, **overrides) -> dict:
+    """Our loop (qloraner.train.train_adapter), the steps after WARMUP timed from its own per-step metrics.
+
+    `undo` names one of our changes (UNDO) to take back for this run, so each change is measured alone.
+    """
     from qloraner.config import TrainConfig
     from qloraner.train import train_adapter
 
     _reset()
+    undone = UNDO[undo]() if undo else contextlib.nullcontext()
     steps = []
     settings = dict(model=str(MODEL_DIR), output_dir=f"/tmp/bench-{name}", limit=(STEPS + WARMUP) * SEQS, batch_size=SEQS,
                     max_steps=STEPS + WARMUP, lr=LR, lora_r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"],
                     save_every=0, eval_after=False, resume=False, experiment="bench")
     config = TrainConfig(**{**settings, **overrides})
     shutil.rmtree(config.output_dir, ignore_errors=True)
-    train_adapter(config, device=None if WORLD > 1 else DEVICE, on_step=lambda step, m: steps.append(m))
+    with undone:
+        train_adapter(config, device=None if WORLD > 1 else DEVICE, on_step=lambda step, m: steps.append(m))
     timed = steps[WARMUP:]
     seconds = sum(m["step_s"] for m in timed)
     tokens = sum(m["tokens_per_s"] * m["step_s"] for m in timed)
     supervised = sum(m["supervised_tokens_per_s"] * m["step_s"] for m in timed)
-    return {"name": name, "settings": overrides, "processes": WORLD, "tokens_per_s": tokens / seconds, "supervised_tokens_per_s": supervised / seconds,
+    return {"name": name, "settings": overrides, "undone": undo, "processes": WORLD, "tokens_per_s": tokens / seconds, "supervised_tokens_per_s": supervised / seconds,
             "s_per_step": seconds / len(timed), "peak_gib": _peak_gib(), "steps_timed": len(timed)}
 
 
@@ -149,11 +156,59 @@ def peer() -> dict:
     return result
 
 
+def _fp32_frozen():
+    """prepare_model_for_kbit_training's state: every unquantized frozen weight in fp32 (we put them back in bf16)."""
+    import qloraner.train
+
+    def add_lora(base, **kw):
+        model = original(base, **kw)
+        for p in model.parameters():
+            if not p.requires_grad and p.dtype == torch.bfloat16:
+                p.data = p.data.float()
+        return model
+
+    original = qloraner.train.add_lora
+    return mock.patch.object(qloraner.train, "add_lora", add_lora)
+
+
+def _full_head():
+    """The LM head and loss over every position (we run them only where a label exists)."""
+    import torch.nn.functional as F
+
+    import qloraner.train
+
+    def forward(self, input_ids, attention_mask, labels):
+        logits = self.model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1].float()
+        return F.cross_entropy(logits.flatten(0, 1), labels[:, 1:].flatten(), reduction="sum")  # -100 ignored
+
+    return mock.patch.object(qloraner.train.SupervisedLoss, "forward", forward)
+
+
+def _eager_attention():
+    """Eager attention (we load the model with SDPA)."""
+    import qloraner.train
+
+    def load_base(*args, **kw):
+        model = original(*args, **kw)
+        model.set_attn_implementation("eager")
+        return model
+
+    original = qloraner.train.load_base
+    return mock.patch.object(qloraner.train, "load_base", load_base)
+
+
+UNDO = {"fp32-frozen": _fp32_frozen, "full-head": _full_head, "eager-attention": _eager_attention}
+
 VARIANTS = {  # name -> run; "ours-*" settings override TrainConfig (16 sequences a step in every case)
     "peer": peer,
     "ours-ckpt": lambda: ours("ours-ckpt", gradient_checkpointing=True),
     "ours-no-ckpt": lambda: ours("ours-no-ckpt", gradient_checkpointing=False),
     "ours-ckpt-mb8": lambda: ours("ours-ckpt-mb8", gradient_checkpointing=True, micro_batch_size=8),
+    "ours-ckpt-compile": lambda: ours("ours-ckpt-compile", gradient_checkpointing=True, compile=True),
+    "ours-ckpt-mb8-compile": lambda: ours("ours-ckpt-mb8-compile", gradient_checkpointing=True, micro_batch_size=8, compile=True),
+    "ours-ckpt-fp32-frozen": lambda: ours("ours-ckpt-fp32-frozen", undo="fp32-frozen", gradient_checkpointing=True),
+    "ours-ckpt-full-head": lambda: ours("ours-ckpt-full-head", undo="full-head", gradient_checkpointing=True),
+    "ours-ckpt-eager-attention": lambda: ours("ours-ckpt-eager-attention", undo="eager-attention", gradient_checkpointing=True),
 }
 
 
@@ -171,7 +226,12 @@ def main() -> None:
     rank0 = int(os.environ.get("RANK", "0")) == 0
     results = report["results"]
     for name in RUNS:
-        r = VARIANTS[name]()
+        try:
+            r = VARIANTS[name]()
+        except Exception as err:  # one failed variant (e.g. no compiler for torch.compile) must not lose the others
+            r = {"name": name, "error": f"{type(err).__name__}: {err}"[:2000], "tokens_per_s": float("nan"),
+                 "supervised_tokens_per_s": float("nan"), "s_per_step": float("nan"), "peak_gib": float("nan")}
+            print(f"{name} failed: {r['error']}", flush=True)
         r["fraction_of_compute_limit"] = r["tokens_per_s"] / (limit * WORLD) if limit else None
         if name == "peer" or (results and results[0]["name"].startswith("peer")):
             r["speedup_vs_peer"] = r["tokens_per_s"] / (results or [r])[0]["tokens_per_s"]

@@ -36,6 +36,7 @@ class TrainConfig:
     target_modules: str = opt("q_proj,v_proj", "comma-separated module names, or all-linear")
     max_length: int = opt(512, "truncate examples to this many tokens")
     gradient_checkpointing: bool = opt(True, "recompute activations in backward (non-reentrant)")
+    compile: bool = opt(False, "torch.compile each decoder layer: fewer, fused kernels (GPUs need Triton; the first step compiles)")
     seed: int = opt(42, "seed for data order, dropout and LoRA init")
     save_every: int = opt(200, "save a checkpoint every N optimizer steps (0 = only at the end)")
     log_every: int = opt(1, "log metrics to MLflow every N steps")

@@ -114,11 +114,20 @@ def load_base(model: Path | str, device: torch.device, dtype: torch.dtype | None
 
 
 def add_lora(base, *, r: int, alpha: int, dropout: float, target_modules: list[str] | str, checkpointing: bool = True):
-    """prepare_model_for_kbit_training (non-reentrant checkpointing), then a fresh LoRA adapter."""
+    """prepare_model_for_kbit_training (non-reentrant checkpointing), then a fresh LoRA adapter (fp32).
+
+    prepare_model_for_kbit_training also upcasts every unquantized weight (norms, embedding, LM head) to fp32.
+    We put them back in their load dtype: bnb layers return their input's dtype, so fp32 norms make every
+    activation fp32 (twice the memory, a cast around each 4-bit matmul) and train a residual stream in a
+    precision that inference never uses. The frozen values are bf16 either way.
+    """
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
+    loaded = {name: p.dtype for name, p in base.named_parameters()}
     base = prepare_model_for_kbit_training(
         base, use_gradient_checkpointing=checkpointing, gradient_checkpointing_kwargs={"use_reentrant": False}
     )
+    for name, p in base.named_parameters():
+        p.data = p.data.to(loaded[name])
     config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules, task_type="CAUSAL_LM")
     return get_peft_model(base, config)

@@ -207,6 +207,9 @@ def train_adapter(config: TrainConfig, device: torch.device | None = None, on_st
     random.seed(config.seed)
     model = add_lora(load_base(model_path, device), r=config.lora_r, alpha=config.lora_alpha, dropout=config.lora_dropout,
                      target_modules=config.target_module_list, checkpointing=config.gradient_checkpointing)
+    if config.compile:
+        for layer in model.get_base_model().model.layers:
+            layer.compile(dynamic=True)  # one graph serves every layer and sequence length
     if rank:  # after the shared init, each rank its own dropout masks
         torch.manual_seed(config.seed + rank)
         random.seed(config.seed + rank)

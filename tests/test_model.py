@@ -61,3 +61,19 @@ def test_default_conversion_on_a_nonzero_rank_is_complete(tmp_path):
     (transformers alone writes config.json on global rank 0 only)."""
     mp.spawn(_convert_on_rank_1, args=(str(tmp_path / "store"), str(tmp_path / "cache")), nprocs=2)
     assert (tmp_path / "cache" / "smollm2-135m-instruct" / "config.json").is_file()
+
+
+def test_frozen_weights_keep_their_load_dtype(tiny_model):
+    """After k-bit preparation every unquantized base weight is back in the load dtype (bf16 here), LoRA weights
+    are fp32, and under autocast a decoder layer's output (the residual stream) is bf16, as at inference."""
+    base = load_base(tiny_model, torch.device("cpu"), dtype=torch.bfloat16)
+    loaded = {n: p.dtype for n, p in base.named_parameters()}
+    model = add_lora(base, r=8, alpha=16, dropout=0.0, target_modules=["q_proj", "v_proj"]).get_base_model()
+    dtypes = {n: p.dtype for n, p in model.named_parameters()}
+    assert {n for n in dtypes if "lora_" not in n} and all(dtypes[n] == loaded[n.replace(".base_layer", "")] for n in dtypes if "lora_" not in n)
+    assert {d for n, d in dtypes.items() if "lora_" in n} == {torch.float32}
+    seen = []
+    model.model.layers[0].register_forward_hook(lambda _m, _args, out: seen.append(out[0] if isinstance(out, tuple) else out))
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # as training runs on GPUs
+        model.model(input_ids=torch.tensor([[1, 2, 3]]))
+    assert seen[0].dtype == torch.bfloat16

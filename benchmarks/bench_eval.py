@@ -52,34 +52,41 @@ def part_a(report: Callable[[dict], None] = lambda partial: None) -> dict:
     from qloraner.metrics import score
     from qloraner.parse import parse_response
 
-    config = EvalConfig(adapter=ADAPTER, batch_size=OUR_BATCH)
-    model, tok, template, _ = load_for_eval(config, DEVICE)
     sentences = _sentences()
     subset = sentences[:PEER_SENTENCES]
     result = {}
-    for name, part in (("ours", sentences), ("ours_on_subset", subset)):
-        summary = summarize(*respond(model, tok, part, template, config, name))
-        result[name] = {k: summary[k] for k in ("f1", "precision", "recall", "per_type", "parse_failures", "seconds",
-                                                "sentences_per_s", "sentences", "generated_tokens") if k in summary}
-        report(result)
+    for merge in (True, False):  # the bf16 merge first: the unmerged model stays loaded for the peer
+        config = EvalConfig(adapter=ADAPTER, batch_size=OUR_BATCH, merge=merge)
+        model, tok, template, _ = load_for_eval(config, DEVICE)
+        for name, part in ((f"ours{'_merged' * merge}", sentences), ("ours_on_subset", subset))[: 1 + (not merge)]:
+            summary = summarize(*respond(model, tok, part, template, config, name))
+            result[name] = {k: summary[k] for k in ("f1", "precision", "recall", "per_type", "parse_failures", "seconds",
+                                                    "sentences_per_s", "sentences", "generated_tokens") if k in summary}
+            report(result)
     pipe = pipeline("text-generation", model=model, tokenizer=tok, batch_size=8, max_new_tokens=150, do_sample=False,
                     return_full_text=False)
-    pred, seconds = [], 0.0
-    for b in range(0, len(subset), PEER_CHUNK):
-        chunk = subset[b : b + PEER_CHUNK]
-        start = time.perf_counter()
-        out = pipe([build_prompt(s.tokens, template) for s in chunk])
-        if DEVICE.type == "cuda":
-            torch.cuda.synchronize()
-        seconds += time.perf_counter() - start
-        pred += [entities_to_bio(s.tokens, parse_response(o[0]["generated_text"])) for s, o in zip(chunk, out)]
-        done = subset[: len(pred)]
-        rate = len(done) / seconds
-        result["peer"] = {"sentences": len(done), "seconds": seconds, "sentences_per_s": rate,
-                          "f1_on_those_sentences": score([list(s.tags) for s in done], pred)["f1"],
-                          "full_split_seconds_extrapolated": len(sentences) / rate}
-        result["speedup_ours_full_split"] = result["ours"]["sentences_per_s"] / rate
-        report(result)
+    for name, cudnn, n in (("peer", True, len(subset)), ("peer_sdpa_without_cudnn", False, PEER_CHUNK)):
+        if DEVICE.type == "cuda":  # the original's evaluator runs with PyTorch's default SDPA kernels (cuDNN included)
+            torch.backends.cuda.enable_cudnn_sdp(cudnn)
+        pred, seconds = [], 0.0
+        for b in range(0, n, PEER_CHUNK):
+            chunk = subset[b : min(n, b + PEER_CHUNK)]
+            start = time.perf_counter()
+            out = pipe([build_prompt(s.tokens, template) for s in chunk])
+            if DEVICE.type == "cuda":
+                torch.cuda.synchronize()
+            seconds += time.perf_counter() - start
+            pred += [entities_to_bio(s.tokens, parse_response(o[0]["generated_text"])) for s, o in zip(chunk, out)]
+            done = subset[: len(pred)]
+            rate = len(done) / seconds
+            result[name] = {"sentences": len(done), "seconds": seconds, "sentences_per_s": rate,
+                            "f1_on_those_sentences": score([list(s.tags) for s in done], pred)["f1"],
+                            "full_split_seconds_extrapolated": len(sentences) / rate}
+            for ours in ("ours", "ours_merged"):
+                result[f"speedup_{ours}_vs_{name}"] = result[ours]["sentences_per_s"] / rate
+            report(result)
+    if DEVICE.type == "cuda":
+        torch.backends.cuda.enable_cudnn_sdp(False)
     return result
 
 

@@ -109,8 +109,9 @@ def ours(name: str, undo: str | None = None, **overrides) -> dict:
             "s_per_step": seconds / len(timed), "peak_gib": _peak_gib(), "steps_timed": len(timed)}
 
 
-def peer() -> dict:
-    """The original's stack: HF Trainer + peft, batch 4 x accumulation 4, paged_adamw_32bit, checkpointing, bf16."""
+def peer(cudnn: bool = True) -> dict:
+    """The original's stack: HF Trainer + peft, batch 4 x accumulation 4, paged_adamw_32bit, checkpointing, bf16,
+    with PyTorch's default SDPA kernels (cuDNN included) unless cudnn=False."""
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from transformers import DataCollatorForSeq2Seq, Trainer, TrainerCallback, TrainingArguments
 
@@ -123,7 +124,9 @@ def peer() -> dict:
     records, _ = instruction_data(resolve_data_dir(None, ROOT), "simple", Path("/tmp/bench-instruct.json"), (STEPS + WARMUP) * SEQS)
     examples = encode(tok, [r["prompt"] for r in records], [r["response"] for r in records])
     rows = [{"input_ids": e.input_ids, "labels": e.labels, "attention_mask": [1] * len(e.input_ids)} for e in examples]
-    model = prepare_model_for_kbit_training(load_base(MODEL_DIR, DEVICE), use_gradient_checkpointing=True)
+    base = load_base(MODEL_DIR, DEVICE)
+    torch.backends.cuda.enable_cudnn_sdp(cudnn)  # load_base turns it off; the original stack has the default
+    model = prepare_model_for_kbit_training(base, use_gradient_checkpointing=True)
     model = get_peft_model(model, LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"],
                                              target_modules=LORA["target_modules"], task_type="CAUSAL_LM"))
     marks = []
@@ -149,7 +152,8 @@ def peer() -> dict:
     seconds = marks[-1] - marks[WARMUP - 1]
     per_seq = sum(len(e.input_ids) for e in examples) / len(examples)  # the sampler is random: use the mean
     sup_per_seq = sum(e.n_supervised for e in examples) / len(examples)
-    result = {"name": "peer: HF Trainer + peft", "tokens_per_s": per_seq * SEQS * STEPS / seconds,
+    torch.backends.cuda.enable_cudnn_sdp(False)
+    result = {"name": "peer: HF Trainer + peft" + ("" if cudnn else ", SDPA without cuDNN"), "tokens_per_s": per_seq * SEQS * STEPS / seconds,
               "supervised_tokens_per_s": sup_per_seq * SEQS * STEPS / seconds, "s_per_step": seconds / STEPS,
               "peak_gib": _peak_gib(), "steps_timed": STEPS, "tokens_estimated_from_mean_length": True}
     del trainer, model
@@ -197,7 +201,24 @@ def _eager_attention():
     return mock.patch.object(qloraner.train, "load_base", load_base)
 
 
-UNDO = {"fp32-frozen": _fp32_frozen, "full-head": _full_head, "eager-attention": _eager_attention}
+@contextlib.contextmanager
+def _cudnn_attention():
+    """PyTorch's default SDPA kernel choice, cuDNN included (we keep SDPA off cuDNN)."""
+    import qloraner.train
+
+    def load_base(*args, **kw):
+        model = original(*args, **kw)
+        torch.backends.cuda.enable_cudnn_sdp(True)
+        return model
+
+    original = qloraner.train.load_base
+    with mock.patch.object(qloraner.train, "load_base", load_base):
+        yield
+    torch.backends.cuda.enable_cudnn_sdp(False)
+
+
+UNDO = {"fp32-frozen": _fp32_frozen, "full-head": _full_head, "eager-attention": _eager_attention,
+        "no-cudnn-attention": _cudnn_attention}
 
 VARIANTS = {  # name -> run; "ours-*" settings override TrainConfig (16 sequences a step in every case)
     "peer": peer,
@@ -209,6 +230,8 @@ VARIANTS = {  # name -> run; "ours-*" settings override TrainConfig (16 sequence
     "ours-ckpt-fp32-frozen": lambda: ours("ours-ckpt-fp32-frozen", undo="fp32-frozen", gradient_checkpointing=True),
     "ours-ckpt-full-head": lambda: ours("ours-ckpt-full-head", undo="full-head", gradient_checkpointing=True),
     "ours-ckpt-eager-attention": lambda: ours("ours-ckpt-eager-attention", undo="eager-attention", gradient_checkpointing=True),
+    "ours-ckpt-compile-cudnn": lambda: ours("ours-ckpt-compile-cudnn", undo="no-cudnn-attention", gradient_checkpointing=True, compile=True),
+    "peer-no-cudnn": lambda: peer(cudnn=False),
 }
 
 

@@ -17,7 +17,7 @@ from qloraner.config import EvalConfig, as_dict, from_args
 from qloraner.conll import Sentence, read_split, resolve_data_dir
 from qloraner.data import build_prompt
 from qloraner.metrics import error_analysis, score
-from qloraner.model import DEFAULT_MODEL, compute_dtype, load_base, load_tokenizer, resolve_model
+from qloraner.model import DEFAULT_MODEL, attention_without_cudnn, compute_dtype, load_base, load_tokenizer, resolve_model
 from qloraner.parse import is_explicit_empty, parse_response
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -181,6 +181,7 @@ def load_for_eval(config: EvalConfig, device: torch.device):
         from transformers import AutoModelForCausalLM
 
         base = AutoModelForCausalLM.from_pretrained(base_path, dtype=compute_dtype(device), device_map={"": device})
+        attention_without_cudnn(device)
     else:
         base = load_base(base_path, device)
     model = base

@@ -92,9 +92,18 @@ def compute_dtype(device: torch.device) -> torch.dtype:
     return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
 
 
+def attention_without_cudnn(device: torch.device) -> None:
+    """Keep SDPA off its cuDNN kernel, which PyTorch picks on H100/H200: it builds a plan for every new
+    (batch, length) shape, and with dynamic padding in training and a growing KV cache in decoding most
+    calls are new shapes (milliseconds of CPU each). The flash and memory-efficient kernels have no plans."""
+    if device.type == "cuda":
+        torch.backends.cuda.enable_cudnn_sdp(False)
+
+
 def load_base(model: Path | str, device: torch.device, dtype: torch.dtype | None = None):
     """The base model in 4-bit NF4 with double quantization, on one device."""
     dtype = dtype or compute_dtype(device)
+    attention_without_cudnn(device)
     quant = BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type="nf4",

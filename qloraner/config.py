@@ -87,7 +87,7 @@ class EvalConfig:
     max_prompt_tokens: int = opt(1024, "prompts longer than this are truncated (counted and reported)")
     prompt: str | None = opt(None, "prompt template; default: the adapter's, else simple", choices=tuple(TEMPLATES))
     compare_base: bool = opt(False, "also evaluate the base model and write a side-by-side table")
-    merge: bool = opt(False, "merge the adapter into a bf16 copy of the base (faster; never into 4-bit)")
+    merge: bool = opt(False, "merge the adapter into the NF4 base dequantized to bf16 (faster; the same weights it was trained on)")
     output_dir: str | None = opt(None, "where metrics and responses go; default <adapter>/../eval or outputs/eval")
     experiment: str = opt("qloraner", "MLflow experiment name")
 

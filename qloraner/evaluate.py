@@ -17,7 +17,7 @@ from qloraner.config import EvalConfig, as_dict, from_args
 from qloraner.conll import Sentence, read_split, resolve_data_dir
 from qloraner.data import build_prompt
 from qloraner.metrics import error_analysis, score
-from qloraner.model import DEFAULT_MODEL, attention_without_cudnn, compute_dtype, load_base, load_tokenizer, resolve_model
+from qloraner.model import DEFAULT_MODEL, load_base, load_tokenizer, resolve_model
 from qloraner.parse import is_explicit_empty, parse_response
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -177,13 +177,9 @@ def load_for_eval(config: EvalConfig, device: torch.device):
     if trained and config.model and resolve_model(trained["model"]) != base_path:
         raise QloranerError(f"{config.adapter}: adapter was trained on {trained['model']}, not {config.model}")
     tokenizer = load_tokenizer(base_path, padding_side="left")
-    if config.merge:  # merge into bf16 (fp32 on CPU) weights: merging into 4-bit loses accuracy
-        from transformers import AutoModelForCausalLM
-
-        base = AutoModelForCausalLM.from_pretrained(base_path, dtype=compute_dtype(device), device_map={"": device})
-        attention_without_cudnn(device)
-    else:
-        base = load_base(base_path, device)
+    base = load_base(base_path, device)
+    if config.merge:  # into the NF4 weights the adapter was trained on, dequantized to bf16 (fp32 on CPU): merging
+        base = base.dequantize()  # into 4-bit loses accuracy, into the original weights changes the model
     model = base
     if config.adapter:
         try:

@@ -152,8 +152,9 @@ def test_run_eval_sh_end_to_end(trained_default, conll_dir):
     assert expected <= {a.path.split("/")[-1] for a in client.list_artifacts(run.info.run_id, "eval")}
 
 
-def test_merge_goes_into_full_precision_weights(tiny_model, tiny_adapter, conll_dir):
-    """--merge folds the adapter into an unquantized copy (never into NF4) and decodes like the unmerged adapter."""
+def test_merge_goes_into_the_dequantized_nf4_weights(tiny_model, tiny_adapter, conll_dir):
+    """--merge folds the adapter into unquantized weights (never into NF4) that hold the NF4 values it was trained
+    on, so the merged model computes what the unmerged adapter on the NF4 base computes."""
     import bitsandbytes as bnb
 
     merged, tok, template, _ = load_for_eval(EvalConfig(model=str(tiny_model), adapter=str(tiny_adapter), merge=True), CPU)
@@ -161,7 +162,9 @@ def test_merge_goes_into_full_precision_weights(tiny_model, tiny_adapter, conll_
     assert not any("lora_" in n for n, _ in merged.named_parameters())
     unmerged, _, _, _ = load_for_eval(EvalConfig(model=str(tiny_model), adapter=str(tiny_adapter)), CPU)
     prompts = [tok(build_prompt(s.tokens, template))["input_ids"] for s in read_split(conll_dir, "train")[:8]]
+    with torch.no_grad():
+        ids = torch.tensor([prompts[0]])
+        torch.testing.assert_close(merged(input_ids=ids).logits, unmerged(input_ids=ids).logits, atol=1e-4, rtol=1e-4)
     a = generate_greedy(merged, tok, prompts, [24] * 8, batch_size=8).tokens
     b = generate_greedy(unmerged, tok, prompts, [24] * 8, batch_size=8).tokens
-    # NF4 rounding separates the two bases; the overfit answers they were trained on still agree
-    assert sum(x == y for x, y in zip(a, b)) >= 6
+    assert a == b

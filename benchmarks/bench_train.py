@@ -212,9 +212,11 @@ def _cudnn_attention():
         return model
 
     original = qloraner.train.load_base
-    with mock.patch.object(qloraner.train, "load_base", load_base):
-        yield
-    torch.backends.cuda.enable_cudnn_sdp(False)
+    try:
+        with mock.patch.object(qloraner.train, "load_base", load_base):
+            yield
+    finally:
+        torch.backends.cuda.enable_cudnn_sdp(False)
 
 
 UNDO = {"fp32-frozen": _fp32_frozen, "full-head": _full_head, "eager-attention": _eager_attention,

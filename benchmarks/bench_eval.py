@@ -55,10 +55,11 @@ def part_a(report: Callable[[dict], None] = lambda partial: None) -> dict:
     sentences = _sentences()
     subset = sentences[:PEER_SENTENCES]
     result = {}
-    for merge in (True, False):  # the bf16 merge first: the unmerged model stays loaded for the peer
+    # the bf16 merge first, so that the unmerged model stays loaded for the peer
+    for merge, runs in ((True, [("ours_merged", sentences)]), (False, [("ours", sentences), ("ours_on_subset", subset)])):
         config = EvalConfig(adapter=ADAPTER, batch_size=OUR_BATCH, merge=merge)
         model, tok, template, _ = load_for_eval(config, DEVICE)
-        for name, part in ((f"ours{'_merged' * merge}", sentences), ("ours_on_subset", subset))[: 1 + (not merge)]:
+        for name, part in runs:
             summary = summarize(*respond(model, tok, part, template, config, name))
             result[name] = {k: summary[k] for k in ("f1", "precision", "recall", "per_type", "parse_failures", "seconds",
                                                     "sentences_per_s", "sentences", "generated_tokens") if k in summary}

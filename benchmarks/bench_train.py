@@ -160,19 +160,29 @@ def peer(cudnn: bool = True) -> dict:
     return result
 
 
-def _fp32_frozen():
-    """prepare_model_for_kbit_training's state: every unquantized frozen weight in fp32 (we put them back in bf16)."""
+def _after(name: str, then):
+    """Patch qloraner.train's `name` (add_lora, load_base) so that `then` runs on the model it returns."""
     import qloraner.train
 
-    def add_lora(base, **kw):
-        model = original(base, **kw)
+    original = getattr(qloraner.train, name)
+
+    def wrapped(*args, **kw):
+        model = original(*args, **kw)
+        then(model)
+        return model
+
+    return mock.patch.object(qloraner.train, name, wrapped)
+
+
+def _fp32_frozen():
+    """prepare_model_for_kbit_training's state: every unquantized frozen weight in fp32 (we put them back in bf16)."""
+
+    def upcast(model) -> None:
         for p in model.parameters():
             if not p.requires_grad and p.dtype == torch.bfloat16:
                 p.data = p.data.float()
-        return model
 
-    original = qloraner.train.add_lora
-    return mock.patch.object(qloraner.train, "add_lora", add_lora)
+    return _after("add_lora", upcast)
 
 
 def _full_head():
@@ -190,30 +200,14 @@ def _full_head():
 
 def _eager_attention():
     """Eager attention (we load the model with SDPA)."""
-    import qloraner.train
-
-    def load_base(*args, **kw):
-        model = original(*args, **kw)
-        model.set_attn_implementation("eager")
-        return model
-
-    original = qloraner.train.load_base
-    return mock.patch.object(qloraner.train, "load_base", load_base)
+    return _after("load_base", lambda model: model.set_attn_implementation("eager"))
 
 
 @contextlib.contextmanager
 def _cudnn_attention():
     """PyTorch's default SDPA kernel choice, cuDNN included (we keep SDPA off cuDNN)."""
-    import qloraner.train
-
-    def load_base(*args, **kw):
-        model = original(*args, **kw)
-        torch.backends.cuda.enable_cudnn_sdp(True)
-        return model
-
-    original = qloraner.train.load_base
     try:
-        with mock.patch.object(qloraner.train, "load_base", load_base):
+        with _after("load_base", lambda model: torch.backends.cuda.enable_cudnn_sdp(True)):
             yield
     finally:
         torch.backends.cuda.enable_cudnn_sdp(False)

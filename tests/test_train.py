@@ -53,17 +53,26 @@ def test_overfits_eight_examples(tmp_path, tiny_model, conll_dir):
     assert len(losses) == 60 and losses[-1] <= 0.2 * losses[0]
 
 
+def _norms_and_adapter(config: TrainConfig) -> tuple[list[float], dict[str, torch.Tensor]]:
+    """Train; every step's grad norm and the final adapter's tensors."""
+    norms = []
+    out = train_adapter(config, on_step=lambda step, m: norms.append(m["grad_norm"]))
+    return norms, load_file(out.final / "adapter_model.safetensors")
+
+
+def _assert_same_training(a, b, rel: float) -> None:
+    """Grad norms and every adapter tensor of two runs agree to `rel` (lora_B starts at zero: it is the update)."""
+    assert a[0] == pytest.approx(b[0], rel=rel)
+    for key, value in a[1].items():
+        assert torch.linalg.norm(b[1][key] - value) <= rel * torch.linalg.norm(value), key
+
+
 def test_accumulation_matches_one_big_batch(tmp_path, tiny_model, conll_dir):
     """Micro-batches of 3 (accumulation 6, uneven sizes) give the gradient and update of one batch of 16 (fp32)."""
-    results = {}
-    for name, micro in [("big", 0), ("accum", 3)]:
-        norms = []
-        cfg = _config(tmp_path, tiny_model, conll_dir, name, batch_size=16, micro_batch_size=micro, max_steps=3, max_grad_norm=0.0)
-        out = train_adapter(cfg, on_step=lambda step, m: norms.append(m["grad_norm"]))
-        results[name] = (norms, load_file(out.final / "adapter_model.safetensors"))
-    assert results["big"][0] == pytest.approx(results["accum"][0], rel=1e-5)
-    for key, value in results["big"][1].items():  # lora_B starts at zero, so it is the update itself
-        assert torch.linalg.norm(results["accum"][1][key] - value) <= 1e-5 * torch.linalg.norm(value), key
+    runs = [_norms_and_adapter(_config(tmp_path, tiny_model, conll_dir, name, batch_size=16, micro_batch_size=micro,
+                                       max_steps=3, max_grad_norm=0.0))
+            for name, micro in [("big", 0), ("accum", 3)]]
+    _assert_same_training(*runs, rel=1e-5)
 
 
 def test_compiled_layers_train_like_eager(tmp_path, tiny_model, conll_dir):
@@ -71,17 +80,12 @@ def test_compiled_layers_train_like_eager(tmp_path, tiny_model, conll_dir):
     norms and adapter to 1e-4."""
     from torch._dynamo.utils import counters
 
-    results = {}
+    runs = []
     for name, compiled in [("eager", False), ("compiled", True)]:
-        norms = []
         counters.clear()
-        out = train_adapter(_config(tmp_path, tiny_model, conll_dir, name, max_steps=3, compile=compiled),
-                            on_step=lambda step, m: norms.append(m["grad_norm"]))
-        results[name] = (norms, load_file(out.final / "adapter_model.safetensors"))
+        runs.append(_norms_and_adapter(_config(tmp_path, tiny_model, conll_dir, name, max_steps=3, compile=compiled)))
         assert (counters["stats"]["unique_graphs"] > 0) == compiled  # it really ran compiled (or not)
-    assert results["compiled"][0] == pytest.approx(results["eager"][0], rel=1e-4)
-    for key, value in results["eager"][1].items():
-        assert torch.linalg.norm(results["compiled"][1][key] - value) <= 1e-4 * torch.linalg.norm(value), key
+    _assert_same_training(*runs, rel=1e-4)
 
 
 def test_resume_after_sigterm_matches_an_uninterrupted_run(tmp_path, tiny_model, conll_dir):

@@ -2,7 +2,8 @@
 
 On the GPU machine, after the bundle's two-step start:
   . /root/qdev/env.sh && ADAPTER=outputs/acc-quick/final python3 benchmarks/bench_eval.py
-(a) the fine-tuned SmolLM2 adapter: ours over the full test split (and the first PEER_SENTENCES), then the peer over
+(a) the fine-tuned SmolLM2 adapter: ours over the full test split at each batch size in BATCHES_A, merged and not (and
+    unmerged over the first PEER_SENTENCES), then the peer over
     those PEER_SENTENCES, extrapolated to the full split (said so in the output), all scored with our parser and seqeval.
 (b) the LLaMA-2-7B shape (bench_train.py's random checkpoint): ours over all 3,453 prompts with NEW_TOKENS budgets
     (NF4 unmerged, then a bf16 merge of a fresh adapter), the peer `generate` at batch 8 on PEER_SENTENCES prompts.
@@ -28,7 +29,8 @@ ADAPTER = os.environ.get("ADAPTER")  # a fine-tuned SmolLM2 adapter for (a); (a)
 PEER_SENTENCES = int(os.environ.get("PEER_SENTENCES", 16 if TINY else 200))
 PEER_CHUNK = int(os.environ.get("PEER_CHUNK", 8 if TINY else 40))  # (a): the pipeline's figure is saved after each chunk
 NEW_TOKENS = int(os.environ.get("NEW_TOKENS", 12))  # the fine-tuned SmolLM2's mean response: 40,594 tokens / 3,453
-OUR_BATCH = int(os.environ.get("OUR_BATCH", 8 if TINY else 256))
+OUR_BATCH = int(os.environ.get("OUR_BATCH", 8 if TINY else 256))  # (b)
+BATCHES_A = [int(b) for b in os.environ.get("BATCHES_A", "4,8" if TINY else "256,1024").split(",")]  # (a): ours at each
 LIMIT = int(os.environ.get("LIMIT", 24 if TINY else 0))  # sentences for our runs (0 = the full split)
 DEVICE = bench_train.DEVICE
 
@@ -56,10 +58,11 @@ def part_a(report: Callable[[dict], None] = lambda partial: None) -> dict:
     subset = sentences[:PEER_SENTENCES]
     result = {}
     # the bf16 merge first, so that the unmerged model stays loaded for the peer
-    for merge, runs in ((True, [("ours_merged", sentences)]), (False, [("ours", sentences), ("ours_on_subset", subset)])):
-        config = EvalConfig(adapter=ADAPTER, batch_size=OUR_BATCH, merge=merge)
-        model, tok, template, _ = load_for_eval(config, DEVICE)
-        for name, part in runs:
+    for merge in (True, False):
+        model, tok, template, _ = load_for_eval(EvalConfig(adapter=ADAPTER, merge=merge), DEVICE)
+        runs = [(f"ours{'_merged' if merge else ''}_b{b}", b, sentences) for b in BATCHES_A]
+        for name, batch, part in runs + ([] if merge else [("ours_on_subset", BATCHES_A[0], subset)]):
+            config = EvalConfig(adapter=ADAPTER, batch_size=batch, merge=merge)
             summary = summarize(*respond(model, tok, part, template, config, name))
             result[name] = {k: summary[k] for k in ("f1", "precision", "recall", "per_type", "parse_failures", "seconds",
                                                     "sentences_per_s", "sentences", "generated_tokens") if k in summary}
@@ -83,7 +86,7 @@ def part_a(report: Callable[[dict], None] = lambda partial: None) -> dict:
             result[name] = {"sentences": len(done), "seconds": seconds, "sentences_per_s": rate,
                             "f1_on_those_sentences": score([list(s.tags) for s in done], pred)["f1"],
                             "full_split_seconds_extrapolated": len(sentences) / rate}
-            for ours in ("ours", "ours_merged"):
+            for ours in [k for k in result if k.startswith("ours_") and k != "ours_on_subset" and "sentences_per_s" in result[k]]:
                 result[f"speedup_{ours}_vs_{name}"] = result[ours]["sentences_per_s"] / rate
             report(result)
     if DEVICE.type == "cuda":

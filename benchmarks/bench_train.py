@@ -9,6 +9,7 @@ import gc
 import json
 import os
 import shutil
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -103,10 +104,11 @@ def ours(name: str, undo: str | None = None, **overrides) -> dict:
         train_adapter(config, device=None if WORLD > 1 else DEVICE, on_step=lambda step, m: steps.append(m))
     timed = steps[WARMUP:]
     seconds = sum(m["step_s"] for m in timed)
+    median = statistics.median(m["step_s"] for m in timed)
     tokens = sum(m["tokens_per_s"] * m["step_s"] for m in timed)
     supervised = sum(m["supervised_tokens_per_s"] * m["step_s"] for m in timed)
     return {"name": name, "settings": overrides, "undone": undo, "processes": WORLD, "tokens_per_s": tokens / seconds, "supervised_tokens_per_s": supervised / seconds,
-            "s_per_step": seconds / len(timed), "peak_gib": _peak_gib(), "steps_timed": len(timed)}
+            "s_per_step": seconds / len(timed), "s_per_step_median": median, "peak_gib": _peak_gib(), "steps_timed": len(timed)}
 
 
 def peer(cudnn: bool = True) -> dict:
@@ -150,12 +152,13 @@ def peer(cudnn: bool = True) -> dict:
                       data_collator=DataCollatorForSeq2Seq(tok, padding=True, label_pad_token_id=-100))
     trainer.train()
     seconds = marks[-1] - marks[WARMUP - 1]
+    median = statistics.median(b - a for a, b in zip(marks[WARMUP - 1 :], marks[WARMUP:]))
     per_seq = sum(len(e.input_ids) for e in examples) / len(examples)  # the sampler is random: use the mean
     sup_per_seq = sum(e.n_supervised for e in examples) / len(examples)
     torch.backends.cuda.enable_cudnn_sdp(False)
     result = {"name": "peer: HF Trainer + peft" + ("" if cudnn else ", SDPA without cuDNN"), "tokens_per_s": per_seq * SEQS * STEPS / seconds,
               "supervised_tokens_per_s": sup_per_seq * SEQS * STEPS / seconds, "s_per_step": seconds / STEPS,
-              "peak_gib": _peak_gib(), "steps_timed": STEPS, "tokens_estimated_from_mean_length": True}
+              "s_per_step_median": median, "peak_gib": _peak_gib(), "steps_timed": STEPS, "tokens_estimated_from_mean_length": True}
     del trainer, model
     return result
 
@@ -213,8 +216,20 @@ def _cudnn_attention():
         torch.backends.cuda.enable_cudnn_sdp(False)
 
 
+def _checkpoint_outside_compile():
+    """HF's checkpoint around each compiled layer: the recomputation replays the compiled forward from Python
+    (we put the checkpoint inside the compiled graph)."""
+    import qloraner.train
+
+    def compile_layers(model, *, checkpointing: bool, mode: str | None = None) -> None:
+        for layer in model.get_base_model().model.layers:
+            layer.compile(dynamic=True, mode=mode)
+
+    return mock.patch.object(qloraner.train, "compile_layers", compile_layers)
+
+
 UNDO = {"fp32-frozen": _fp32_frozen, "full-head": _full_head, "eager-attention": _eager_attention,
-        "no-cudnn-attention": _cudnn_attention}
+        "no-cudnn-attention": _cudnn_attention, "checkpoint-inside-compile": _checkpoint_outside_compile}
 
 VARIANTS = {  # name -> run; "ours-*" settings override TrainConfig (16 sequences a step in every case)
     "peer": peer,
@@ -222,6 +237,8 @@ VARIANTS = {  # name -> run; "ours-*" settings override TrainConfig (16 sequence
     "ours-no-ckpt": lambda: ours("ours-no-ckpt", gradient_checkpointing=False),
     "ours-ckpt-mb8": lambda: ours("ours-ckpt-mb8", gradient_checkpointing=True, micro_batch_size=8),
     "ours-ckpt-compile": lambda: ours("ours-ckpt-compile", gradient_checkpointing=True, compile=True),
+    "ours-ckpt-compile-outside": lambda: ours("ours-ckpt-compile-outside", undo="checkpoint-inside-compile", gradient_checkpointing=True, compile=True),
+    "ours-ckpt-compile-graphs": lambda: ours("ours-ckpt-compile-graphs", gradient_checkpointing=True, compile=True, cuda_graphs=True),
     "ours-ckpt-mb8-compile": lambda: ours("ours-ckpt-mb8-compile", gradient_checkpointing=True, micro_batch_size=8, compile=True),
     "ours-ckpt-fp32-frozen": lambda: ours("ours-ckpt-fp32-frozen", undo="fp32-frozen", gradient_checkpointing=True),
     "ours-ckpt-full-head": lambda: ours("ours-ckpt-full-head", undo="full-head", gradient_checkpointing=True),
@@ -259,10 +276,10 @@ def main() -> None:
             (out / REPORT).write_text(json.dumps(report, indent=2))  # after each run: a timeout keeps the rest
             print(json.dumps(r), flush=True)
     if rank0:
-        print(f"{'run':28} {'procs':>5} {'tok/s':>9} {'sup tok/s':>9} {'s/step':>7} {'peak GiB':>8} {'x peer':>7}")
+        print(f"{'run':28} {'procs':>5} {'tok/s':>9} {'sup tok/s':>9} {'s/step':>7} {'median':>7} {'peak GiB':>8} {'x peer':>7}")
         for r in results:
             print(f"{r['name']:28} {r.get('processes', 1):5} {r['tokens_per_s']:9.0f} {r['supervised_tokens_per_s']:9.0f} "
-                  f"{r['s_per_step']:7.2f} {r['peak_gib']:8.2f} {r.get('speedup_vs_peer', float('nan')):7.2f}")
+                  f"{r['s_per_step']:7.2f} {r.get('s_per_step_median', float('nan')):7.2f} {r['peak_gib']:8.2f} {r.get('speedup_vs_peer', float('nan')):7.2f}")
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import shutil
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -140,3 +141,15 @@ def add_lora(base, *, r: int, alpha: int, dropout: float, target_modules: list[s
         p.data = p.data.to(loaded[name])
     config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules, task_type="CAUSAL_LM")
     return get_peft_model(base, config)
+
+
+def compile_layers(model, *, checkpointing: bool, mode: str | None = None) -> None:
+    """torch.compile each decoder layer (dynamic shapes: one graph for every layer and length), with its
+    activation checkpoint inside the graph: the recomputation then runs in the compiled backward instead of
+    replaying the compiled forward from Python, and CUDA graphs (mode="reduce-overhead") can capture it."""
+    from torch.utils.checkpoint import checkpoint
+
+    for layer in model.get_base_model().model.layers:
+        layer.gradient_checkpointing = False  # HF's checkpoint would wrap the compiled layer from outside
+        forward = partial(checkpoint, layer.forward, use_reentrant=False) if checkpointing else layer.forward
+        layer.forward = torch.compile(forward, dynamic=True, mode=mode)

@@ -221,9 +221,9 @@ def _checkpoint_outside_compile():
     (we put the checkpoint inside the compiled graph)."""
     import qloraner.train
 
-    def compile_layers(model, *, checkpointing: bool, mode: str | None = None) -> None:
+    def compile_layers(model, *, checkpointing: bool) -> None:
         for layer in model.get_base_model().model.layers:
-            layer.compile(dynamic=True, mode=mode)
+            layer.compile(dynamic=True)
 
     return mock.patch.object(qloraner.train, "compile_layers", compile_layers)
 
@@ -238,7 +238,6 @@ VARIANTS = {  # name -> run; "ours-*" settings override TrainConfig (16 sequence
     "ours-ckpt-mb8": lambda: ours("ours-ckpt-mb8", gradient_checkpointing=True, micro_batch_size=8),
     "ours-ckpt-compile": lambda: ours("ours-ckpt-compile", gradient_checkpointing=True, compile=True),
     "ours-ckpt-compile-outside": lambda: ours("ours-ckpt-compile-outside", undo="checkpoint-inside-compile", gradient_checkpointing=True, compile=True),
-    "ours-ckpt-compile-graphs": lambda: ours("ours-ckpt-compile-graphs", gradient_checkpointing=True, compile=True, cuda_graphs=True),
     "ours-ckpt-mb8-compile": lambda: ours("ours-ckpt-mb8-compile", gradient_checkpointing=True, micro_batch_size=8, compile=True),
     "ours-ckpt-fp32-frozen": lambda: ours("ours-ckpt-fp32-frozen", undo="fp32-frozen", gradient_checkpointing=True),
     "ours-ckpt-full-head": lambda: ours("ours-ckpt-full-head", undo="full-head", gradient_checkpointing=True),

@@ -37,8 +37,6 @@ class TrainConfig:
     max_length: int = opt(512, "truncate examples to this many tokens")
     gradient_checkpointing: bool = opt(True, "recompute activations in backward (non-reentrant)")
     compile: bool = opt(False, "torch.compile each decoder layer: fewer, fused kernels (GPUs need Triton; the first step compiles)")
-    cuda_graphs: bool = opt(False, "with --compile on a GPU: replay each layer's kernels as CUDA graphs (mode reduce-overhead); "
-                                   "rows are padded to a multiple of 16 tokens so that shapes repeat")
     seed: int = opt(42, "seed for data order, dropout and LoRA init")
     save_every: int = opt(200, "save a checkpoint every N optimizer steps (0 = only at the end)")
     log_every: int = opt(1, "log metrics to MLflow every N steps")
@@ -66,8 +64,6 @@ class TrainConfig:
             errors.append(f"--prompt: {self.prompt!r} is not one of {', '.join(TEMPLATES)}")
         if self.max_steps == 0 and self.epochs == 0:
             errors.append("--epochs or --max-steps: one must be > 0")
-        if self.cuda_graphs and not self.compile:
-            errors.append("--cuda-graphs: needs --compile")
         if not self.target_module_list:
             errors.append("--target-modules: name at least one module")
         if errors:

@@ -143,13 +143,16 @@ def add_lora(base, *, r: int, alpha: int, dropout: float, target_modules: list[s
     return get_peft_model(base, config)
 
 
-def compile_layers(model, *, checkpointing: bool, mode: str | None = None) -> None:
+def compile_layers(model, *, checkpointing: bool) -> None:
     """torch.compile each decoder layer (dynamic shapes: one graph for every layer and length), with its
     activation checkpoint inside the graph: the recomputation then runs in the compiled backward instead of
-    replaying the compiled forward from Python, and CUDA graphs (mode="reduce-overhead") can capture it."""
+    replaying the compiled forward from Python."""
+    import torch._functorch.config
     from torch.utils.checkpoint import checkpoint
 
+    if checkpointing and next(model.parameters()).device.type == "cuda":  # LoRA dropout in a compiled checkpoint:
+        torch._functorch.config.functionalize_rng_ops = True  # its RNG must be replayable (else Inductor fails; CUDA only)
     for layer in model.get_base_model().model.layers:
         layer.gradient_checkpointing = False  # HF's checkpoint would wrap the compiled layer from outside
         forward = partial(checkpoint, layer.forward, use_reentrant=False) if checkpointing else layer.forward
-        layer.forward = torch.compile(forward, dynamic=True, mode=mode)
+        layer.forward = torch.compile(forward, dynamic=True)

@@ -48,9 +48,9 @@ class TrainResult:
     preempted: bool = False
 
 
-def collate(examples: list[Encoded], pad_id: int, device: torch.device, multiple: int = 1) -> dict[str, torch.Tensor]:
-    """Right-pad to the longest row, rounded up to `multiple`, with EOS; pads are masked out of attention and labels."""
-    width = -(-max(len(e.input_ids) for e in examples) // multiple) * multiple
+def collate(examples: list[Encoded], pad_id: int, device: torch.device) -> dict[str, torch.Tensor]:
+    """Right-pad to the longest row with EOS; pads are masked out of attention and labels."""
+    width = max(len(e.input_ids) for e in examples)
     ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
     labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
     mask = torch.zeros((len(examples), width), dtype=torch.long)
@@ -208,14 +208,11 @@ def train_adapter(config: TrainConfig, device: torch.device | None = None, on_st
     model = add_lora(load_base(model_path, device), r=config.lora_r, alpha=config.lora_alpha, dropout=config.lora_dropout,
                      target_modules=config.target_module_list, checkpointing=config.gradient_checkpointing)
     if config.compile:
-        compile_layers(model, checkpointing=config.gradient_checkpointing, mode="reduce-overhead" if config.cuda_graphs else None)
+        compile_layers(model, checkpointing=config.gradient_checkpointing)
     if rank:  # after the shared init, each rank its own dropout masks
         torch.manual_seed(config.seed + rank)
         random.seed(config.seed + rank)
     params = list(_trainable(model).values())
-    if config.cuda_graphs:  # gradients accumulate into our own memory: a graph's outputs are overwritten by its next replay
-        for p in params:
-            p.grad = torch.zeros_like(p)
     optimizer = bnb.optim.PagedAdamW(params, lr=config.lr, weight_decay=config.weight_decay)  # 32-bit states
     state = {"step": 0, "run_id": None}  # the step is also the data position (one batch per step)
     if ckpt:
@@ -262,9 +259,7 @@ def train_adapter(config: TrainConfig, device: torch.device | None = None, on_st
             loss_sum = torch.zeros((), device=device)
             for k, part in enumerate(mine):
                 weight = 1.0 if part else 0.0  # a step of fewer sequences than parts: a rank still joins the sync
-                batch_t = collate([examples[i] for i in part or batch[:1]], tokenizer.pad_token_id, device, 16 if config.cuda_graphs else 1)
-                if config.cuda_graphs:
-                    torch.compiler.cudagraph_mark_step_begin()  # the last micro-step's graph outputs are no longer read
+                batch_t = collate([examples[i] for i in part or batch[:1]], tokenizer.pad_token_id, device)
                 with dist.no_sync(net, last=k == len(mine) - 1):  # one all-reduce per step, in the last backward
                     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
                         loss = net(**batch_t) * weight
@@ -275,7 +270,7 @@ def train_adapter(config: TrainConfig, device: torch.device | None = None, on_st
                                     f"Last good checkpoint: {last_good or 'none'}")
             grad_norm = torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm or float("inf")).item()
             optimizer.step()
-            optimizer.zero_grad(set_to_none=not config.cuda_graphs)
+            optimizer.zero_grad(set_to_none=True)
             state["step"] = step = step + 1
             dt = time.perf_counter() - t0
             metrics = {"loss": loss_sum.item() / n_sup, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": n_tok / dt,

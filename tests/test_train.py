@@ -156,29 +156,3 @@ def test_run_train_sh_end_to_end(trained_default):
     assert "adapter/adapter_model.safetensors" in artifacts
     assert "instruction_manifest.json" in {a.path for a in client.list_artifacts(run.info.run_id)}
 
-
-def test_padding_to_a_multiple_changes_no_loss_or_gradient(tiny_model):
-    """Rows padded to a multiple of 16 tokens (as --cuda-graphs does) give the loss and LoRA gradients of rows
-    padded to the longest one: the extra pads carry no label."""
-    from qloraner.data import encode
-    from qloraner.model import add_lora, load_base, load_tokenizer
-    from qloraner.train import SupervisedLoss, collate
-
-    tok = load_tokenizer(tiny_model)
-    examples = encode(tok, ["Entities in: EU rejects German call", "Entities in: Peter Blackburn"],
-                      ["[ORG] EU\n[MISC] German", "[PER] Peter Blackburn"])
-    torch.manual_seed(0)
-    net = SupervisedLoss(add_lora(load_base(tiny_model, torch.device("cpu")), r=8, alpha=16, dropout=0.0, target_modules=["q_proj", "v_proj"]))
-    runs, widths = [], []
-    for multiple in (1, 16):
-        batch = collate(examples, tok.pad_token_id, torch.device("cpu"), multiple)
-        assert batch["input_ids"].shape[1] % multiple == 0
-        widths.append(batch["input_ids"].shape[1])
-        loss = net(**batch)
-        loss.backward()
-        runs.append((loss.detach(), {n: p.grad.clone() for n, p in net.named_parameters() if p.requires_grad}))
-        net.zero_grad(set_to_none=True)
-    assert widths[0] < widths[1]  # the rounding really added pads
-    assert runs[0][0] == pytest.approx(runs[1][0].item(), rel=1e-5)
-    for name, grad in runs[0][1].items():
-        torch.testing.assert_close(runs[1][1][name], grad, rtol=1e-4, atol=1e-6)

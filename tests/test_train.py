@@ -155,4 +155,3 @@ def test_run_train_sh_end_to_end(trained_default):
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "adapter")}
     assert "adapter/adapter_model.safetensors" in artifacts
     assert "instruction_manifest.json" in {a.path for a in client.list_artifacts(run.info.run_id)}
-

@@ -10,7 +10,7 @@ TARGETS=${TARGETS:-q_proj,v_proj}
 LORA_R=${LORA_R:-64}
 LORA_ALPHA=${LORA_ALPHA:-16}
 BATCH=${BATCH:-16}
-EVAL_BATCH=${EVAL_BATCH:-256}
+EVAL_BATCH=${EVAL_BATCH:-1024}  # SmolLM2: 2.3x batch 256 on an H200 (RESULTS.md 3 (a))
 COMPARE_BASE=${COMPARE_BASE:-1}
 RUN=${RUN:-outputs/accuracy-$PROMPT-$(echo "$TARGETS" | tr ',' '+')-e$EPOCHS-lr$LR}
 set -euo pipefail

@@ -30,7 +30,7 @@ PY
 [ -n "${OUT:-}" ] && tar czf "$OUT/adapter.tgz" -C "$(dirname "$ckpt")" "$(basename "$ckpt")"
 [ "$EVAL_S" = 0 ] && exit 0
 echo "evaluating $ckpt" | tee -a "$log"
-timeout -s TERM "$EVAL_S" ./run_eval.sh --adapter "$ckpt" --batch-size 256 --output-dir "$RUN/eval" 2>&1 | grep -vE "Loading" | tee -a "$log"
+timeout -s TERM "$EVAL_S" ./run_eval.sh --adapter "$ckpt" --batch-size 1024 --output-dir "$RUN/eval" 2>&1 | grep -vE "Loading" | tee -a "$log"
 if [ -n "${OUT:-}" ]; then
   cp "$RUN"/eval/metrics.json "$OUT"/ 2>/dev/null
   gzip -c "$RUN"/eval/responses.jsonl > "$OUT"/responses.jsonl.gz 2>/dev/null

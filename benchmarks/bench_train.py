@@ -216,20 +216,8 @@ def _cudnn_attention():
         torch.backends.cuda.enable_cudnn_sdp(False)
 
 
-def _checkpoint_outside_compile():
-    """HF's checkpoint around each compiled layer: the recomputation replays the compiled forward from Python
-    (we put the checkpoint inside the compiled graph)."""
-    import qloraner.train
-
-    def compile_layers(model, *, checkpointing: bool) -> None:
-        for layer in model.get_base_model().model.layers:
-            layer.compile(dynamic=True)
-
-    return mock.patch.object(qloraner.train, "compile_layers", compile_layers)
-
-
 UNDO = {"fp32-frozen": _fp32_frozen, "full-head": _full_head, "eager-attention": _eager_attention,
-        "no-cudnn-attention": _cudnn_attention, "checkpoint-inside-compile": _checkpoint_outside_compile}
+        "no-cudnn-attention": _cudnn_attention}
 
 VARIANTS = {  # name -> run; "ours-*" settings override TrainConfig (16 sequences a step in every case)
     "peer": peer,
@@ -237,7 +225,6 @@ VARIANTS = {  # name -> run; "ours-*" settings override TrainConfig (16 sequence
     "ours-no-ckpt": lambda: ours("ours-no-ckpt", gradient_checkpointing=False),
     "ours-ckpt-mb8": lambda: ours("ours-ckpt-mb8", gradient_checkpointing=True, micro_batch_size=8),
     "ours-ckpt-compile": lambda: ours("ours-ckpt-compile", gradient_checkpointing=True, compile=True),
-    "ours-ckpt-compile-outside": lambda: ours("ours-ckpt-compile-outside", undo="checkpoint-inside-compile", gradient_checkpointing=True, compile=True),
     "ours-ckpt-mb8-compile": lambda: ours("ours-ckpt-mb8-compile", gradient_checkpointing=True, micro_batch_size=8, compile=True),
     "ours-ckpt-fp32-frozen": lambda: ours("ours-ckpt-fp32-frozen", undo="fp32-frozen", gradient_checkpointing=True),
     "ours-ckpt-full-head": lambda: ours("ours-ckpt-full-head", undo="full-head", gradient_checkpointing=True),

@@ -208,7 +208,7 @@ def train_adapter(config: TrainConfig, device: torch.device | None = None, on_st
     model = add_lora(load_base(model_path, device), r=config.lora_r, alpha=config.lora_alpha, dropout=config.lora_dropout,
                      target_modules=config.target_module_list, checkpointing=config.gradient_checkpointing)
     if config.compile:
-        compile_layers(model, checkpointing=config.gradient_checkpointing)
+        compile_layers(model)
     if rank:  # after the shared init, each rank its own dropout masks
         torch.manual_seed(config.seed + rank)
         random.seed(config.seed + rank)

@@ -122,7 +122,7 @@ def test_overlong_sentences_are_cut_counted_and_reported(tmp_path, tiny_model, c
 
 @pytest.mark.slow
 def test_run_eval_sh_end_to_end(trained_default, conll_dir):
-    """./run_eval.sh --limit 20 --compare-base writes every artifact and an MLflow run holding them."""
+    """./run_eval.sh --limit 10 --compare-base writes every artifact and an MLflow run holding them."""
     import os
     import subprocess
 
@@ -133,22 +133,22 @@ def test_run_eval_sh_end_to_end(trained_default, conll_dir):
     out = trained_default / "eval"
     env = {**os.environ, "CONLL_DIR": str(conll_dir)}
     env.pop("MLFLOW_TRACKING_URI", None)
-    proc = subprocess.run([str(ROOT / "run_eval.sh"), "--adapter", str(trained_default / "final"), "--limit", "20",
-                           "--compare-base", "--max-new-tokens", "32", "--batch-size", "20", "--output-dir", str(out)],
+    proc = subprocess.run([str(ROOT / "run_eval.sh"), "--adapter", str(trained_default / "final"), "--limit", "10",
+                           "--compare-base", "--max-new-tokens", "16", "--batch-size", "10", "--output-dir", str(out)],
                           capture_output=True, text=True, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     expected = {"metrics.json", "responses.jsonl", "responses_base.jsonl", "comparison.md", "f1_by_type.png"}
     assert expected <= {p.name for p in out.iterdir()}
     metrics = json.loads((out / "metrics.json").read_text())
     rows = [json.loads(line) for line in (out / "responses.jsonl").read_text().splitlines()]
-    assert len(rows) == 20 and {"tokens", "gold_tags", "raw_response", "entities", "pred_tags"} <= set(rows[0])
+    assert len(rows) == 10 and {"tokens", "gold_tags", "raw_response", "entities", "pred_tags"} <= set(rows[0])
     rescored = score([r["gold_tags"] for r in rows], [r["pred_tags"] for r in rows])
     assert (rescored["precision"], rescored["recall"], rescored["f1"]) == (metrics["precision"], metrics["recall"], metrics["f1"])
     assert "base" in metrics and "| f1 |" in (out / "comparison.md").read_text()
     client = MlflowClient(f"sqlite:///{out / 'mlflow.db'}")
     (run,) = client.search_runs([client.get_experiment_by_name("qloraner").experiment_id])
     assert run.data.metrics["f1"] == pytest.approx(metrics["f1"]) and "base_f1" in run.data.metrics
-    assert run.data.params["limit"] == "20" and run.data.params["compare_base"] == "True"
+    assert run.data.params["limit"] == "10" and run.data.params["compare_base"] == "True"
     assert expected <= {a.path.split("/")[-1] for a in client.list_artifacts(run.info.run_id, "eval")}
 
 

@@ -155,7 +155,6 @@ def peer(cudnn: bool = True) -> dict:
     median = statistics.median(b - a for a, b in zip(marks[WARMUP - 1 :], marks[WARMUP:]))
     per_seq = sum(len(e.input_ids) for e in examples) / len(examples)  # the sampler is random: use the mean
     sup_per_seq = sum(e.n_supervised for e in examples) / len(examples)
-    torch.backends.cuda.enable_cudnn_sdp(False)
     result = {"name": "peer: HF Trainer + peft" + ("" if cudnn else ", SDPA without cuDNN"), "tokens_per_s": per_seq * SEQS * STEPS / seconds,
               "supervised_tokens_per_s": sup_per_seq * SEQS * STEPS / seconds, "s_per_step": seconds / STEPS,
               "s_per_step_median": median, "peak_gib": _peak_gib(), "steps_timed": STEPS, "tokens_estimated_from_mean_length": True}
@@ -206,14 +205,9 @@ def _eager_attention():
     return _after("load_base", lambda model: model.set_attn_implementation("eager"))
 
 
-@contextlib.contextmanager
 def _cudnn_attention():
-    """PyTorch's default SDPA kernel choice, cuDNN included (we keep SDPA off cuDNN)."""
-    try:
-        with _after("load_base", lambda model: torch.backends.cuda.enable_cudnn_sdp(True)):
-            yield
-    finally:
-        torch.backends.cuda.enable_cudnn_sdp(False)
+    """PyTorch's default SDPA kernel choice, cuDNN included (we keep SDPA off cuDNN; main() restores that)."""
+    return _after("load_base", lambda model: torch.backends.cuda.enable_cudnn_sdp(True))
 
 
 UNDO = {"fp32-frozen": _fp32_frozen, "full-head": _full_head, "eager-attention": _eager_attention,
@@ -254,6 +248,8 @@ def main() -> None:
             r = {"name": name, "error": f"{type(err).__name__}: {err}"[:2000], "tokens_per_s": float("nan"),
                  "supervised_tokens_per_s": float("nan"), "s_per_step": float("nan"), "peak_gib": float("nan")}
             print(f"{name} failed: {r['error']}", flush=True)
+        finally:  # a variant that turned cuDNN's SDPA on (the peer, an undo), failed or not, leaves it to itself
+            torch.backends.cuda.enable_cudnn_sdp(False)
         r["fraction_of_compute_limit"] = r["tokens_per_s"] / (limit * WORLD) if limit else None
         if name == "peer" or (results and results[0]["name"].startswith("peer")):
             r["speedup_vs_peer"] = r["tokens_per_s"] / (results or [r])[0]["tokens_per_s"]

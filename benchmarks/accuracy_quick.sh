@@ -19,14 +19,7 @@ timeout -s TERM "$TRAIN_S" ./run_train.sh --epochs "$EPOCHS" --lr "$LR" --batch-
   --save-every 100 --log-every 20 --no-eval --no-gradient-checkpointing 2>&1 | grep -vE "Loading|it/s\]" | tee "$log"
 ckpt=$RUN/final
 [ -d "$ckpt" ] || ckpt=$(find "$RUN" -maxdepth 1 -name "step-*" | sort | tail -n 1)
-[ -n "${OUT:-}" ] && python3 - "$RUN" > "$OUT/train_metrics.json" <<'PY'
-import json, sys
-from mlflow.tracking import MlflowClient
-run = sys.argv[1]
-c = MlflowClient(f"sqlite:///{run}/mlflow.db")
-r = c.search_runs([c.get_experiment_by_name("qloraner").experiment_id], "attributes.run_name != 'eval-fine-tuned'")[0]
-print(json.dumps({k: [(m.step, m.value) for m in c.get_metric_history(r.info.run_id, k)] for k in ("loss", "tokens_per_s", "gpu_mem_gib")}))
-PY
+[ -n "${OUT:-}" ] && python3 benchmarks/train_curve.py "$RUN" > "$OUT/train_metrics.json"
 [ -n "${OUT:-}" ] && tar czf "$OUT/adapter.tgz" -C "$(dirname "$ckpt")" "$(basename "$ckpt")"
 [ "$EVAL_S" = 0 ] && exit 0
 echo "evaluating $ckpt" | tee -a "$log"

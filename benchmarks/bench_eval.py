@@ -59,11 +59,11 @@ def part_a(report: Callable[[dict], None] = lambda partial: None) -> dict:
     result = {}
     # the bf16 merge first, so that the unmerged model stays loaded for the peer
     for merge in (True, False):
-        model, tok, template, _ = load_for_eval(EvalConfig(adapter=ADAPTER, merge=merge), DEVICE)
+        model, tok, prompting, _ = load_for_eval(EvalConfig(adapter=ADAPTER, merge=merge), DEVICE)
         runs = [(f"ours{'_merged' if merge else ''}_b{b}", b, sentences) for b in BATCHES_A]
         for name, batch, part in runs + ([] if merge else [("ours_on_subset", BATCHES_A[0], subset)]):
             config = EvalConfig(adapter=ADAPTER, batch_size=batch, merge=merge)
-            summary = summarize(*respond(model, tok, part, template, config, name))
+            summary = summarize(*respond(model, tok, part, prompting, config, name))
             result[name] = {k: summary[k] for k in ("f1", "precision", "recall", "per_type", "parse_failures", "seconds",
                                                     "sentences_per_s", "sentences", "generated_tokens") if k in summary}
             report(result)
@@ -76,7 +76,7 @@ def part_a(report: Callable[[dict], None] = lambda partial: None) -> dict:
         for b in range(0, n, PEER_CHUNK):
             chunk = subset[b : min(n, b + PEER_CHUNK)]
             start = time.perf_counter()
-            out = pipe([build_prompt(s.tokens, template) for s in chunk])
+            out = pipe([build_prompt(s.tokens, prompting["prompt"], prompting["response_format"]) for s in chunk])
             if DEVICE.type == "cuda":
                 torch.cuda.synchronize()
             seconds += time.perf_counter() - start

@@ -12,6 +12,7 @@ import shutil
 import statistics
 import sys
 import time
+from functools import partial
 from pathlib import Path
 from unittest import mock
 
@@ -84,30 +85,31 @@ def _peak_gib() -> float:
     return torch.cuda.max_memory_allocated() / 2**30 if DEVICE.type == "cuda" else 0.0
 
 
-def ours(name: str, undo: str | None = None, **overrides) -> dict:
+def ours(name: str, change: str | None = None, **overrides) -> dict:
     """Our loop (qloraner.train.train_adapter), the steps after WARMUP timed from its own per-step metrics.
 
-    `undo` names one of our changes (UNDO) to take back for this run, so each change is measured alone.
+    `change` names a change (CHANGES) for this run only: one of ours taken back, so that each is measured alone,
+    or one being tried before it goes into the loop.
     """
     from qloraner.config import TrainConfig
     from qloraner.train import train_adapter
 
     _reset()
-    undone = UNDO[undo]() if undo else contextlib.nullcontext()
+    changed = CHANGES[change]() if change else contextlib.nullcontext()
     steps = []
     settings = dict(model=str(MODEL_DIR), output_dir=f"/tmp/bench-{name}", limit=(STEPS + WARMUP) * SEQS, batch_size=SEQS,
                     max_steps=STEPS + WARMUP, lr=LR, lora_r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"],
                     save_every=0, eval_after=False, resume=False, experiment="bench")
     config = TrainConfig(**{**settings, **overrides})
     shutil.rmtree(config.output_dir, ignore_errors=True)
-    with undone:
+    with changed:
         train_adapter(config, device=None if WORLD > 1 else DEVICE, on_step=lambda step, m: steps.append(m))
     timed = steps[WARMUP:]
     seconds = sum(m["step_s"] for m in timed)
     median = statistics.median(m["step_s"] for m in timed)
     tokens = sum(m["tokens_per_s"] * m["step_s"] for m in timed)
     supervised = sum(m["supervised_tokens_per_s"] * m["step_s"] for m in timed)
-    return {"name": name, "settings": overrides, "undone": undo, "processes": WORLD, "tokens_per_s": tokens / seconds, "supervised_tokens_per_s": supervised / seconds,
+    return {"name": name, "settings": overrides, "change": change, "processes": WORLD, "tokens_per_s": tokens / seconds, "supervised_tokens_per_s": supervised / seconds,
             "s_per_step": seconds / len(timed), "s_per_step_median": median, "peak_gib": _peak_gib(), "steps_timed": len(timed)}
 
 
@@ -210,8 +212,19 @@ def _cudnn_attention():
     return _after("load_base", lambda model: torch.backends.cuda.enable_cudnn_sdp(True))
 
 
-UNDO = {"fp32-frozen": _fp32_frozen, "full-head": _full_head, "eager-attention": _eager_attention,
-        "no-cudnn-attention": _cudnn_attention}
+def _recompute_in_graph(budget: float):
+    """Try: no HF checkpoint around the compiled layers; Inductor's partitioner given an activation memory budget
+    instead (0: save only each compiled layer's inputs; 0.05: 5 % of the way from that to saving all it would), so
+    the recomputation runs inside the compiled backward. Dropout's RNG is made replayable (CUDA only), so the
+    recomputed masks equal the forward's."""
+    import torch._functorch.config
+
+    return torch._functorch.config.patch(activation_memory_budget=budget, functionalize_rng_ops=DEVICE.type == "cuda")
+
+
+CHANGES = {"fp32-frozen": _fp32_frozen, "full-head": _full_head, "eager-attention": _eager_attention,
+           "no-cudnn-attention": _cudnn_attention, "recompute-in-graph": partial(_recompute_in_graph, 0.0),
+           "recompute-in-graph-0.05": partial(_recompute_in_graph, 0.05)}
 
 VARIANTS = {  # name -> run; "ours-*" settings override TrainConfig (16 sequences a step in every case)
     "peer": peer,
@@ -220,10 +233,14 @@ VARIANTS = {  # name -> run; "ours-*" settings override TrainConfig (16 sequence
     "ours-ckpt-mb8": lambda: ours("ours-ckpt-mb8", gradient_checkpointing=True, micro_batch_size=8),
     "ours-ckpt-compile": lambda: ours("ours-ckpt-compile", gradient_checkpointing=True, compile=True),
     "ours-ckpt-mb8-compile": lambda: ours("ours-ckpt-mb8-compile", gradient_checkpointing=True, micro_batch_size=8, compile=True),
-    "ours-ckpt-fp32-frozen": lambda: ours("ours-ckpt-fp32-frozen", undo="fp32-frozen", gradient_checkpointing=True),
-    "ours-ckpt-full-head": lambda: ours("ours-ckpt-full-head", undo="full-head", gradient_checkpointing=True),
-    "ours-ckpt-eager-attention": lambda: ours("ours-ckpt-eager-attention", undo="eager-attention", gradient_checkpointing=True),
-    "ours-ckpt-compile-cudnn": lambda: ours("ours-ckpt-compile-cudnn", undo="no-cudnn-attention", gradient_checkpointing=True, compile=True),
+    "ours-ckpt-fp32-frozen": lambda: ours("ours-ckpt-fp32-frozen", change="fp32-frozen", gradient_checkpointing=True),
+    "ours-ckpt-full-head": lambda: ours("ours-ckpt-full-head", change="full-head", gradient_checkpointing=True),
+    "ours-ckpt-eager-attention": lambda: ours("ours-ckpt-eager-attention", change="eager-attention", gradient_checkpointing=True),
+    "ours-ckpt-compile-cudnn": lambda: ours("ours-ckpt-compile-cudnn", change="no-cudnn-attention", gradient_checkpointing=True, compile=True),
+    "ours-compile-recompute-in-graph": lambda: ours("ours-compile-recompute-in-graph", change="recompute-in-graph",
+                                                    gradient_checkpointing=False, compile=True),
+    "ours-compile-recompute-in-graph-0.05": lambda: ours("ours-compile-recompute-in-graph-0.05", change="recompute-in-graph-0.05",
+                                                         gradient_checkpointing=False, compile=True),
     "peer-no-cudnn": lambda: peer(cudnn=False),
 }
 
@@ -248,7 +265,7 @@ def main() -> None:
             r = {"name": name, "error": f"{type(err).__name__}: {err}"[:2000], "tokens_per_s": float("nan"),
                  "supervised_tokens_per_s": float("nan"), "s_per_step": float("nan"), "peak_gib": float("nan")}
             print(f"{name} failed: {r['error']}", flush=True)
-        finally:  # a variant that turned cuDNN's SDPA on (the peer, an undo), failed or not, leaves it to itself
+        finally:  # a variant that turned cuDNN's SDPA on (the peer, a change), failed or not, leaves it to itself
             torch.backends.cuda.enable_cudnn_sdp(False)
         r["fraction_of_compute_limit"] = r["tokens_per_s"] / (limit * WORLD) if limit else None
         if name == "peer" or (results and results[0]["name"].startswith("peer")):

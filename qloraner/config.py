@@ -7,6 +7,7 @@ from dataclasses import dataclass, field, fields
 
 from qloraner import QloranerError
 from qloraner.data import TEMPLATES
+from qloraner.parse import RENDERERS
 
 
 def opt(default, doc: str, **kw):
@@ -20,6 +21,7 @@ class TrainConfig:
     data_dir: str | None = opt(None, "CoNLL-2003 folder (train/valid/test.txt); default $CONLL_DIR, then datasets/conll2003")
     output_dir: str = opt("outputs/run", "where checkpoints, the final adapter and the MLflow store go")
     prompt: str = opt("simple", "prompt template", choices=tuple(TEMPLATES))
+    response_format: str = opt("lines", "answer the model learns: [TYPE] mention lines, or one JSON object", choices=tuple(RENDERERS))
     epochs: float = opt(1.0, "passes over the training data (ignored when --max-steps is set)")
     max_steps: int = opt(0, "optimizer steps to run; 0 derives them from --epochs")
     limit: int = opt(0, "use only the first N training sentences (0 = all)")
@@ -62,6 +64,8 @@ class TrainConfig:
             errors.append("--min-lr-ratio: must be in [0, 1]")
         if self.prompt not in TEMPLATES:
             errors.append(f"--prompt: {self.prompt!r} is not one of {', '.join(TEMPLATES)}")
+        if self.response_format not in RENDERERS:
+            errors.append(f"--response-format: {self.response_format!r} is not one of {', '.join(RENDERERS)}")
         if self.max_steps == 0 and self.epochs == 0:
             errors.append("--epochs or --max-steps: one must be > 0")
         if not self.target_module_list:
@@ -86,6 +90,7 @@ class EvalConfig:
     max_new_tokens: int = opt(256, "upper bound on generated tokens (also bounded by sentence length)")
     max_prompt_tokens: int = opt(1024, "prompts longer than this are truncated (counted and reported)")
     prompt: str | None = opt(None, "prompt template; default: the adapter's, else simple", choices=tuple(TEMPLATES))
+    response_format: str | None = opt(None, "answer format the prompt asks for; default: the adapter's, else lines", choices=tuple(RENDERERS))
     compare_base: bool = opt(False, "also evaluate the base model and write a side-by-side table")
     merge: bool = opt(False, "merge the adapter into the NF4 base dequantized to bf16 (faster; the same weights it was trained on)")
     output_dir: str | None = opt(None, "where metrics and responses go; default <adapter>/../eval or outputs/eval")
@@ -97,6 +102,8 @@ class EvalConfig:
             errors.append("--limit: must be >= 0")
         if self.prompt is not None and self.prompt not in TEMPLATES:
             errors.append(f"--prompt: {self.prompt!r} is not one of {', '.join(TEMPLATES)}")
+        if self.response_format is not None and self.response_format not in RENDERERS:
+            errors.append(f"--response-format: {self.response_format!r} is not one of {', '.join(RENDERERS)}")
         if self.compare_base and not self.adapter:
             errors.append("--compare-base: needs --adapter")
         if self.merge and not self.adapter:

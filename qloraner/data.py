@@ -9,25 +9,25 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from qloraner import QloranerError
-from qloraner.bio import bio_to_entities
+from qloraner.bio import Entities, bio_to_entities
 from qloraner.conll import Sentence, read_split
-from qloraner.parse import render_response
+from qloraner.parse import RENDERERS, render_response
 
 FORMAT_VERSION = 1  # bump when a template or the response format changes: old files get rebuilt
 IGNORE_INDEX = -100  # label value the loss skips
-_FORMAT_RULES = (
-    "List each entity on its own line as [TYPE] mention, in the order they occur, with TYPE one of "
-    "LOC, MISC, ORG, PER. If there are none, answer [NONE]."
-)
+FORMAT_RULES = {
+    "lines": "List each entity on its own line as [TYPE] mention, in the order they occur, with TYPE one of "
+    "LOC, MISC, ORG, PER. If there are none, answer [NONE].",
+    "json": "Answer with one JSON object that maps each type (LOC, MISC, ORG, PER) to the list of its mentions, "
+    "in the order they occur; leave out types without mentions. If there are none, answer {}.",
+}  # one per parse.RENDERERS format
 _TYPE_MEANINGS = (
     "Types: LOC = locations (countries, cities, regions, rivers); ORG = organisations (companies, "
     "teams, institutions, agencies); PER = people; MISC = other names (nationalities, events, "
     "languages, products, works)."
 )
-_EXAMPLE = (
-    "Example sentence: EU rejects German call to boycott British lamb .\n"
-    "Example answer:\n[ORG] EU\n[MISC] German\n[MISC] British"
-)
+_EXAMPLE_SENTENCE = "EU rejects German call to boycott British lamb ."
+_EXAMPLE_ENTITIES = Entities([("ORG", "EU"), ("MISC", "German"), ("MISC", "British")])
 # The prompt ends in a newline, so no tokenizer merges its last token with the response's first.
 TEMPLATES = {
     "simple": "### Instruction:\nExtract named entities from the sentence. {rules}\n\n### Sentence:\n{sentence}\n\n### Response:\n",
@@ -36,18 +36,22 @@ TEMPLATES = {
 }  # fmt: skip
 
 
-def build_prompt(tokens: tuple[str, ...] | list[str], template: str) -> str:
+def build_prompt(tokens: tuple[str, ...] | list[str], template: str, response_format: str = "lines") -> str:
+    """The prompt for one sentence; its rules (and the few-shot example's answer) ask for `response_format`."""
     if template not in TEMPLATES:
         raise QloranerError(f"unknown prompt template {template!r}; choose one of {', '.join(TEMPLATES)}")
+    if response_format not in RENDERERS:
+        raise QloranerError(f"unknown response format {response_format!r}; choose one of {', '.join(RENDERERS)}")
+    example = f"Example sentence: {_EXAMPLE_SENTENCE}\nExample answer:\n{render_response(_EXAMPLE_ENTITIES, response_format)}"
     return TEMPLATES[template].format(
-        rules=_FORMAT_RULES, types=_TYPE_MEANINGS, example=_EXAMPLE, sentence=" ".join(tokens)
+        rules=FORMAT_RULES[response_format], types=_TYPE_MEANINGS, example=example, sentence=" ".join(tokens)
     )
 
 
-def build_record(sentence: Sentence, template: str) -> dict:
+def build_record(sentence: Sentence, template: str, response_format: str = "lines") -> dict:
     """One training example: the single `text` (prompt + response) and its parts."""
-    prompt = build_prompt(sentence.tokens, template)
-    response = render_response(bio_to_entities(sentence.tokens, sentence.tags))
+    prompt = build_prompt(sentence.tokens, template, response_format)
+    response = render_response(bio_to_entities(sentence.tokens, sentence.tags), response_format)
     return {
         "text": prompt + response,
         "prompt": prompt,
@@ -61,16 +65,19 @@ def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def instruction_data(data_dir: Path, template: str, out_path: Path, limit: int | None = None) -> tuple[list[dict], dict]:
+def instruction_data(
+    data_dir: Path, template: str, out_path: Path, limit: int | None = None, response_format: str = "lines"
+) -> tuple[list[dict], dict]:
     """Records for the train split, from `out_path` when it is current, else rebuilt and written.
 
-    The file's manifest records the source checksum, template and format version; any change
+    The file's manifest records the source checksum, template, response format and format version; any change
     makes the file stale. It is written to a temp file and renamed, so a kill leaves no half file.
     """
     source = Path(data_dir) / "train.txt"
     if not source.is_file():
         raise QloranerError(f"{source}: file not found")
-    key = {"source_sha256": _sha256(source), "template": template, "format_version": FORMAT_VERSION}
+    key = {"source_sha256": _sha256(source), "template": template, "response_format": response_format,
+           "format_version": FORMAT_VERSION}
     manifest = {"source": str(source), **key}
     records = None
     if out_path.is_file():
@@ -81,7 +88,7 @@ def instruction_data(data_dir: Path, template: str, out_path: Path, limit: int |
         if all(stored.get("manifest", {}).get(k) == v for k, v in key.items()):
             records = stored["records"]
     if records is None:
-        records = [build_record(s, template) for s in read_split(data_dir, "train")]
+        records = [build_record(s, template, response_format) for s in read_split(data_dir, "train")]
         manifest["records"] = len(records)
         out_path.parent.mkdir(parents=True, exist_ok=True)
         tmp = out_path.with_suffix(f".tmp{os.getpid()}")

@@ -97,23 +97,26 @@ def generate_greedy(model, tokenizer, prompts: list[list[int]], budgets: list[in
     return Generation(out, passes)
 
 
-def _prompts(tokenizer, sentences: list[Sentence], template: str, max_prompt_tokens: int) -> tuple[list[list[int]], list[int]]:
+def _prompts(tokenizer, sentences: list[Sentence], prompting: dict, max_prompt_tokens: int) -> tuple[list[list[int]], list[int]]:
     """Prompt ids per sentence; over-long sentences are cut to fit (their cut tokens score as O)."""
     ids, kept = [], []
     for s in sentences:
         n = len(s.tokens)
-        p = tokenizer(build_prompt(s.tokens, template))["input_ids"]
+        p = tokenizer(build_prompt(s.tokens, prompting["prompt"], prompting["response_format"]))["input_ids"]
         while len(p) > max_prompt_tokens and n > 0:
             n = max(0, min(n - 1, n * max_prompt_tokens // len(p)))
-            p = tokenizer(build_prompt(s.tokens[:n], template))["input_ids"]
+            p = tokenizer(build_prompt(s.tokens[:n], prompting["prompt"], prompting["response_format"]))["input_ids"]
         ids.append(p)
         kept.append(n)
     return ids, kept
 
 
-def respond(model, tokenizer, sentences: list[Sentence], template: str, config: EvalConfig, label: str) -> tuple[list[dict], dict]:
-    """Generate and parse one model's responses; rows hold tokens, gold and predicted tags."""
-    prompt_ids, kept = _prompts(tokenizer, sentences, template, config.max_prompt_tokens)
+def respond(model, tokenizer, sentences: list[Sentence], prompting: dict, config: EvalConfig, label: str) -> tuple[list[dict], dict]:
+    """Generate and parse one model's responses; rows hold tokens, gold and predicted tags.
+
+    `prompting` names the prompt template and response format (`load_for_eval` gives them).
+    """
+    prompt_ids, kept = _prompts(tokenizer, sentences, prompting, config.max_prompt_tokens)
     truncated = sum(k < len(s.tokens) for k, s in zip(kept, sentences))
     if truncated:
         warnings.warn(f"{truncated} sentence(s) cut to fit --max-prompt-tokens {config.max_prompt_tokens}", stacklevel=2)
@@ -168,7 +171,10 @@ def _adapter_settings(adapter: Path) -> dict:
 
 
 def load_for_eval(config: EvalConfig, device: torch.device):
-    """(model, tokenizer, template, base name). The adapter stays unmerged on the NF4 base unless --merge."""
+    """(model, tokenizer, prompting, base name). The adapter stays unmerged on the NF4 base unless --merge.
+
+    prompting: the template and response format, from the flags, else the adapter's training, else the defaults.
+    """
     from peft import PeftModel
 
     trained = _adapter_settings(Path(config.adapter)) if config.adapter else {}
@@ -189,8 +195,9 @@ def load_for_eval(config: EvalConfig, device: torch.device):
         if config.merge:
             model = model.merge_and_unload()
     model.eval()
-    template = config.prompt or trained.get("prompt") or "simple"
-    return model, tokenizer, template, str(base_name)
+    prompting = {"prompt": config.prompt or trained.get("prompt") or "simple",
+                 "response_format": config.response_format or trained.get("response_format") or "lines"}
+    return model, tokenizer, prompting, str(base_name)
 
 
 def comparison_table(results: dict[str, dict]) -> str:
@@ -245,13 +252,13 @@ def evaluate_model(config: EvalConfig, device: torch.device | None = None) -> di
     sentences = sentences[: config.limit] if config.limit else sentences
     mine = list(range(rank, len(sentences), world))
     my_sentences = [sentences[i] for i in mine]
-    model, tokenizer, template, base_name = load_for_eval(config, device)
+    model, tokenizer, prompting, base_name = load_for_eval(config, device)
     name = "fine-tuned" if config.adapter else "base"
     shards = {}
     if config.compare_base:
         with model.disable_adapter():  # the same NF4 weights without the adapter: the base model
-            shards["base"] = respond(model, tokenizer, my_sentences, template, config, "base")
-    shards[name] = respond(model, tokenizer, my_sentences, template, config, name)
+            shards["base"] = respond(model, tokenizer, my_sentences, prompting, config, "base")
+    shards[name] = respond(model, tokenizer, my_sentences, prompting, config, name)
     gathered = {label: dist.gather((mine, *shard)) for label, shard in shards.items()}
     if rank != 0:
         return {}
@@ -261,7 +268,7 @@ def evaluate_model(config: EvalConfig, device: torch.device | None = None) -> di
         results[label] = summarize(responses[label], stats)
 
     out.mkdir(parents=True, exist_ok=True)
-    metrics = {**results[name], "model": base_name, "adapter": config.adapter, "prompt": template, "split": config.split,
+    metrics = {**results[name], "model": base_name, "adapter": config.adapter, **prompting, "split": config.split,
                "limit": config.limit, "world_size": world,
                "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
     if config.compare_base:
@@ -275,7 +282,7 @@ def evaluate_model(config: EvalConfig, device: torch.device | None = None) -> di
     _bar_chart(results, out / "f1_by_type.png")
 
     with start_run(out, config.experiment, run_name=f"eval-{name}"):
-        mlflow.log_params({**as_dict(config), "prompt": template, "model": base_name, "git_revision": git_revision(),
+        mlflow.log_params({**as_dict(config), **prompting, "model": base_name, "git_revision": git_revision(),
                            "world_size": world})
         for label, m in results.items():
             prefix = "" if label == name else f"{label}_"

@@ -159,8 +159,21 @@ def is_explicit_empty(text: str) -> bool:
     return head.upper() == EMPTY_ANSWER or head.strip(".").casefold() in NULLS | {"{}"}
 
 
-def render_response(entities: Entities) -> str:
-    """Our canonical response: one `[TYPE] mention` line per mention, in listed order."""
-    if not entities.listed:
-        return EMPTY_ANSWER
-    return "\n".join(f"[{t}] {m}" for t, m in entities.listed)
+def _render_lines(entities: Entities) -> str:
+    return "\n".join(f"[{t}] {m}" for t, m in entities.listed) or EMPTY_ANSWER
+
+
+def _render_json(entities: Entities) -> str:
+    return json.dumps(dict(entities), ensure_ascii=False)  # types in order of first mention; {} when none
+
+
+# Response formats a model can be trained to give; parse_response reads both.
+RENDERERS = {
+    "lines": _render_lines,  # `[TYPE] mention` per line, in sentence order (canonical)
+    "json": _render_json,  # {"TYPE": [mentions in order], ...}: grouped by type, so order across types is lost
+}
+
+
+def render_response(entities: Entities, response_format: str = "lines") -> str:
+    """The training target for `entities` in one of RENDERERS' formats."""
+    return RENDERERS[response_format](entities)

@@ -132,7 +132,7 @@ def latest_checkpoint(output_dir: Path) -> Path | None:
 
 def _check_compatible(ckpt: Path, config: TrainConfig) -> None:
     saved = json.loads((ckpt / "train_config.json").read_text())
-    keys = ("model", "lora_r", "lora_alpha", "target_modules", "prompt", "batch_size", "seed", "limit")
+    keys = ("model", "lora_r", "lora_alpha", "target_modules", "prompt", "response_format", "batch_size", "seed", "limit")
     diff = [f"{k}={saved.get(k)!r} (now {getattr(config, k)!r})" for k in keys if saved.get(k) != getattr(config, k)]
     if diff:
         raise QloranerError(f"{ckpt}: incompatible checkpoint, trained with {', '.join(diff)}; use another --output-dir or --no-resume")
@@ -197,7 +197,8 @@ def train_adapter(config: TrainConfig, device: torch.device | None = None, on_st
     data_dir = resolve_data_dir(config.data_dir, ROOT)
     model_path = resolve_model(config.model)
     tokenizer = load_tokenizer(model_path)
-    records, manifest = instruction_data(data_dir, config.prompt, ROOT / "datasets" / "ner_instruct_data.json", config.limit)
+    records, manifest = instruction_data(data_dir, config.prompt, ROOT / "datasets" / "ner_instruct_data.json", config.limit,
+                                         config.response_format)
     examples = encode(tokenizer, [r["prompt"] for r in records], [r["response"] for r in records], config.max_length)
     lengths = [len(e.input_ids) for e in examples]
     steps_per_epoch = math.ceil(len(examples) / config.batch_size)

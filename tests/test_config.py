@@ -12,6 +12,8 @@ from qloraner.config import EvalConfig, TrainConfig, from_args
     (TrainConfig, {"epochs": 0, "max_steps": 0}, "--epochs or --max-steps: one must be > 0"),
     (TrainConfig, {"target_modules": " , "}, "--target-modules: name at least one module"),
     (TrainConfig, {"micro_batch_size": -1}, "--micro-batch-size: must be >= 0"),
+    (TrainConfig, {"response_format": "yaml"}, "--response-format: 'yaml' is not one of lines, json"),
+    (EvalConfig, {"response_format": "xml"}, "--response-format: 'xml' is not one of lines, json"),
     (EvalConfig, {"merge": True}, "--merge: needs --adapter"),
     (EvalConfig, {"compare_base": True}, "--compare-base: needs --adapter"),
     (EvalConfig, {"batch_size": 0}, "--batch-size: must be > 0"),

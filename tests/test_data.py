@@ -34,6 +34,17 @@ def test_instruction_file_rebuilt_only_when_stale(conll_dir, tmp_path):
     assert all("Example answer" in r["prompt"] for r in records[:10])
 
 
+def test_json_records_tag_back_and_rebuild_the_file(conll_dir, tmp_path):
+    """JSON-format records' responses tag back to their gold tags, and a new format rebuilds the file."""
+    out = tmp_path / "ner.json"
+    instruction_data(conll_dir, "simple", out)
+    records, _ = instruction_data(conll_dir, "simple", out, limit=200, response_format="json")
+    assert json.loads(out.read_text())["manifest"]["response_format"] == "json"
+    for r in records:
+        assert r["response"].startswith("{") and "JSON object" in r["prompt"]
+        assert entities_to_bio(r["tokens"], parse_response(r["response"])) == r["tags"]
+
+
 def test_templates_differ_and_carry_the_sentence(conll_dir):
     """The three templates give three prompts, each holding the sentence."""
     s = read_split(conll_dir, "valid")[5]
@@ -65,13 +76,13 @@ def test_split_step_partitions_evenly_by_length(case):
 
 @pytest.mark.parametrize("which", ["smollm2", "llama2"])
 def test_masks_on_every_train_sentence_and_template(which, conll_dir, smol_checkpoint, llama2_tokenizer_dir):
-    """For all 14,041 train sentences and 3 templates: the prompt's ids prefix the full ids, and
+    """For all 14,041 train sentences, 3 templates and the JSON format: the prompt's ids prefix the full ids, and
     the labels are exactly the response's ids plus a final EOS (so EOS is learned although pad = eos)."""
     tok = load_tokenizer(smol_checkpoint if which == "smollm2" else llama2_tokenizer_dir)
     sentences = read_split(conll_dir, "train")
     assert len(sentences) == 14041
-    for template in TEMPLATES:
-        records = [build_record(s, template) for s in sentences]
+    for template, response_format in [(t, "lines") for t in TEMPLATES] + [("fewshot", "json")]:
+        records = [build_record(s, template, response_format) for s in sentences]
         prompts, responses = [r["prompt"] for r in records], [r["response"] for r in records]
         prompt_ids = tok(prompts)["input_ids"]
         for r, p_ids, enc in zip(records, prompt_ids, encode(tok, prompts, responses)):

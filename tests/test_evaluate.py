@@ -36,8 +36,8 @@ def test_batched_generation_equals_one_at_a_time(tiny_model, conll_dir):
 
 def test_finished_rows_never_grow_and_generation_ends_early(tiny_adapter, tiny_model, conll_dir):
     """A trained adapter stops by itself: no row grows past its stop, and passes < max_new_tokens."""
-    model, tok, template, _ = load_for_eval(EvalConfig(model=str(tiny_model), adapter=str(tiny_adapter)), CPU)
-    prompts = [tok(build_prompt(s.tokens, template))["input_ids"] for s in read_split(conll_dir, "train")[:8]]
+    model, tok, prompting, _ = load_for_eval(EvalConfig(model=str(tiny_model), adapter=str(tiny_adapter)), CPU)
+    prompts = [tok(build_prompt(s.tokens, prompting["prompt"], prompting["response_format"]))["input_ids"] for s in read_split(conll_dir, "train")[:8]]
     gen = generate_greedy(model, tok, prompts, [64] * 8, batch_size=8)
     assert gen.forward_passes < 64
     for row in gen.tokens:
@@ -100,6 +100,19 @@ def test_missing_adapter_and_foreign_adapter(tmp_path, tiny_adapter, smol_checkp
         load_for_eval(EvalConfig(model=str(smol_checkpoint), adapter=str(tiny_adapter)), CPU)
 
 
+def test_prompting_follows_the_adapter_unless_flags_say_otherwise(tmp_path, tiny_adapter):
+    """Evaluation asks for the template and response format the adapter was trained with; flags override them."""
+    import shutil
+
+    adapter = tmp_path / "json-adapter"
+    shutil.copytree(tiny_adapter, adapter)
+    settings = json.loads((adapter / "train_config.json").read_text())
+    (adapter / "train_config.json").write_text(json.dumps({**settings, "prompt": "typed", "response_format": "json"}))
+    assert load_for_eval(EvalConfig(adapter=str(adapter)), CPU)[2] == {"prompt": "typed", "response_format": "json"}
+    flags = EvalConfig(adapter=str(adapter), prompt="fewshot", response_format="lines")
+    assert load_for_eval(flags, CPU)[2] == {"prompt": "fewshot", "response_format": "lines"}
+
+
 def test_empty_split_is_an_error(tmp_path, tiny_model):
     """A split file without sentences stops the evaluation with a message naming it."""
     (tmp_path / "test.txt").write_text("-DOCSTART- -X- -X- O\n\n")
@@ -157,11 +170,11 @@ def test_merge_goes_into_the_dequantized_nf4_weights(tiny_model, tiny_adapter, c
     on, so the merged model computes what the unmerged adapter on the NF4 base computes."""
     import bitsandbytes as bnb
 
-    merged, tok, template, _ = load_for_eval(EvalConfig(model=str(tiny_model), adapter=str(tiny_adapter), merge=True), CPU)
+    merged, tok, prompting, _ = load_for_eval(EvalConfig(model=str(tiny_model), adapter=str(tiny_adapter), merge=True), CPU)
     assert not any(isinstance(m, bnb.nn.Linear4bit) for m in merged.modules())
     assert not any("lora_" in n for n, _ in merged.named_parameters())
     unmerged, _, _, _ = load_for_eval(EvalConfig(model=str(tiny_model), adapter=str(tiny_adapter)), CPU)
-    prompts = [tok(build_prompt(s.tokens, template))["input_ids"] for s in read_split(conll_dir, "train")[:8]]
+    prompts = [tok(build_prompt(s.tokens, prompting["prompt"], prompting["response_format"]))["input_ids"] for s in read_split(conll_dir, "train")[:8]]
     with torch.no_grad():
         ids = torch.tensor([prompts[0]])
         torch.testing.assert_close(merged(input_ids=ids).logits, unmerged(input_ids=ids).logits, atol=1e-4, rtol=1e-4)

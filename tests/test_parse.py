@@ -5,7 +5,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from qloraner import ENTITY_TYPES
-from qloraner.parse import is_explicit_empty, parse_response
+from qloraner.bio import Entities
+from qloraner.parse import RENDERERS, is_explicit_empty, parse_response, render_response
 from tests.strategies import json_like
 
 text_with_structure = st.lists(
@@ -48,6 +49,20 @@ def test_json_objects_parse_to_themselves(entities):
     """A JSON object of types to mention lists (no null words) parses back to the same mentions."""
     assert dict(parse_response(json.dumps(entities))) == entities
     assert dict(parse_response(repr(entities))) == entities
+
+
+@given(st.lists(st.tuples(st.sampled_from(ENTITY_TYPES), mention), max_size=8))
+def test_json_format_round_trip(pairs):
+    """Our JSON response format parses back to the same mentions per type, each type's in listed order."""
+    entities = Entities(pairs)
+    assert dict(parse_response(render_response(entities, "json"))) == dict(entities)
+
+
+@pytest.mark.parametrize("response_format", RENDERERS)
+def test_empty_answer_is_explicit_in_every_format(response_format):
+    """No entities renders, in each format, as an answer the parser counts as an explicit empty (no parse failure)."""
+    text = render_response(Entities(), response_format)
+    assert is_explicit_empty(text) and parse_response(text) == {}
 
 
 def test_non_string_input_gives_nothing():

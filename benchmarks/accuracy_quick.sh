@@ -12,13 +12,14 @@ PROMPT=${PROMPT:-simple}
 RUN=${RUN:-outputs/acc-quick}
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 1
+# shellcheck source=benchmarks/lib.sh
+. benchmarks/lib.sh
 export QLORANER_IN_CONTAINER=1 QLORANER_CACHE=${QLORANER_CACHE:-/root/qcache}
 log=${OUT:-/tmp}/accuracy.log
 timeout -s TERM "$TRAIN_S" ./run_train.sh --epochs "$EPOCHS" --lr "$LR" --batch-size "$BATCH" --output-dir "$RUN" \
   --target-modules "$TARGETS" --prompt "$PROMPT" \
   --save-every 100 --log-every 20 --no-eval --no-gradient-checkpointing 2>&1 | grep -vE "Loading|it/s\]" | tee "$log"
-ckpt=$RUN/final
-[ -d "$ckpt" ] || ckpt=$(find "$RUN" -maxdepth 1 -name "step-*" | sort | tail -n 1)
+ckpt=$(newest_adapter "$RUN")
 [ -n "${OUT:-}" ] && python3 benchmarks/train_curve.py "$RUN" > "$OUT/train_metrics.json"
 [ -n "${OUT:-}" ] && tar czf "$OUT/adapter.tgz" -C "$(dirname "$ckpt")" "$(basename "$ckpt")"
 [ "$EVAL_S" = 0 ] && exit 0

@@ -26,16 +26,14 @@ RUNS=(  # name | flags after COMMON (a later flag wins) | 1: also evaluate the b
 )
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 1
+# shellcheck source=benchmarks/lib.sh
+. benchmarks/lib.sh
 export QLORANER_IN_CONTAINER=1 QLORANER_CACHE=${QLORANER_CACHE:-/root/qcache} PYTHONUNBUFFERED=1 OUT=${OUT:-/tmp/sweep-out}
 free=$(nvidia-smi --query-gpu=memory.free --format=csv,noheader,nounits | head -n 1)
 n=$((free / 1024 / GIB_PER_RUN))
 [ "$n" -gt "${#RUNS[@]}" ] && n=${#RUNS[@]}
 echo "sweep: ${free} MiB free, $n of ${#RUNS[@]} runs at once"
 python3 -c "from qloraner.model import resolve_model; resolve_model(None)"  # convert the default model once, not n times
-
-newest() {  # final/, else the newest step-* checkpoint
-  if [ -d "$1/final" ]; then echo "$1/final"; else find "$1" -maxdepth 1 -name "step-*" | sort | tail -n 1; fi
-}
 
 if [ "$PHASE" != eval ]; then
   for spec in "${RUNS[@]:0:n}"; do
@@ -49,14 +47,14 @@ if [ "$PHASE" != eval ]; then
   for spec in "${RUNS[@]:0:n}"; do
     IFS="|" read -r name _ _ <<< "$spec"
     python3 benchmarks/train_curve.py "$SWEEP/$name" > "$OUT/$name/train_curve.json"
-    echo "trained $name: $(newest "$SWEEP/$name") $(grep -oE "[0-9]+/[0-9]+ \[" "$OUT/$name/train.log" | tail -n 1)"
+    echo "trained $name: $(newest_adapter "$SWEEP/$name") $(grep -oE "[0-9]+/[0-9]+ \[" "$OUT/$name/train.log" | tail -n 1)"
   done
 fi
 
 if [ "$PHASE" != train ]; then
   for spec in "${RUNS[@]:0:n}"; do
     IFS="|" read -r name _ base <<< "$spec"
-    ckpt=$(newest "$SWEEP/$name")
+    ckpt=$(newest_adapter "$SWEEP/$name")
     [ -n "$ckpt" ] || { echo "eval $name: no checkpoint"; continue; }
     extra=()
     [ "$base" = 1 ] && extra+=(--compare-base)

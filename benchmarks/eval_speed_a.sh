@@ -10,10 +10,11 @@ export TARGETS=${TARGETS:-all-linear} BATCH=${BATCH:-32} EPOCHS=${EPOCHS:-1.2} R
 export PEER_SENTENCES=${PEER_SENTENCES:-200}
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 1
+# shellcheck source=benchmarks/lib.sh
+. benchmarks/lib.sh
 export QLORANER_IN_CONTAINER=1 QLORANER_CACHE=${QLORANER_CACHE:-/root/qcache} PYTHONUNBUFFERED=1 OUT=${OUT:-/tmp}
 TRAIN_S=$TRAIN_S EVAL_S=0 bash benchmarks/accuracy_quick.sh | tail -n 5
-adapter=$RUN/final
-[ -d "$adapter" ] || adapter=$(find "$RUN" -maxdepth 1 -name "step-*" | sort | tail -n 1)
+adapter=$(newest_adapter "$RUN")
 echo "adapter: $adapter"
 ADAPTER=$adapter PART_B=0 BENCH_JSON=bench_eval_a.json timeout "$EVAL_S" python3 benchmarks/bench_eval.py 2>&1 \
   | grep --line-buffered -vE "Loading|it/s\]|^\s*$" | tail -n 40

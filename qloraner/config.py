@@ -1,84 +1,115 @@
-"""Settings: one frozen dataclass per job, each field documented, all errors reported at once."""
+"""Settings: one frozen dataclass per job, each field documented, all errors reported at once; recipes as TOML."""
+
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
+import tomllib
 from dataclasses import dataclass, field, fields
+from pathlib import Path
 
 from qloraner import QloranerError
 from qloraner.data import TEMPLATES
 from qloraner.parse import RENDERERS
 
+RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+DEFAULT_RECIPE = "smollm2-135m"  # the embedded default model's recipe: applies when no --recipe is given
+
 
 def opt(default, doc: str, **kw):
-    """A settings field with its documentation (shown by --help)."""
+    """A settings field with its documentation (shown by --help) and its checks: `gt`, `ge`, `lt`, `le` bounds,
+    `choices`, `flag` (the flag's name when it differs from the field's) and `parse` (the flag's value parser)."""
     return field(default=default, metadata={"doc": doc, **kw})
 
 
-def _choice_errors(config) -> list[str]:
-    """One error per field with `choices` whose value is set and not among them (argparse checks flags; this,
-    settings built in Python)."""
-    return [
-        f"--{f.name.replace('_', '-')}: {getattr(config, f.name)!r} is not one of {', '.join(f.metadata['choices'])}"
-        for f in fields(config)
-        if "choices" in f.metadata and getattr(config, f.name) is not None and getattr(config, f.name) not in f.metadata["choices"]
-    ]
+def flag(f: dataclasses.Field) -> str:
+    """The command-line flag of a settings field."""
+    return "--" + f.metadata.get("flag", f.name).replace("_", "-")
+
+
+def batch_size_or_auto(text: str) -> int | str:
+    """'auto' or a whole number (the flag's parser; bounds are checked with the other settings)."""
+    return text if text == "auto" else int(text)
+
+
+_BOUNDS = {"gt": (">", lambda v, b: v > b), "ge": (">=", lambda v, b: v >= b),
+           "lt": ("<", lambda v, b: v < b), "le": ("<=", lambda v, b: v <= b)}  # fmt: skip
+
+
+def _bound_message(meta: dict) -> str:
+    """'must be > 0' for one bound, 'must be in [0, 1)' for two."""
+    low = next((k for k in ("gt", "ge") if k in meta), None)
+    high = next((k for k in ("lt", "le") if k in meta), None)
+    if low and high:
+        return f"must be in {'(' if low == 'gt' else '['}{meta[low]}, {meta[high]}{')' if high == 'lt' else ']'}"
+    key = low or high
+    return f"must be {_BOUNDS[key][0]} {meta[key]}"
+
+
+def _field_errors(config) -> list[str]:
+    """One error per field whose value breaks its bounds, is not finite, or is not among its choices."""
+    errors = []
+    for f in fields(config):
+        value, meta = getattr(config, f.name), f.metadata
+        if isinstance(value, float) and not math.isfinite(value):
+            errors.append(f"{flag(f)}: must be a finite number")
+        elif isinstance(value, (int, float)) and not all(
+            check(value, meta[key]) for key, (_, check) in _BOUNDS.items() if key in meta
+        ):
+            errors.append(f"{flag(f)}: {_bound_message(meta)}")
+        if "choices" in meta and value is not None and value not in meta["choices"]:
+            errors.append(f"{flag(f)}: {value!r} is not one of {', '.join(meta['choices'])}")
+    return errors
+
+
+def _raise_if(errors: list[str]) -> None:
+    if errors:
+        raise QloranerError("invalid settings: " + "; ".join(errors))
 
 
 @dataclass(frozen=True)
 class TrainConfig:
+    recipe: str | None = opt(None, f"a recipe in recipes/ (by name) or a TOML file; default {DEFAULT_RECIPE}")
     model: str = opt("smollm2-135m-instruct", "base checkpoint: a local folder, a hub id, or the embedded default")
-    data_dir: str | None = opt(None, "CoNLL-2003 folder (train/valid/test.txt); default $CONLL_DIR, then datasets/conll2003")
+    data_dir: str | None = opt(None, "CoNLL-2003 folder (train/valid/test.txt); default $CONLL_DIR, else datasets/conll2003")
     output_dir: str = opt("outputs/run", "where checkpoints, the final adapter and the MLflow store go")
     prompt: str = opt("simple", "prompt template", choices=tuple(TEMPLATES))
-    response_format: str = opt("lines", "answer the model learns: [TYPE] mention lines, or one JSON object", choices=tuple(RENDERERS))
-    epochs: float = opt(1.0, "passes over the training data (ignored when --max-steps is set)")
-    max_steps: int = opt(0, "optimizer steps to run; 0 derives them from --epochs")
-    limit: int = opt(0, "use only the first N training sentences (0 = all)")
-    batch_size: int = opt(16, "sequences per optimizer step, the same whatever the number of processes")
-    micro_batch_size: int = opt(0, "most sequences per forward pass in one process (memory); 0 = batch size / processes")
-    lr: float = opt(2e-4, "peak learning rate")
-    warmup_steps: int = opt(10, "linear warm-up steps before cosine decay")
-    min_lr_ratio: float = opt(0.1, "final learning rate as a fraction of --lr")
-    weight_decay: float = opt(0.0, "AdamW weight decay")
-    max_grad_norm: float = opt(0.3, "gradient-norm clip (the QLoRA paper's 0.3); 0 disables")
-    lora_r: int = opt(64, "LoRA rank")
-    lora_alpha: int = opt(16, "LoRA alpha")
-    lora_dropout: float = opt(0.1, "LoRA dropout")
+    response_format: str = opt("lines", "answer the model learns: [TYPE] mention lines, or one JSON object",
+                               choices=tuple(RENDERERS))  # fmt: skip
+    epochs: float = opt(1.0, "passes over the training data (ignored when --max-steps is set)", ge=0)
+    max_steps: int = opt(0, "optimizer steps to run; 0 derives them from --epochs", ge=0)
+    limit: int = opt(0, "use only the first N training sentences (0 = all)", ge=0)
+    batch_size: int = opt(16, "sequences per optimizer step, the same whatever the number of processes", gt=0)
+    micro_batch_size: int = opt(0, "most sequences per forward pass in one process (memory); 0 = batch / processes", ge=0)
+    lr: float = opt(2e-4, "peak learning rate", gt=0)
+    warmup_steps: int = opt(10, "linear warm-up steps before cosine decay", ge=0)
+    min_lr_ratio: float = opt(0.1, "final learning rate as a fraction of --lr", ge=0, le=1)
+    weight_decay: float = opt(0.0, "AdamW weight decay", ge=0)
+    max_grad_norm: float = opt(0.3, "gradient-norm clip (the QLoRA paper's 0.3); 0 disables", ge=0)
+    lora_r: int = opt(64, "LoRA rank", gt=0)
+    lora_alpha: int = opt(16, "LoRA alpha", gt=0)
+    lora_dropout: float = opt(0.1, "LoRA dropout", ge=0, lt=1)
     target_modules: str = opt("q_proj,v_proj", "comma-separated module names, or all-linear")
-    max_length: int = opt(512, "truncate examples to this many tokens")
+    max_length: int = opt(512, "truncate examples to this many tokens", gt=0)
     gradient_checkpointing: bool = opt(True, "recompute activations in backward (non-reentrant)")
-    compile: bool = opt(False, "torch.compile each decoder layer: fewer, fused kernels (GPUs need Triton; the first step compiles)")
+    compile: bool | None = opt(None, "torch.compile each decoder layer; default: on for CUDA GPUs with Triton and a C "
+                                     "compiler, off elsewhere (the first steps compile)")  # fmt: skip
     seed: int = opt(42, "seed for data order, dropout and LoRA init")
-    save_every: int = opt(200, "save a checkpoint every N optimizer steps (0 = only at the end)")
-    log_every: int = opt(1, "log metrics to MLflow every N steps")
+    save_every: int = opt(200, "save a checkpoint every N optimizer steps (0 = only at the end)", ge=0)
+    log_every: int = opt(1, "log metrics to MLflow every N steps", gt=0)
     resume: bool | None = opt(None, "resume from the newest complete checkpoint; default: when one exists")
     eval_after: bool = opt(True, "evaluate the final adapter on the test split after training", flag="eval")
-    eval_limit: int = opt(0, "sentences of the test split evaluated after training (0 = all 3,453)")
+    eval_limit: int = opt(0, "sentences of the test split evaluated after training (0 = all 3,453)", ge=0)
     experiment: str = opt("qloraner", "MLflow experiment name")
 
     def __post_init__(self) -> None:
-        errors = [
-            f"--{f.name.replace('_', '-')}: must be > 0" for f in fields(self)
-            if f.name in ("batch_size", "lr", "lora_r", "lora_alpha", "max_length", "log_every")
-            and not getattr(self, f.name) > 0
-        ]
-        errors += [
-            f"--{f.name.replace('_', '-')}: must be >= 0" for f in fields(self)
-            if f.name in ("max_steps", "micro_batch_size", "limit", "warmup_steps", "weight_decay", "max_grad_norm", "save_every", "epochs", "eval_limit")
-            and not getattr(self, f.name) >= 0
-        ]
-        if not 0 <= self.lora_dropout < 1:
-            errors.append("--lora-dropout: must be in [0, 1)")
-        if not 0 <= self.min_lr_ratio <= 1:
-            errors.append("--min-lr-ratio: must be in [0, 1]")
-        errors += _choice_errors(self)
+        errors = _field_errors(self)
         if self.max_steps == 0 and self.epochs == 0:
             errors.append("--epochs or --max-steps: one must be > 0")
         if not self.target_module_list:
             errors.append("--target-modules: name at least one module")
-        if errors:
-            raise QloranerError("invalid settings: " + "; ".join(errors))
+        _raise_if(errors)
 
     @property
     def target_module_list(self) -> list[str] | str:
@@ -90,51 +121,84 @@ class TrainConfig:
 class EvalConfig:
     model: str | None = opt(None, "base checkpoint; default: the adapter's base, else the embedded default")
     adapter: str | None = opt(None, "trained LoRA adapter folder (e.g. outputs/run/final); none evaluates the base")
-    data_dir: str | None = opt(None, "CoNLL-2003 folder; default $CONLL_DIR, then datasets/conll2003")
+    data_dir: str | None = opt(None, "CoNLL-2003 folder; default $CONLL_DIR, else datasets/conll2003")
     split: str = opt("test", "split to evaluate", choices=("train", "valid", "test"))
-    limit: int = opt(0, "evaluate only the first N sentences (smoke runs; 0 = the full split)")
-    batch_size: int = opt(64, "prompts per generation batch")
-    max_new_tokens: int = opt(256, "upper bound on generated tokens (also bounded by sentence length)")
-    max_prompt_tokens: int = opt(1024, "prompts longer than this are truncated (counted and reported)")
+    limit: int = opt(0, "evaluate only the first N sentences (smoke runs; 0 = the full split)", ge=0)
+    batch_size: int | str = opt("auto", "prompts per generation batch; auto sizes it from free GPU memory and the "
+                                        "model's KV cache (64 on CPU)", gt=0, parse=batch_size_or_auto)  # fmt: skip
+    max_new_tokens: int = opt(256, "upper bound on generated tokens (also bounded by sentence length)", gt=0)
+    max_prompt_tokens: int = opt(1024, "prompts longer than this are truncated (counted and reported)", gt=0)
     prompt: str | None = opt(None, "prompt template; default: the adapter's, else simple", choices=tuple(TEMPLATES))
-    response_format: str | None = opt(None, "answer format the prompt asks for; default: the adapter's, else lines", choices=tuple(RENDERERS))
+    response_format: str | None = opt(None, "answer format the prompt asks for; default: the adapter's, else lines",
+                                      choices=tuple(RENDERERS))  # fmt: skip
     compare_base: bool = opt(False, "also evaluate the base model and write a side-by-side table")
-    merge: bool = opt(False, "merge the adapter into the NF4 base dequantized to bf16 (faster; the same weights it was trained on)")
+    merge: bool = opt(False, "merge the adapter into the NF4 base dequantized to bf16 (the weights it was trained on)")
     output_dir: str | None = opt(None, "where metrics and responses go; default <adapter>/../eval or outputs/eval")
     experiment: str = opt("qloraner", "MLflow experiment name")
 
     def __post_init__(self) -> None:
-        errors = [f"--{n.replace('_', '-')}: must be > 0" for n in ("batch_size", "max_new_tokens", "max_prompt_tokens") if not getattr(self, n) > 0]
-        if self.limit < 0:
-            errors.append("--limit: must be >= 0")
-        errors += _choice_errors(self)
+        errors = _field_errors(self)
+        if isinstance(self.batch_size, str) and self.batch_size != "auto":
+            errors.append(f"--batch-size: {self.batch_size!r} is neither auto nor a whole number")
         if self.compare_base and not self.adapter:
             errors.append("--compare-base: needs --adapter")
         if self.merge and not self.adapter:
             errors.append("--merge: needs --adapter")
-        if errors:
-            raise QloranerError("invalid settings: " + "; ".join(errors))
+        _raise_if(errors)
 
 
-_TYPES = {"int": int, "float": float, "str": str}
+def _base_type(f: dataclasses.Field) -> str:
+    return str(f.type).replace(" | None", "")  # annotations are strings here (postponed evaluation)
+
+
+_TYPES = {"int": (int,), "float": (int, float), "str": (str,), "bool": (bool,)}
+
+
+def load_recipe(cls, name: str) -> tuple[str, dict]:
+    """(name, settings) of a recipe: `recipes/<name>.toml`, or a path to a TOML file. Unknown keys and wrong
+    types are reported all at once, naming the file."""
+    path = Path(name) if name.endswith(".toml") or "/" in name else RECIPES / f"{name}.toml"
+    if not path.is_file():
+        known = ", ".join(sorted(p.stem for p in RECIPES.glob("*.toml")))
+        raise QloranerError(f"recipe not found: {name} (give a TOML file or one of: {known})")
+    try:
+        values = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
+        raise QloranerError(f"{path}: not a valid TOML recipe: {err}") from None
+    by_name = {f.name: f for f in fields(cls) if f.name != "recipe"}
+    errors = [f"unknown key {k!r}" for k in values if k not in by_name]
+    errors += [
+        f"{k} = {v!r} is not {_base_type(by_name[k])}"
+        for k, v in values.items()
+        if k in by_name and (not isinstance(v, _TYPES[_base_type(by_name[k])]) or
+                             (isinstance(v, bool) and _base_type(by_name[k]) != "bool"))
+    ]  # fmt: skip
+    if errors:
+        raise QloranerError(f"{path}: " + "; ".join(errors) + f" (keys: {', '.join(by_name)})")
+    return (path.stem if path.parent == RECIPES else str(path)), values
 
 
 def parser_for(cls, description: str) -> argparse.ArgumentParser:
-    """An argparse parser with one --flag per field, its help taken from the field's doc."""
-    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    """An argparse parser with one --flag per field. Unset flags stay out of the result, so that a recipe can
+    fill them: precedence is flags > recipe > the field's default."""
+    parser = argparse.ArgumentParser(description=description, argument_default=argparse.SUPPRESS)
     for f in fields(cls):
-        flag = "--" + f.metadata.get("flag", f.name).replace("_", "-")
-        base_type = str(f.type).replace(" | None", "")  # annotations are strings here
-        kwargs = {"default": f.default, "help": f.metadata["doc"], "dest": f.name}
-        if base_type == "bool":
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)
+        kwargs = {"help": f"{f.metadata['doc']} (default: {f.default})", "dest": f.name}
+        if _base_type(f) == "bool":
+            parser.add_argument(flag(f), action=argparse.BooleanOptionalAction, **kwargs)
         else:
-            parser.add_argument(flag, type=_TYPES[base_type], choices=f.metadata.get("choices"), **kwargs)
+            parse = f.metadata.get("parse") or _TYPES[_base_type(f)][-1]
+            parser.add_argument(flag(f), type=parse, choices=f.metadata.get("choices"), **kwargs)
     return parser
 
 
 def from_args(cls, argv: list[str] | None, description: str):
-    return cls(**vars(parser_for(cls, description).parse_args(argv)))
+    """Settings from the command line; for a class with a `recipe` field, the recipe fills what the flags leave."""
+    given = vars(parser_for(cls, description).parse_args(argv))
+    if "recipe" not in {f.name for f in fields(cls)}:
+        return cls(**given)
+    name, recipe = load_recipe(cls, given.get("recipe") or DEFAULT_RECIPE)
+    return cls(**{**recipe, **given, "recipe": name})
 
 
 def as_dict(config) -> dict:

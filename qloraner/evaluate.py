@@ -2,14 +2,13 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 from qloraner import ENTITY_TYPES, QloranerError, dist, run_main
 from qloraner.bio import entities_to_bio
@@ -17,84 +16,12 @@ from qloraner.config import EvalConfig, as_dict, from_args
 from qloraner.conll import Sentence, read_split, resolve_data_dir
 from qloraner.data import build_prompt
 from qloraner.metrics import error_analysis, score
+from qloraner.decode import auto_batch_size, generate_greedy, response_budget
 from qloraner.model import DEFAULT_MODEL, load_base, load_tokenizer, resolve_model
 from qloraner.parse import is_explicit_empty, parse_response
+from qloraner.progress import Progress
 
 ROOT = Path(__file__).resolve().parents[1]
-STOP_TEXT = "\n\n"  # our responses hold no blank line: one after the answer ends it
-_TAIL = 4  # tokens decoded to look for STOP_TEXT; it never spans more
-
-
-@dataclass
-class Generation:
-    tokens: list[list[int]]  # per prompt, in input order, without the stopping EOS
-    forward_passes: int
-
-
-def response_budget(tokenizer, tokens: tuple[str, ...] | list[str], cap: int) -> int:
-    """An answer can't need more than one `[MISC] token` line per token of the sentence."""
-    return min(cap, len(tokenizer(" ".join(tokens), add_special_tokens=False)["input_ids"]) + 6 * len(tokens) + 4)
-
-
-def _stopped(tokenizer, row: list[int], eos: int, newline: dict[int, bool]) -> bool:
-    """EOS, or a blank line just written after an answer (not after a preamble like 'The entities are:')."""
-    if row[-1] == eos:
-        return True
-    if row[-1] not in newline:  # most tokens hold no newline: decode only when one was just written
-        newline[row[-1]] = "\n" in tokenizer.decode(row[-1:])
-    if not newline[row[-1]] or STOP_TEXT not in tokenizer.decode(row[-_TAIL:]):
-        return False
-    text = tokenizer.decode(row)
-    return bool(parse_response(text)) or is_explicit_empty(text)
-
-
-@torch.no_grad()
-def generate_greedy(model, tokenizer, prompts: list[list[int]], budgets: list[int], batch_size: int, progress=None) -> Generation:
-    """Greedy decoding in batches of similar length: left padding, an attention mask, a KV cache.
-
-    A row stops at EOS or at a blank line and never grows after; a batch ends when all its
-    rows have stopped or reached their budget.
-    """
-    device = next(model.parameters()).device
-    eos = tokenizer.eos_token_id
-    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))  # longest first: memory peaks early
-    out: list[list[int]] = [[] for _ in prompts]
-    passes = 0
-    newline: dict[int, bool] = {}  # token id -> its text holds a newline
-    for b in range(0, len(order), batch_size):
-        idx = order[b : b + batch_size]
-        width = max(len(prompts[i]) for i in idx)
-        ids = torch.full((len(idx), width), eos, dtype=torch.long)
-        mask = torch.zeros((len(idx), width), dtype=torch.long)
-        for row, i in enumerate(idx):
-            ids[row, width - len(prompts[i]) :] = torch.tensor(prompts[i])
-            mask[row, width - len(prompts[i]) :] = 1
-        ids, mask = ids.to(device), mask.to(device)
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        done = torch.zeros(len(idx), dtype=torch.bool)
-        cache = None
-        for _ in range(max(budgets[i] for i in idx)):
-            step = model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
-                         use_cache=True, logits_to_keep=1)  # the LM head on the last position only
-            passes += 1
-            cache = step.past_key_values
-            nxt = step.logits[:, -1].argmax(-1).cpu()
-            for row, i in enumerate(idx):
-                if not done[row]:
-                    out[i].append(int(nxt[row]))
-                    done[row] = _stopped(tokenizer, out[i], eos, newline) or len(out[i]) >= budgets[i]
-            if done.all():
-                break
-            nxt[done] = eos  # finished rows idle on EOS; their outputs are ignored
-            ids = nxt[:, None].to(device)
-            mask = torch.cat([mask, torch.ones((len(idx), 1), dtype=mask.dtype, device=device)], dim=1)
-            positions = positions[:, -1:] + 1
-        if progress is not None:
-            progress.update(len(idx))
-    for row in out:
-        if row and row[-1] == eos:
-            row.pop()
-    return Generation(out, passes)
 
 
 def _prompts(tokenizer, sentences: list[Sentence], prompting: dict, max_prompt_tokens: int) -> tuple[list[list[int]], list[int]]:
@@ -111,7 +38,8 @@ def _prompts(tokenizer, sentences: list[Sentence], prompting: dict, max_prompt_t
     return ids, kept
 
 
-def respond(model, tokenizer, sentences: list[Sentence], prompting: dict, config: EvalConfig, label: str) -> tuple[list[dict], dict]:
+def respond(model, tokenizer, sentences: list[Sentence], prompting: dict, config: EvalConfig, label: str,
+            batch_size: int, show: bool = True) -> tuple[list[dict], dict]:
     """Generate and parse one model's responses; rows hold tokens, gold and predicted tags.
 
     `prompting` names the prompt template and response format (`load_for_eval` gives them).
@@ -122,9 +50,13 @@ def respond(model, tokenizer, sentences: list[Sentence], prompting: dict, config
         warnings.warn(f"{truncated} sentence(s) cut to fit --max-prompt-tokens {config.max_prompt_tokens}", stacklevel=2)
     budgets = [response_budget(tokenizer, s.tokens[:k], config.max_new_tokens) for s, k in zip(sentences, kept)]
     start = time.perf_counter()
-    with tqdm(total=len(sentences), desc=f"eval {label}", unit="sent", dynamic_ncols=True, disable=None) as bar:
-        gen = generate_greedy(model, tokenizer, prompt_ids, budgets, config.batch_size, progress=bar)
-    stats = {"seconds": time.perf_counter() - start, "forward_passes": gen.forward_passes, "truncated_sentences": truncated}
+    progress = Progress(len(sentences), f"eval {label}", "sentences", enabled=show)
+    try:
+        gen = generate_greedy(model, tokenizer, prompt_ids, budgets, batch_size, progress=progress)
+    finally:
+        progress.close()
+    stats = {"seconds": time.perf_counter() - start, "forward_passes": gen.forward_passes,
+             "truncated_sentences": truncated, "batch_size": batch_size}
     rows = []
     for s, k, toks in zip(sentences, kept, gen.tokens):
         raw = tokenizer.decode(toks, skip_special_tokens=True)
@@ -135,6 +67,16 @@ def respond(model, tokenizer, sentences: list[Sentence], prompting: dict, config
                      "parse_failure": bool(raw.strip()) and not entities and not is_explicit_empty(raw),
                      "generated_tokens": len(toks)})
     return rows, stats
+
+
+def batch_size_for(model, tokenizer, sentences: list[Sentence], prompting: dict, config: EvalConfig) -> int:
+    """--batch-size, or for `auto` what the longest prompt and its response budget fit (see decode.auto_batch_size)."""
+    if config.batch_size != "auto":
+        return int(config.batch_size)
+    longest = max(sentences, key=lambda s: len(s.tokens))
+    prompt = tokenizer(build_prompt(longest.tokens, prompting["prompt"], prompting["response_format"]))["input_ids"]
+    row = min(len(prompt), config.max_prompt_tokens) + response_budget(tokenizer, longest.tokens, config.max_new_tokens)
+    return auto_batch_size(model, row)
 
 
 def summarize(rows: list[dict], stats: dict) -> dict:
@@ -159,7 +101,8 @@ def _merge_shards(shards: list[tuple[list[int], list[dict], dict]], n: int) -> t
             rows[i] = row
     stats = {"seconds": max(s["seconds"] for _, _, s in shards),
              "forward_passes": sum(s["forward_passes"] for _, _, s in shards),
-             "truncated_sentences": sum(s["truncated_sentences"] for _, _, s in shards)}
+             "truncated_sentences": sum(s["truncated_sentences"] for _, _, s in shards),
+             "batch_size": shards[0][2]["batch_size"]}
     return rows, stats
 
 
@@ -235,62 +178,99 @@ def _bar_chart(results: dict[str, dict], path: Path) -> None:
     plt.close(fig)
 
 
-def evaluate_model(config: EvalConfig, device: torch.device | None = None) -> dict[str, dict]:
-    """Evaluate (and with --compare-base, also the base), write artifacts, log to MLflow.
-
-    Under torchrun each rank decodes every world-th sentence; rank 0 gathers the rows, scores them
-    and writes the same artifacts as one process would, in sentence order.
-    """
-    import mlflow
-
-    from qloraner.tracking import git_revision, start_run
-
-    rank, world, rank_device = dist.setup()
-    device = device or rank_device
-    out = Path(config.output_dir or (Path(config.adapter).parent / "eval" if config.adapter else ROOT / "outputs" / "eval"))
+def decode(config: EvalConfig, device: torch.device) -> tuple[dict, dict, dict]:
+    """Decode this rank's share of the split with the fine-tuned model (and with --compare-base, the base);
+    rank 0 gets every rank's rows back in sentence order. Returns (responses, stats, context) per model label;
+    responses and stats are empty on other ranks."""
+    rank, world, _ = dist.setup()
     sentences = read_split(resolve_data_dir(config.data_dir, ROOT), config.split)
     sentences = sentences[: config.limit] if config.limit else sentences
     mine = list(range(rank, len(sentences), world))
     my_sentences = [sentences[i] for i in mine]
     model, tokenizer, prompting, base_name = load_for_eval(config, device)
+    batch = batch_size_for(model, tokenizer, my_sentences, prompting, config)
+    if rank == 0:
+        print(f"qloraner: evaluating {len(sentences)} {config.split} sentences on {_device_name(device)}, "
+              f"batch size {batch}{' (auto)' if config.batch_size == 'auto' else ''}", flush=True)
     name = "fine-tuned" if config.adapter else "base"
     shards = {}
     if config.compare_base:
         with model.disable_adapter():  # the same NF4 weights without the adapter: the base model
-            shards["base"] = respond(model, tokenizer, my_sentences, prompting, config, "base")
-    shards[name] = respond(model, tokenizer, my_sentences, prompting, config, name)
+            shards["base"] = respond(model, tokenizer, my_sentences, prompting, config, "base", batch, rank == 0)
+    shards[name] = respond(model, tokenizer, my_sentences, prompting, config, name, batch, rank == 0)
     gathered = {label: dist.gather((mine, *shard)) for label, shard in shards.items()}
+    context = {"name": name, "model": base_name, "prompting": prompting, "world_size": world}
     if rank != 0:
-        return {}
-    responses, results = {}, {}
-    for label, parts in gathered.items():
-        responses[label], stats = _merge_shards(parts, len(sentences))
-        results[label] = summarize(responses[label], stats)
+        return {}, {}, context
+    merged = {label: _merge_shards(parts, len(sentences)) for label, parts in gathered.items()}
+    return {k: rows for k, (rows, _) in merged.items()}, {k: stats for k, (_, stats) in merged.items()}, context
 
+
+def _device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+
+
+def _write_atomic(path: Path, write) -> None:
+    """`write(tmp_path)`, then rename over `path`: a kill or a full disk never leaves a cut file under its name."""
+    tmp = path.with_name(f".tmp{os.getpid()}.{path.name}")  # keeps the suffix: matplotlib picks the format by it
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_artifacts(out: Path, metrics: dict, responses: dict[str, list[dict]], results: dict[str, dict]) -> None:
+    """metrics.json, responses[_base].jsonl, comparison.md and f1_by_type.png in `out`, each written atomically."""
     out.mkdir(parents=True, exist_ok=True)
-    metrics = {**results[name], "model": base_name, "adapter": config.adapter, **prompting, "split": config.split,
-               "limit": config.limit, "world_size": world,
-               "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
-    if config.compare_base:
-        metrics["base"] = results["base"]
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    _write_atomic(out / "metrics.json", lambda p: p.write_text(json.dumps(metrics, indent=2)))
     for label, rows in responses.items():
-        with open(out / f"responses{'' if label == name else '_' + label}.jsonl", "w", encoding="utf-8") as f:
-            for row in rows:
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    (out / "comparison.md").write_text(comparison_table(results))
-    _bar_chart(results, out / "f1_by_type.png")
+        text = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+        name = f"responses{'' if label == metrics['label'] else '_' + label}.jsonl"
+        _write_atomic(out / name, lambda p, text=text: p.write_text(text, encoding="utf-8"))
+    _write_atomic(out / "comparison.md", lambda p: p.write_text(comparison_table(results)))
+    _write_atomic(out / "f1_by_type.png", lambda p: _bar_chart(results, p))
 
-    with start_run(out, config.experiment, run_name=f"eval-{name}"):
-        mlflow.log_params({**as_dict(config), **prompting, "model": base_name, "git_revision": git_revision(),
-                           "world_size": world})
+
+def log_to_mlflow(out: Path, config: EvalConfig, context: dict, results: dict[str, dict]) -> None:
+    """One MLflow run: the settings, P/R/F1 (per type too) per model, and the files in `out`."""
+    import mlflow
+
+    from qloraner.tracking import git_revision, start_run
+
+    with start_run(out, config.experiment, run_name=f"eval-{context['name']}"):
+        mlflow.log_params({**as_dict(config), **context["prompting"], "model": context["model"],
+                           "git_revision": git_revision(), "world_size": context["world_size"]})
         for label, m in results.items():
-            prefix = "" if label == name else f"{label}_"
-            mlflow.log_metrics({f"{prefix}{k}": m[k] for k in ("precision", "recall", "f1", "parse_failures", "sentences_per_s")})
+            prefix = "" if label == context["name"] else f"{label}_"
+            keys = ("precision", "recall", "f1", "parse_failures", "sentences_per_s", "batch_size")
+            mlflow.log_metrics({f"{prefix}{k}": m[k] for k in keys})
             mlflow.log_metrics({f"{prefix}f1_{t}": m["per_type"][t]["f1-score"] for t in ENTITY_TYPES})
         for f in sorted(out.glob("*")):
             if f.suffix in (".json", ".jsonl", ".md", ".png"):
                 mlflow.log_artifact(str(f), artifact_path="eval")
+
+
+def evaluate_model(config: EvalConfig, device: torch.device | None = None) -> dict[str, dict]:
+    """Decode, score, write the artifacts, log to MLflow (and with --compare-base, the base model too).
+
+    Under torchrun each rank decodes every world-th sentence; rank 0 gathers the rows, scores them
+    and writes the same artifacts as one process would, in sentence order.
+    """
+    device = device or dist.setup()[2]
+    out = Path(config.output_dir or (Path(config.adapter).parent / "eval" if config.adapter else ROOT / "outputs" / "eval"))
+    responses, stats, context = decode(config, device)
+    if not responses:  # not rank 0
+        return {}
+    results = {label: summarize(rows, stats[label]) for label, rows in responses.items()}
+    name = context["name"]
+    metrics = {**results[name], "label": name, "model": context["model"], "adapter": config.adapter,
+               **context["prompting"], "split": config.split, "limit": config.limit,
+               "world_size": context["world_size"], "device": _device_name(device)}
+    if config.compare_base:
+        metrics["base"] = results["base"]
+    write_artifacts(out, metrics, responses, results)
+    log_to_mlflow(out, config, context, results)
     print(comparison_table(results), flush=True)
     return results
 

@@ -113,13 +113,26 @@ def load_base(model: Path | str, device: torch.device, dtype: torch.dtype | None
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # the per-weight load report is noise for our users
     try:
-        return AutoModelForCausalLM.from_pretrained(
+        loaded = AutoModelForCausalLM.from_pretrained(
             model, quantization_config=quant, dtype=dtype, device_map={"": device}, attn_implementation="sdpa"
         )
     except OSError as err:
         raise QloranerError(f"cannot load model {model}: {str(err).splitlines()[0]}") from None
     finally:
         hf_logging.set_verbosity(verbosity)
+    _keep_cpu_compute_dtype(loaded)
+    return loaded
+
+
+def _keep_cpu_compute_dtype(model) -> None:
+    """On CPUs with AVX512-BF16, bitsandbytes repacks NF4 weights at the first no-grad forward and multiplies in
+    bf16 whatever the compute dtype: inference would then differ from training (fp32) and from --merge. Keep
+    every 4-bit layer on the path that honours the compute dtype."""
+    import bitsandbytes as bnb
+
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
 
 
 def add_lora(base, *, r: int, alpha: int, dropout: float, target_modules: list[str] | str, checkpointing: bool = True):
@@ -142,7 +155,19 @@ def add_lora(base, *, r: int, alpha: int, dropout: float, target_modules: list[s
     return get_peft_model(base, config)
 
 
-RECOMPUTE_BUDGET = 0.05  # 7B shape, H200: 0.19-0.20 s a step; 0 (save only each layer's inputs) ran 0.25 s
+RECOMPUTE_BUDGET = 0.05  # the fastest budget measured on the 7B shape (benchmarks/RESULTS.md, training speed)
+
+
+def compile_unavailable(device: torch.device) -> str | None:
+    """Why torch.compile should not be the default on `device`, or None where it can run: a CUDA GPU with
+    Triton and a C compiler (Inductor builds its kernels with both)."""
+    if device.type != "cuda":
+        return f"compile is off by default on {device.type}"
+    if importlib.util.find_spec("triton") is None:
+        return "Triton is not installed (--compile needs it on GPUs)"
+    if not any(shutil.which(cc) for cc in (os.environ.get("CC", "cc"), "gcc", "clang")):
+        return "no C compiler found (set CC, or install gcc)"
+    return None
 
 
 def compile_layers(model, *, recompute_in_graph: bool = False) -> None:
@@ -154,8 +179,8 @@ def compile_layers(model, *, recompute_in_graph: bool = False) -> None:
     backward, and dropout's RNG is made replayable, so the recomputed masks equal the forward's. Both settings are
     process-wide (torch._functorch.config), read whenever a graph compiles. Replayable RNG exists only on CUDA;
     elsewhere this is right only without dropout, so there train_adapter keeps HF's checkpoint around each layer.
-    7B shape on an H200: 0.19-0.20 s a step against 0.29 with HF's checkpoint around the compiled layers, at a peak
-    of 5.2-5.9 GiB against 5.2 (benchmarks/RESULTS.md, section 2).
+    Recomputing inside the graph lets Inductor fuse the replayed kernels, which HF's checkpoint around a compiled
+    layer cannot (it replays the whole layer as an opaque call).
     """
     import torch._functorch.config as functorch_config
 

@@ -1,34 +1,31 @@
-"""The training loop: one function, read top to bottom (after karpathy/nanoGPT's train.py)."""
+"""The training loop: prepare a run, then one loop read top to bottom (after karpathy/nanoGPT's train.py)."""
+
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
-import os
 import random
-import re
-import shutil
 import signal
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DistributedSampler
-from tqdm import tqdm
 
-from qloraner import QloranerError, dist, run_main
-from qloraner.config import TrainConfig, as_dict, from_args
+from qloraner import QloranerError, checkpoint, dist, run_main
+from qloraner.config import EvalConfig, TrainConfig, as_dict, from_args
 from qloraner.conll import resolve_data_dir
 from qloraner.data import IGNORE_INDEX, Encoded, encode, instruction_data, length_grouped_batches, split_step
-from qloraner.model import add_lora, compile_layers, load_base, load_tokenizer, resolve_model
+from qloraner.model import add_lora, compile_layers, compile_unavailable, load_base, load_tokenizer, resolve_model
+from qloraner.progress import Progress
 
 ROOT = Path(__file__).resolve().parents[1]
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: a checkpoint was saved on SIGTERM/SIGUSR1; run again to resume
-_STEP_DIR = re.compile(r"^step-(\d{6})$")
-RECOMPUTE_IN_GRAPH_ON = ("cuda",)  # with --compile, checkpointing recomputes inside the compiled graphs (replayable RNG)
-_CKPT_FILES = ("adapter_model.safetensors", "adapter_config.json", "optimizer.pt", "rng-0.pt", "trainer_state.json")
+RECOMPUTE_IN_GRAPH_ON = ("cuda",)  # with compile, checkpointing recomputes inside the compiled graphs (replayable RNG)
 
 
 def get_lr(step: int, *, max_lr: float, warmup: int, total: int, min_ratio: float) -> float:
@@ -47,6 +44,7 @@ class TrainResult:
     final: Path | None  # the final/ adapter, or None when preempted
     run_id: str
     preempted: bool = False
+    seconds: float = 0.0  # wall time of this invocation's steps
 
 
 def collate(examples: list[Encoded], pad_id: int, device: torch.device) -> dict[str, torch.Tensor]:
@@ -83,78 +81,155 @@ def _trainable(model) -> dict[str, torch.Tensor]:
     return {n: p for n, p in model.named_parameters() if p.requires_grad}
 
 
-def save_checkpoint(path: Path, model, optimizer, state: dict, config: TrainConfig, rank: int = 0) -> Path:
-    """Adapter-only checkpoint, written to a temp folder and renamed, so it appears whole or not at all.
+@dataclass
+class Run:
+    """What a training run holds: built once by prepare(), then read by train_step() and the loop."""
 
-    Every rank writes its RNG state; rank 0 writes the rest (the adapter and optimizer are the same on all).
-    """
-    tmp = path.with_name(f".{path.name}.tmp")
-    if rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    dist.barrier()
-    rng = {"torch": torch.get_rng_state(), "python": random.getstate()}
-    if torch.cuda.is_available():
-        rng["cuda"] = torch.cuda.get_rng_state()
-    torch.save(rng, tmp / f"rng-{rank}.pt")
-    dist.barrier()
-    if rank == 0:
-        model.save_pretrained(tmp)
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-        (tmp / "train_config.json").write_text(json.dumps(as_dict(config), indent=2))
-        (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))  # last: marks the folder complete
-        for f in tmp.iterdir():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
-        if path.exists():  # final/ of an earlier run: move it aside, then swap
-            old = path.with_name(f".{path.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(path, old)
-            os.replace(tmp, path)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, path)
-    dist.barrier()
-    return path
+    config: TrainConfig
+    device: torch.device
+    rank: int
+    world: int
+    tokenizer: object
+    examples: list[Encoded]
+    total: int  # optimizer steps of the whole run
+    micro: int  # most sequences per forward pass in this process
+    accum: int  # micro-steps per process and optimizer step
+    model: torch.nn.Module  # the PEFT model (what checkpoints save)
+    net: torch.nn.Module  # the loss module, under DDP when several processes train
+    optimizer: torch.optim.Optimizer
+    state: dict  # step (also the data position: one batch per step) and MLflow run id; saved in checkpoints
+    last_good: Path | None  # the newest complete checkpoint
+    lengths: list[int] = field(init=False)
+    steps_per_epoch: int = field(init=False)
+    _order: dict[int, list[list[int]]] = field(default_factory=dict)  # one epoch's batches at a time
 
+    def __post_init__(self) -> None:
+        self.lengths = [len(e.input_ids) for e in self.examples]
+        self.steps_per_epoch = math.ceil(len(self.examples) / self.config.batch_size)
 
-def latest_checkpoint(output_dir: Path) -> Path | None:
-    """The newest complete step-NNNNNN/ checkpoint; half-written folders are skipped."""
-    found = []
-    for d in Path(output_dir).glob("step-*"):
-        m = _STEP_DIR.match(d.name)
-        if m and all((d / f).is_file() for f in _CKPT_FILES):
-            try:
-                found.append((json.loads((d / "trainer_state.json").read_text())["step"], d))
-            except (ValueError, KeyError):
-                continue
-    return max(found)[1] if found else None
+    @property
+    def main(self) -> bool:
+        return self.rank == 0  # rank 0 alone logs, shows progress and writes the shared checkpoint files
+
+    @property
+    def out(self) -> Path:
+        return Path(self.config.output_dir)
+
+    def micro_batches(self, step: int) -> tuple[list[list[int]], list[int]]:
+        """This rank's micro-batches of the step, and the whole step's sequences."""
+        epoch, pos = divmod(step, self.steps_per_epoch)
+        if epoch not in self._order:
+            self._order = {epoch: length_grouped_batches(self.lengths, self.config.batch_size, self.config.seed, epoch)}
+        batch = self._order[epoch][pos]
+        parts = split_step(batch, self.lengths, self.world * self.accum)
+        return [parts[i] for i in DistributedSampler(parts, self.world, self.rank, shuffle=False)], batch
 
 
-def _check_compatible(ckpt: Path, config: TrainConfig) -> None:
-    saved = {"response_format": "lines", **json.loads((ckpt / "train_config.json").read_text())}  # older: lines
-    keys = ("model", "lora_r", "lora_alpha", "target_modules", "prompt", "response_format", "batch_size", "seed", "limit")
-    diff = [f"{k}={saved.get(k)!r} (now {getattr(config, k)!r})" for k in keys if saved.get(k) != getattr(config, k)]
-    if diff:
-        raise QloranerError(f"{ckpt}: incompatible checkpoint, trained with {', '.join(diff)}; use another --output-dir or --no-resume")
+def _use_compile(config: TrainConfig, device: torch.device) -> bool:
+    """--compile / --no-compile as given; unset, on where it was measured to win (CUDA with Triton and a compiler)."""
+    if config.compile is not None:
+        return config.compile
+    reason = compile_unavailable(device)
+    if reason and device.type == "cuda":
+        print(f"qloraner: training runs eager: {reason}", flush=True)
+    return reason is None
 
 
-def _restore(ckpt: Path, model, optimizer, rank: int) -> dict:
-    from peft import set_peft_model_state_dict
-    from safetensors.torch import load_file
+def prepare(config: TrainConfig, device: torch.device | None = None) -> Run:
+    """Data, model, optimizer and state of a run, restored from the newest complete checkpoint when one exists;
+    the MLflow run started (rank 0)."""
+    rank, world, rank_device = dist.setup()
+    device = device or rank_device
+    config = dataclasses.replace(config, compile=_use_compile(config, device))  # train_config.json: what ran
+    ckpt = checkpoint.latest(Path(config.output_dir)) if config.resume is not False else None
+    if config.resume and ckpt is None:
+        raise QloranerError(f"--resume: no complete checkpoint in {config.output_dir}")
+    if ckpt:
+        checkpoint.check_compatible(ckpt, config)
+    data_dir = resolve_data_dir(config.data_dir, ROOT)
+    model_path = resolve_model(config.model)
+    tokenizer = load_tokenizer(model_path)
+    records, manifest = instruction_data(data_dir, config.prompt, ROOT / "datasets" / "ner_instruct_data.json",
+                                         config.limit, config.response_format)  # fmt: skip
+    examples = encode(tokenizer, [r["prompt"] for r in records], [r["response"] for r in records], config.max_length)
+    micro = config.micro_batch_size or math.ceil(config.batch_size / world)
+    total = config.max_steps or math.ceil(config.epochs * math.ceil(len(examples) / config.batch_size))
 
-    result = set_peft_model_state_dict(model, load_file(ckpt / "adapter_model.safetensors"))
-    if getattr(result, "unexpected_keys", None):
-        raise QloranerError(f"{ckpt}: adapter does not fit this model (unexpected {result.unexpected_keys[0]})")
-    optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=False))
-    rng_file = ckpt / f"rng-{rank}.pt"
-    if rng_file.is_file():  # absent when the world size grew: that rank keeps its fresh seed
-        rng = torch.load(rng_file, weights_only=False)
-        torch.set_rng_state(rng["torch"])
-        random.setstate(rng["python"])
-        if "cuda" in rng and torch.cuda.is_available():
-            torch.cuda.set_rng_state(rng["cuda"])
-    return json.loads((ckpt / "trainer_state.json").read_text())
+    torch.manual_seed(config.seed)  # the same LoRA init on every rank
+    random.seed(config.seed)
+    in_graph = config.compile and config.gradient_checkpointing and device.type in RECOMPUTE_IN_GRAPH_ON
+    model = add_lora(load_base(model_path, device), r=config.lora_r, alpha=config.lora_alpha,
+                     dropout=config.lora_dropout, target_modules=config.target_module_list,
+                     checkpointing=config.gradient_checkpointing and not in_graph)  # fmt: skip
+    if config.compile:
+        compile_layers(model, recompute_in_graph=in_graph)
+    if rank:  # after the shared init, each rank its own dropout masks
+        torch.manual_seed(config.seed + rank)
+        random.seed(config.seed + rank)
+    import bitsandbytes as bnb  # after the checks above: importing it prints a line about optional CPU kernels
+
+    optimizer = bnb.optim.PagedAdamW(list(_trainable(model).values()), lr=config.lr, weight_decay=config.weight_decay)
+    run = Run(config, device, rank, world, tokenizer, examples, total, micro, math.ceil(config.batch_size / (world * micro)),
+              model, dist.wrap_lora(SupervisedLoss(model), device), optimizer, {"step": 0, "run_id": None}, ckpt)
+    if ckpt:
+        run.state = checkpoint.restore(ckpt, model, optimizer, rank)
+    if run.main:
+        _start_tracking(run, model_path, manifest, resumed=ckpt)
+    return run
+
+
+def _start_tracking(run: Run, model_path, manifest: dict, resumed: Path | None) -> None:
+    """Start (or continue) the MLflow run; a fresh run logs its settings and data manifest. Print the plan."""
+    import mlflow
+
+    from qloraner.tracking import git_revision, start_run
+
+    config = run.config
+    run.state["run_id"] = start_run(run.out, config.experiment, run_id=run.state["run_id"]).info.run_id
+    if not resumed:
+        mlflow.log_params({**as_dict(config), "model_path": str(model_path), "git_revision": git_revision(),
+                           "train_examples": len(run.examples), "total_steps": run.total, "world_size": run.world,
+                           "micro_batch_per_process": run.micro, "accumulation_per_process": run.accum})
+        (run.out / "instruction_manifest.json").write_text(json.dumps(manifest, indent=2))
+        mlflow.log_artifact(str(run.out / "instruction_manifest.json"))
+    tokens = run.total * config.batch_size * sum(run.lengths) / len(run.lengths)
+    where = f"{run.world} x {torch.cuda.get_device_name(run.device)}" if run.device.type == "cuda" else "CPU"
+    print(f"qloraner: {'resuming from ' + str(resumed) + ', ' if resumed else ''}training {len(run.examples)} "
+          f"sequences, {run.total} steps of {config.batch_size} (about {tokens / 1e6:.2f}M tokens) on {where}, "
+          f"compile {'on' if config.compile else 'off'}, recipe {config.recipe or 'none'}", flush=True)
+    if run.device.type == "cpu" and tokens > 1e6:
+        print("qloraner: training on a CPU takes hours at this size; --limit and --max-steps make a short run", flush=True)
+
+
+def train_step(run: Run, step: int) -> dict[str, float]:
+    """One optimizer step: this rank's micro-batches forward and backward, weighted by the step's supervised
+    tokens over all ranks; a non-finite loss stops before the update; clip, update, zero the gradients."""
+    t0 = time.perf_counter()
+    mine, batch = run.micro_batches(step)
+    n_sup = sum(run.examples[i].n_supervised for i in batch)  # all ranks' supervised tokens: the weight
+    n_tok = sum(run.lengths[i] for i in batch)
+    loss_sum = torch.zeros((), device=run.device)
+    for k, part in enumerate(mine):
+        weight = 1.0 if part else 0.0  # a step of fewer sequences than parts: a rank still joins the sync
+        batch_t = collate([run.examples[i] for i in part or batch[:1]], run.tokenizer.pad_token_id, run.device)
+        with dist.no_sync(run.net, last=k == len(mine) - 1):  # one all-reduce per step, in the last backward
+            with torch.autocast(run.device.type, dtype=torch.bfloat16, enabled=run.device.type == "cuda"):
+                loss = run.net(**batch_t) * weight
+            (loss * (run.world / n_sup)).backward()  # DDP averages over ranks: undo it to get the token sum
+        loss_sum += loss.detach().float()
+    if not torch.isfinite(dist.sum_(loss_sum)):  # NaN on any rank reaches every rank
+        raise QloranerError(f"non-finite loss at step {step + 1}; stopped before the update. "
+                            f"Last good checkpoint: {run.last_good or 'none'}")  # fmt: skip
+    params = [p for group in run.optimizer.param_groups for p in group["params"]]
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, run.config.max_grad_norm or float("inf")).item()
+    run.optimizer.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    dt = time.perf_counter() - t0
+    metrics = {"loss": loss_sum.item() / n_sup, "grad_norm": grad_norm, "tokens_per_s": n_tok / dt,
+               "supervised_tokens_per_s": n_sup / dt, "step_s": dt}  # fmt: skip
+    if run.device.type == "cuda":
+        metrics["gpu_mem_gib"] = torch.cuda.max_memory_allocated(run.device) / 2**30
+    return metrics
 
 
 class _StopFlag:
@@ -179,149 +254,73 @@ def train_adapter(config: TrainConfig, device: torch.device | None = None, on_st
     the same way on all ranks and dealt out by a DistributedSampler, so what a step computes does not
     depend on the number of processes; only the LoRA parameters are in DDP.
     """
-    import bitsandbytes as bnb
     import mlflow
 
-    from qloraner.tracking import git_revision, start_run
-
-    rank, world, rank_device = dist.setup()
-    device = device or rank_device
-    main = rank == 0  # rank 0 alone logs, shows progress and writes the shared checkpoint files
-    micro = config.micro_batch_size or math.ceil(config.batch_size / world)
-    accum = math.ceil(config.batch_size / (world * micro))  # micro-steps per process and optimizer step
-    out = Path(config.output_dir)
-    ckpt = latest_checkpoint(out) if config.resume is not False else None
-    if config.resume and ckpt is None:
-        raise QloranerError(f"--resume: no complete checkpoint in {out}")
-    if ckpt:
-        _check_compatible(ckpt, config)
-    data_dir = resolve_data_dir(config.data_dir, ROOT)
-    model_path = resolve_model(config.model)
-    tokenizer = load_tokenizer(model_path)
-    records, manifest = instruction_data(data_dir, config.prompt, ROOT / "datasets" / "ner_instruct_data.json", config.limit,
-                                         config.response_format)
-    examples = encode(tokenizer, [r["prompt"] for r in records], [r["response"] for r in records], config.max_length)
-    lengths = [len(e.input_ids) for e in examples]
-    steps_per_epoch = math.ceil(len(examples) / config.batch_size)
-    total = config.max_steps or math.ceil(config.epochs * steps_per_epoch)
-
-    torch.manual_seed(config.seed)  # the same LoRA init on every rank
-    random.seed(config.seed)
-    in_graph = config.compile and config.gradient_checkpointing and device.type in RECOMPUTE_IN_GRAPH_ON
-    model = add_lora(load_base(model_path, device), r=config.lora_r, alpha=config.lora_alpha, dropout=config.lora_dropout,
-                     target_modules=config.target_module_list, checkpointing=config.gradient_checkpointing and not in_graph)
-    if config.compile:
-        compile_layers(model, recompute_in_graph=in_graph)
-    if rank:  # after the shared init, each rank its own dropout masks
-        torch.manual_seed(config.seed + rank)
-        random.seed(config.seed + rank)
-    params = list(_trainable(model).values())
-    optimizer = bnb.optim.PagedAdamW(params, lr=config.lr, weight_decay=config.weight_decay)  # 32-bit states
-    state = {"step": 0, "run_id": None}  # the step is also the data position (one batch per step)
-    if ckpt:
-        state = _restore(ckpt, model, optimizer, rank)
-        if main:
-            print(f"qloraner: resuming from {ckpt} at step {state['step']}", flush=True)
-    if main:
-        run = start_run(out, config.experiment, run_id=state["run_id"])
-        state["run_id"] = run.info.run_id
-        if not ckpt:
-            mlflow.log_params({**as_dict(config), "model_path": str(model_path), "git_revision": git_revision(),
-                               "train_examples": len(examples), "total_steps": total, "world_size": world,
-                               "micro_batch_per_process": micro, "accumulation_per_process": accum})
-            (out / "instruction_manifest.json").write_text(json.dumps(manifest, indent=2))
-            mlflow.log_artifact(str(out / "instruction_manifest.json"))
-
-    net = dist.wrap_lora(SupervisedLoss(model), device)
-    epoch_batches: dict[int, list[list[int]]] = {}
-
-    def my_micro_batches(step: int) -> tuple[list[list[int]], list[int]]:
-        """This rank's micro-batches of the step, and the whole step's sequences."""
-        epoch, pos = divmod(step, steps_per_epoch)
-        if epoch not in epoch_batches:
-            epoch_batches.clear()  # one epoch's order at a time
-            epoch_batches[epoch] = length_grouped_batches(lengths, config.batch_size, config.seed, epoch)
-        batch = epoch_batches[epoch][pos]
-        parts = split_step(batch, lengths, world * accum)
-        return [parts[i] for i in DistributedSampler(parts, world, rank, shuffle=False)], batch
-
-    stop = _StopFlag()
-    model.train()
-    last_good = ckpt
-    bar = tqdm(total=total, initial=state["step"], desc="train", unit="step", dynamic_ncols=True, disable=None if main else True)
+    run = prepare(config, device)
+    config, stop, start = run.config, _StopFlag(), time.perf_counter()
+    progress = Progress(run.total, "train", "steps", initial=run.state["step"], enabled=run.main)
+    run.model.train()
     try:
-        while state["step"] < total:
-            step = state["step"]
-            lr = get_lr(step, max_lr=config.lr, warmup=config.warmup_steps, total=total, min_ratio=config.min_lr_ratio)
-            for group in optimizer.param_groups:
+        while run.state["step"] < run.total:
+            step = run.state["step"]
+            # determine and set the learning rate of this step
+            lr = get_lr(step, max_lr=config.lr, warmup=config.warmup_steps, total=run.total, min_ratio=config.min_lr_ratio)
+            for group in run.optimizer.param_groups:
                 group["lr"] = lr
-            t0 = time.perf_counter()
-            mine, batch = my_micro_batches(step)
-            n_sup = sum(examples[i].n_supervised for i in batch)  # all ranks' supervised tokens: the weight
-            n_tok = sum(lengths[i] for i in batch)
-            loss_sum = torch.zeros((), device=device)
-            for k, part in enumerate(mine):
-                weight = 1.0 if part else 0.0  # a step of fewer sequences than parts: a rank still joins the sync
-                batch_t = collate([examples[i] for i in part or batch[:1]], tokenizer.pad_token_id, device)
-                with dist.no_sync(net, last=k == len(mine) - 1):  # one all-reduce per step, in the last backward
-                    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-                        loss = net(**batch_t) * weight
-                    (loss * (world / n_sup)).backward()  # DDP averages over ranks: undo it to get the token sum
-                loss_sum += loss.detach().float()
-            if not torch.isfinite(dist.sum_(loss_sum)):  # NaN on any rank reaches every rank
-                raise QloranerError(f"non-finite loss at step {step + 1}; stopped before the update. "
-                                    f"Last good checkpoint: {last_good or 'none'}")
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm or float("inf")).item()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            state["step"] = step = step + 1
-            dt = time.perf_counter() - t0
-            metrics = {"loss": loss_sum.item() / n_sup, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": n_tok / dt,
-                       "supervised_tokens_per_s": n_sup / dt, "step_s": dt}
-            if device.type == "cuda":
-                metrics["gpu_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
-            if main and (step % config.log_every == 0 or step == total):
+            # forward, backward, clip and update
+            metrics = {**train_step(run, step), "lr": lr}
+            run.state["step"] = step = step + 1
+            # logging and progress
+            if run.main and (step % config.log_every == 0 or step == run.total):
                 mlflow.log_metrics(metrics, step=step)
-            bar.set_postfix({k: f"{v:.3g}" for k, v in metrics.items() if k in ("loss", "lr", "tokens_per_s", "gpu_mem_gib")}, refresh=False)
-            bar.update(1)
+            progress.update(1, **{k: metrics[k] for k in ("loss", "tokens_per_s", "gpu_mem_gib") if k in metrics})
             if on_step:
                 on_step(step, metrics)
-            stopping = dist.any_(stop.signal is not None, device)  # all ranks stop at the same step
-            if stopping or (config.save_every and step % config.save_every == 0 and step < total):
-                last_good = save_checkpoint(out / f"step-{step:06d}", model, optimizer, state, config, rank)
+            # checkpoint every save_every steps, and on a signal, then stop
+            stopping = dist.any_(stop.signal is not None, run.device)  # all ranks stop at the same step
+            if stopping or (config.save_every and step % config.save_every == 0 and step < run.total):
+                run.last_good = checkpoint.save(checkpoint.step_dir(run.out, step), run.model, run.optimizer,
+                                                run.state, config, run.rank)  # fmt: skip
             if stopping:
-                if main:
-                    print(f"qloraner: signal at step {step}: saved {last_good}; run again to resume", flush=True)
+                if run.main:
+                    print(f"qloraner: signal at step {step}: saved {run.last_good}; run again to resume", flush=True)
                     mlflow.end_run(status="KILLED")
-                return TrainResult(step, None, state["run_id"], preempted=True)
-        final = save_checkpoint(out / "final", model, optimizer, state, config, rank)
-        if main:
+                return TrainResult(step, None, run.state["run_id"], True, time.perf_counter() - start)
+        final = checkpoint.save(run.out / "final", run.model, run.optimizer, run.state, config, run.rank)
+        if run.main:
             mlflow.log_artifacts(str(final), artifact_path="adapter")
             mlflow.end_run()
-        return TrainResult(state["step"], final, state["run_id"])
+        return TrainResult(run.state["step"], final, run.state["run_id"], False, time.perf_counter() - start)
     except BaseException:
-        if main:
+        if run.main:
             mlflow.end_run(status="FAILED")
         raise
     finally:
-        bar.close()
+        progress.close()
         stop.restore()
 
 
 def main(argv: list[str] | None = None) -> int:
     def body() -> int:
+        from qloraner.evaluate import evaluate_model
+
         config = from_args(TrainConfig, argv, "QLoRA fine-tuning for CoNLL-2003 NER (run via ./run_train.sh)")
         result = train_adapter(config)
         if result.preempted:
             return EXIT_PREEMPTED
-        if dist.setup()[0] == 0:
-            print(f"qloraner: trained {result.step} steps; adapter in {result.final}", flush=True)
-        if config.eval_after:
-            from qloraner.evaluate import main as evaluate_main
-
-            return evaluate_main(["--adapter", str(result.final), "--output-dir", str(Path(config.output_dir) / "eval"),
-                                  "--experiment", config.experiment, "--limit", str(config.eval_limit)]
-                                 + (["--data-dir", config.data_dir] if config.data_dir else []))
+        main_rank = dist.setup()[0] == 0
+        if main_rank:
+            print(f"qloraner: trained {result.step} steps in {result.seconds:.0f} s; adapter in {result.final}", flush=True)
+        if not config.eval_after:
+            return 0
+        results = evaluate_model(EvalConfig(adapter=str(result.final), data_dir=config.data_dir,
+                                            output_dir=str(Path(config.output_dir) / "eval"),
+                                            experiment=config.experiment, limit=config.eval_limit))  # fmt: skip
+        if main_rank:
+            m = results["fine-tuned"]
+            print(f"qloraner: done: F1 {100 * m['f1']:.2f} (P {100 * m['precision']:.2f}, R {100 * m['recall']:.2f}) on "
+                  f"{m['sentences']} test sentences; trained {result.seconds:.0f} s, evaluated {m['seconds']:.0f} s "
+                  f"({m['sentences_per_s']:.1f} sentences/s); recipe {config.recipe or 'none'}", flush=True)
         return 0
 
     return run_main(body)

@@ -9,7 +9,8 @@ from qloraner.bio import entities_to_bio
 from qloraner.config import EvalConfig
 from qloraner.conll import read_split
 from qloraner.data import build_prompt
-from qloraner.evaluate import _stopped, evaluate_model, generate_greedy, load_for_eval
+from qloraner.decode import _stopped, generate_greedy
+from qloraner.evaluate import evaluate_model, load_for_eval
 from qloraner.metrics import score
 from qloraner.model import load_base, load_tokenizer
 from qloraner.parse import parse_response

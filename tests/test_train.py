@@ -12,7 +12,8 @@ from safetensors.torch import load_file
 
 from qloraner import QloranerError
 from qloraner.config import TrainConfig
-from qloraner.train import get_lr, latest_checkpoint, train_adapter
+from qloraner.checkpoint import latest as latest_checkpoint
+from qloraner.train import get_lr, train_adapter
 from tests.conftest import ROOT
 
 schedule = st.fixed_dictionaries({

@@ -1,0 +1,67 @@
+"""Progress for long work: a tqdm bar in a terminal, plain dated lines in a log file or a SLURM log."""
+
+from __future__ import annotations
+
+import sys
+import time
+
+
+def _clock(seconds: float) -> str:
+    """12:05 for minutes and seconds, 3:12:05 past an hour.
+
+    >>> _clock(3725.4)
+    '1:02:05'
+    """
+    m, s = divmod(int(seconds), 60)
+    h, m = divmod(m, 60)
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
+
+
+class Progress:
+    """Counts work done out of `total`. On a terminal it draws a tqdm bar; on any other stream it prints a line
+    every `every_s` seconds and at every `every_frac` of the work, and one at the end, so that a log written
+    by a batch job shows where the job is and when it will end."""
+
+    def __init__(self, total: int, desc: str, unit: str, *, initial: int = 0, enabled: bool = True, stream=None,
+                 every_s: float = 30.0, every_frac: float = 0.05) -> None:  # fmt: skip
+        self.total, self.done, self.desc, self.unit = total, initial, desc, unit
+        self.stream = stream or sys.stdout
+        self.enabled = enabled
+        self.every_s, self.step = every_s, max(1, int(total * every_frac))
+        self.start = self.last = time.monotonic()
+        self.first = initial
+        self.info: dict[str, str] = {}
+        self.bar = None
+        if enabled and self.stream.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, initial=initial, desc=desc, unit=unit, dynamic_ncols=True, file=self.stream)
+
+    def update(self, n: int = 1, **info: float) -> None:
+        """Count `n` more; `info` (loss=…, tokens_per_s=…) is shown beside the count."""
+        before, self.done = self.done, self.done + n
+        self.info = {k: f"{v:.4g}" for k, v in info.items()}
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.set_postfix(self.info, refresh=False)
+            self.bar.update(n)
+            return
+        now = time.monotonic()
+        if now - self.last >= self.every_s or before // self.step != self.done // self.step or self.done >= self.total:
+            self.last = now
+            print(self.line(now), file=self.stream, flush=True)
+
+    def line(self, now: float) -> str:
+        """`train 120/878 (13.7%) loss=0.41 tokens_per_s=7210 | 2:01 elapsed, ETA 12:45`."""
+        elapsed = now - self.start
+        rate = (self.done - self.first) / elapsed if elapsed > 0 else 0.0
+        eta = _clock((self.total - self.done) / rate) if rate > 0 else "?"
+        info = "".join(f" {k}={v}" for k, v in self.info.items())
+        pct = 100 * self.done / self.total if self.total else 100.0
+        return (f"{self.desc} {self.done}/{self.total} ({pct:.1f}%){info} {rate:.3g} {self.unit}/s"
+                f" | {_clock(elapsed)} elapsed, ETA {eta}")  # fmt: skip
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()

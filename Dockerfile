@@ -2,11 +2,9 @@
 #   docker build -t REGISTRY/qloraner:0.1.0 . && docker push REGISTRY/qloraner:0.1.0
 #   singularity build lora-train.sif docker://REGISTRY/qloraner:0.1.0
 #
-# Base image: the original's nvidia/cuda:11.7.1-base-ubuntu20.04 no longer fits. Ubuntu 20.04 has
-# Python 3.8, which torch 2.13 and transformers 5 dropped, and current torch and bitsandbytes 0.50
-# wheels target CUDA 12.8+/13. PyPI's torch wheels bring their own CUDA user-space libraries, so a
-# CUDA 12.8 runtime image on Ubuntu 24.04 (Python 3.12) is enough; the host needs an NVIDIA driver
-# of the R570 series or newer.
+# PyPI's torch wheels bring their own CUDA user-space libraries, so a CUDA runtime image is enough; torch 2.13 and
+# bitsandbytes 0.50 target CUDA 12.8+, so the host needs an NVIDIA driver of the R570 series or newer. gcc and the
+# Python headers are there for torch.compile (on by default on GPUs), whose Inductor builds kernels with them.
 FROM nvidia/cuda:12.8.1-runtime-ubuntu24.04
 
 ENV DEBIAN_FRONTEND=noninteractive \
@@ -18,7 +16,7 @@ ENV DEBIAN_FRONTEND=noninteractive \
     PATH=/opt/venv/bin:$PATH
 
 RUN apt-get update \
- && apt-get install -y --no-install-recommends python3 python3-venv python3-pip git ca-certificates curl \
+ && apt-get install -y --no-install-recommends python3 python3-venv python3-pip python3-dev gcc git ca-certificates curl \
  && rm -rf /var/lib/apt/lists/* \
  && python3 -m venv /opt/venv
 
@@ -34,6 +32,7 @@ RUN pip install "torch==2.13.0" \
  && chmod -R a+rX "$QLORANER_CACHE"
 
 COPY env.sh run_train.sh run_eval.sh run_tests.sh slurm_job.sbatch ./
+COPY recipes/ recipes/
 COPY datasets/ datasets/
 COPY tests/ tests/
 COPY benchmarks/ benchmarks/

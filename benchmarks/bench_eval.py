@@ -9,6 +9,7 @@ On the GPU machine, after the bundle's two-step start:
     (NF4 unmerged, then a bf16 merge of a fresh adapter), the peer `generate` at batch 8 on PEER_SENTENCES prompts.
 BENCH_TINY=1 runs the same code on a tiny model on the CPU (a smoke test of the script).
 """
+
 import json
 import os
 import sys
@@ -27,7 +28,9 @@ TINY = bench_train.TINY
 ADAPTER = os.environ.get("ADAPTER")  # a fine-tuned SmolLM2 adapter for (a); (a) is skipped without it
 # PART_B=0 skips (b); BENCH_JSON names the report under $OUT
 PEER_SENTENCES = int(os.environ.get("PEER_SENTENCES", 16 if TINY else 200))
-PEER_CHUNK = int(os.environ.get("PEER_CHUNK", 8 if TINY else 40))  # (a): the pipeline's figure is saved after each chunk
+PEER_CHUNK = int(
+    os.environ.get("PEER_CHUNK", 8 if TINY else 40)
+)  # (a): the pipeline's figure is saved after each chunk
 NEW_TOKENS = int(os.environ.get("NEW_TOKENS", 12))  # the fine-tuned SmolLM2's mean response: 40,594 tokens / 3,453
 OUR_BATCH = int(os.environ.get("OUR_BATCH", 8 if TINY else 256))  # (b)
 BATCHES_A = [int(b) for b in os.environ.get("BATCHES_A", "4,8" if TINY else "256,1024").split(",")]  # (a): ours at each
@@ -64,11 +67,31 @@ def part_a(report: Callable[[dict], None] = lambda partial: None) -> dict:
         for name, batch, part in runs + ([] if merge else [("ours_on_subset", BATCHES_A[0], subset)]):
             config = EvalConfig(adapter=ADAPTER, batch_size=batch, merge=merge)
             summary = summarize(*respond(model, tok, part, prompting, config, name))
-            result[name] = {k: summary[k] for k in ("f1", "precision", "recall", "per_type", "parse_failures", "seconds",
-                                                    "sentences_per_s", "sentences", "generated_tokens") if k in summary}
+            result[name] = {
+                k: summary[k]
+                for k in (
+                    "f1",
+                    "precision",
+                    "recall",
+                    "per_type",
+                    "parse_failures",
+                    "seconds",
+                    "sentences_per_s",
+                    "sentences",
+                    "generated_tokens",
+                )
+                if k in summary
+            }
             report(result)
-    pipe = pipeline("text-generation", model=model, tokenizer=tok, batch_size=8, max_new_tokens=150, do_sample=False,
-                    return_full_text=False)
+    pipe = pipeline(
+        "text-generation",
+        model=model,
+        tokenizer=tok,
+        batch_size=8,
+        max_new_tokens=150,
+        do_sample=False,
+        return_full_text=False,
+    )
     for name, cudnn, n in (("peer", True, len(subset)), ("peer_sdpa_without_cudnn", False, PEER_CHUNK)):
         if DEVICE.type == "cuda":  # the original's evaluator runs with PyTorch's default SDPA kernels (cuDNN included)
             torch.backends.cuda.enable_cudnn_sdp(cudnn)
@@ -83,10 +106,16 @@ def part_a(report: Callable[[dict], None] = lambda partial: None) -> dict:
             pred += [entities_to_bio(s.tokens, parse_response(o[0]["generated_text"])) for s, o in zip(chunk, out)]
             done = subset[: len(pred)]
             rate = len(done) / seconds
-            result[name] = {"sentences": len(done), "seconds": seconds, "sentences_per_s": rate,
-                            "f1_on_those_sentences": score([list(s.tags) for s in done], pred)["f1"],
-                            "full_split_seconds_extrapolated": len(sentences) / rate}
-            for ours in [k for k in result if k.startswith("ours_") and k != "ours_on_subset" and "sentences_per_s" in result[k]]:
+            result[name] = {
+                "sentences": len(done),
+                "seconds": seconds,
+                "sentences_per_s": rate,
+                "f1_on_those_sentences": score([list(s.tags) for s in done], pred)["f1"],
+                "full_split_seconds_extrapolated": len(sentences) / rate,
+            }
+            for ours in [
+                k for k in result if k.startswith("ours_") and k != "ours_on_subset" and "sentences_per_s" in result[k]
+            ]:
                 result[f"speedup_{ours}_vs_{name}"] = result[ours]["sentences_per_s"] / rate
             report(result)
     if DEVICE.type == "cuda":
@@ -114,14 +143,21 @@ def part_b() -> dict:
         else:
             from transformers import AutoModelForCausalLM
 
-            base = AutoModelForCausalLM.from_pretrained(bench_train.MODEL_DIR, dtype=compute_dtype(DEVICE), device_map={"": DEVICE})
+            base = AutoModelForCausalLM.from_pretrained(
+                bench_train.MODEL_DIR, dtype=compute_dtype(DEVICE), device_map={"": DEVICE}
+            )
             model = get_peft_model(base, lora).merge_and_unload().eval()
         generate_greedy(model, tok, prompts[:OUR_BATCH], [2] * min(OUR_BATCH, len(prompts)), OUR_BATCH)  # warm-up
         start = time.perf_counter()
         gen = generate_greedy(model, tok, prompts, [NEW_TOKENS] * len(prompts), OUR_BATCH)
         seconds = time.perf_counter() - start
-        results[name] = {"sentences": len(prompts), "seconds": seconds, "sentences_per_s": len(prompts) / seconds,
-                         "new_tokens": sum(len(t) for t in gen.tokens), "forward_passes": gen.forward_passes}
+        results[name] = {
+            "sentences": len(prompts),
+            "seconds": seconds,
+            "sentences_per_s": len(prompts) / seconds,
+            "new_tokens": sum(len(t) for t in gen.tokens),
+            "forward_passes": gen.forward_passes,
+        }
         if name == "nf4-unmerged":  # the peer: plain generate, batch 8, 150 forced new tokens, same NF4 model
             subset = [build_prompt(s.tokens, "simple") for s in sentences[:PEER_SENTENCES]]
             start = time.perf_counter()
@@ -129,8 +165,12 @@ def part_b() -> dict:
                 enc = tok(subset[b : b + 8], return_tensors="pt", padding=True).to(DEVICE)
                 model.generate(**enc, max_new_tokens=150, min_new_tokens=150, do_sample=False)
             peer_s = time.perf_counter() - start
-            results["peer-generate-batch8"] = {"sentences": len(subset), "seconds": peer_s,
-                                               "sentences_per_s": len(subset) / peer_s, "extrapolated": False}
+            results["peer-generate-batch8"] = {
+                "sentences": len(subset),
+                "seconds": peer_s,
+                "sentences_per_s": len(subset) / peer_s,
+                "extrapolated": False,
+            }
         del model
         if DEVICE.type == "cuda":
             torch.cuda.empty_cache()

@@ -6,14 +6,13 @@ Settings: MICRO (sequences per forward, 0 = all 16 at once), CKPT (1 = gradient 
 the decoder layers), STEPS, TOP. The header line gives wall seconds per step; the tables end with the total self
 CPU and GPU time, so GPU time over wall time says whether the GPU or the Python side is the bottleneck.
 """
+
 import os
 import shutil
 from pathlib import Path
 
-import torch
-from torch.profiler import ProfilerActivity, profile, schedule
-
 import bench_train  # the model shape, data and step settings of the speed benchmark
+from torch.profiler import ProfilerActivity, profile, schedule
 
 MICRO = int(os.environ.get("MICRO", "0"))
 CKPT = os.environ.get("CKPT", "1") == "1"
@@ -29,10 +28,24 @@ def main() -> None:
     bench_train.make_model()
     cuda = bench_train.DEVICE.type == "cuda"
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-    config = TrainConfig(model=str(bench_train.MODEL_DIR), output_dir="/tmp/profile-train", limit=(STEPS + bench_train.WARMUP) * 16,
-                         batch_size=16, micro_batch_size=MICRO, max_steps=STEPS + bench_train.WARMUP, lr=bench_train.LR,
-                         lora_r=64, lora_alpha=16, lora_dropout=0.1, gradient_checkpointing=CKPT, compile=COMPILE, save_every=0,
-                         eval_after=False, resume=False, experiment="profile")
+    config = TrainConfig(
+        model=str(bench_train.MODEL_DIR),
+        output_dir="/tmp/profile-train",
+        limit=(STEPS + bench_train.WARMUP) * 16,
+        batch_size=16,
+        micro_batch_size=MICRO,
+        max_steps=STEPS + bench_train.WARMUP,
+        lr=bench_train.LR,
+        lora_r=64,
+        lora_alpha=16,
+        lora_dropout=0.1,
+        gradient_checkpointing=CKPT,
+        compile=COMPILE,
+        save_every=0,
+        eval_after=False,
+        resume=False,
+        experiment="profile",
+    )
     shutil.rmtree(config.output_dir, ignore_errors=True)
     walls = []
 
@@ -40,12 +53,16 @@ def main() -> None:
         walls.append(metrics["step_s"])
         prof.step()
 
-    with profile(activities=activities, schedule=schedule(wait=0, warmup=bench_train.WARMUP, active=STEPS, repeat=1)) as prof:
+    with profile(
+        activities=activities, schedule=schedule(wait=0, warmup=bench_train.WARMUP, active=STEPS, repeat=1)
+    ) as prof:
         train_adapter(config, device=bench_train.DEVICE, on_step=on_step)
-    wall = sum(walls[bench_train.WARMUP:]) / len(walls[bench_train.WARMUP:])
+    wall = sum(walls[bench_train.WARMUP :]) / len(walls[bench_train.WARMUP :])
     averages = prof.key_averages()
-    tables = [f"# {STEPS} steps, micro-batch {MICRO or 16}, checkpointing {CKPT}, compile {COMPILE}, device {bench_train.DEVICE}, "
-              f"{wall:.3f} s per step wall (profiled, {STEPS * wall:.2f} s in all)\n"]
+    tables = [
+        f"# {STEPS} steps, micro-batch {MICRO or 16}, checkpointing {CKPT}, compile {COMPILE}, device {bench_train.DEVICE}, "
+        f"{wall:.3f} s per step wall (profiled, {STEPS * wall:.2f} s in all)\n"
+    ]
     for key in (["self_device_time_total"] if cuda else []) + ["self_cpu_time_total"]:
         tables.append(f"## by {key}\n" + averages.table(sort_by=key, row_limit=TOP, max_name_column_width=60))
     text = "\n".join(tables)

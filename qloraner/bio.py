@@ -1,8 +1,10 @@
 """IOB2 tags <-> entity mentions. Pure functions; the IOB2 rules are data, not branches."""
+
 from __future__ import annotations
 
 import string
-from typing import Callable, NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple
 
 from qloraner import ENTITY_TYPES
 
@@ -53,7 +55,11 @@ def _continues(prev: str, tag: str) -> bool:
 
 
 def to_iob2(tags: list[str] | tuple[str, ...]) -> list[str]:
-    """Rewrite IOB1 (or already IOB2) tags as IOB2: an I- that starts a chunk becomes B-."""
+    """Rewrite IOB1 (or already IOB2) tags as IOB2: an I- that starts a chunk becomes B-.
+
+    >>> to_iob2(["I-PER", "I-PER", "O", "I-LOC", "B-LOC"])
+    ['B-PER', 'I-PER', 'O', 'B-LOC', 'B-LOC']
+    """
     out: list[str] = []
     prev = "O"
     for tag in tags:
@@ -131,6 +137,9 @@ def entities_to_bio(tokens: list[str] | tuple[str, ...], entities: dict[str, lis
     Among mentions of equal length, the one listed first claims first: in `Entities.listed`
     order, else type by type in `ENTITY_TYPES` order. Always returns len(tokens) valid IOB2
     tags. Repeated mentions tag successive occurrences; a mention found nowhere is dropped.
+
+    >>> entities_to_bio("Peter Blackburn of the EU".split(), {"PER": ["Peter Blackburn"], "ORG": ["EU", "UN"]})
+    ['B-PER', 'I-PER', 'O', 'O', 'B-ORG']
     """
     tokens = list(tokens)
     if isinstance(entities, Entities):

@@ -27,6 +27,7 @@ COMPATIBLE_KEYS = (
     "batch_size",
     "seed",
     "limit",
+    "recipe",
 )
 
 
@@ -85,7 +86,11 @@ def latest(output_dir: Path) -> Path | None:
 def check_compatible(ckpt: Path, config: TrainConfig) -> None:
     """Refuse a checkpoint made with other settings in COMPATIBLE_KEYS (one without a response format is lines)."""
     saved = {"response_format": "lines", **json.loads((ckpt / "train_config.json").read_text())}
-    diff = [f"{k}={saved.get(k)!r} (now {getattr(config, k)!r})" for k in COMPATIBLE_KEYS if saved.get(k) != getattr(config, k)]
+    diff = [
+        f"{k}={saved.get(k)!r} (now {getattr(config, k)!r})"
+        for k in COMPATIBLE_KEYS
+        if saved.get(k) != getattr(config, k)
+    ]
     if diff:
         raise QloranerError(
             f"{ckpt}: incompatible checkpoint, trained with {', '.join(diff)}; use another --output-dir or --no-resume"

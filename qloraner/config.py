@@ -33,8 +33,12 @@ def batch_size_or_auto(text: str) -> int | str:
     return text if text == "auto" else int(text)
 
 
-_BOUNDS = {"gt": (">", lambda v, b: v > b), "ge": (">=", lambda v, b: v >= b),
-           "lt": ("<", lambda v, b: v < b), "le": ("<=", lambda v, b: v <= b)}  # fmt: skip
+_BOUNDS = {
+    "gt": (">", lambda v, b: v > b),
+    "ge": (">=", lambda v, b: v >= b),
+    "lt": ("<", lambda v, b: v < b),
+    "le": ("<=", lambda v, b: v <= b),
+}
 
 
 def _bound_message(meta: dict) -> str:
@@ -72,16 +76,21 @@ def _raise_if(errors: list[str]) -> None:
 class TrainConfig:
     recipe: str | None = opt(None, f"a recipe in recipes/ (by name) or a TOML file; default {DEFAULT_RECIPE}")
     model: str = opt("smollm2-135m-instruct", "base checkpoint: a local folder, a hub id, or the embedded default")
-    data_dir: str | None = opt(None, "CoNLL-2003 folder (train/valid/test.txt); default $CONLL_DIR, else datasets/conll2003")
+    data_dir: str | None = opt(
+        None, "CoNLL-2003 folder (train/valid/test.txt); default $CONLL_DIR, else datasets/conll2003"
+    )
     output_dir: str = opt("outputs/run", "where checkpoints, the final adapter and the MLflow store go")
     prompt: str = opt("simple", "prompt template", choices=tuple(TEMPLATES))
-    response_format: str = opt("lines", "answer the model learns: [TYPE] mention lines, or one JSON object",
-                               choices=tuple(RENDERERS))  # fmt: skip
+    response_format: str = opt(
+        "lines", "answer the model learns: [TYPE] mention lines, or one JSON object", choices=tuple(RENDERERS)
+    )
     epochs: float = opt(1.0, "passes over the training data (ignored when --max-steps is set)", ge=0)
     max_steps: int = opt(0, "optimizer steps to run; 0 derives them from --epochs", ge=0)
     limit: int = opt(0, "use only the first N training sentences (0 = all)", ge=0)
     batch_size: int = opt(16, "sequences per optimizer step, the same whatever the number of processes", gt=0)
-    micro_batch_size: int = opt(0, "most sequences per forward pass in one process (memory); 0 = batch / processes", ge=0)
+    micro_batch_size: int = opt(
+        0, "most sequences per forward pass in one process (memory); 0 = batch / processes", ge=0
+    )
     lr: float = opt(2e-4, "peak learning rate", gt=0)
     warmup_steps: int = opt(10, "linear warm-up steps before cosine decay", ge=0)
     min_lr_ratio: float = opt(0.1, "final learning rate as a fraction of --lr", ge=0, le=1)
@@ -93,8 +102,11 @@ class TrainConfig:
     target_modules: str = opt("q_proj,v_proj", "comma-separated module names, or all-linear")
     max_length: int = opt(512, "truncate examples to this many tokens", gt=0)
     gradient_checkpointing: bool = opt(True, "recompute activations in backward (non-reentrant)")
-    compile: bool | None = opt(None, "torch.compile each decoder layer; default: on for CUDA GPUs with Triton and a C "
-                                     "compiler, off elsewhere (the first steps compile)")  # fmt: skip
+    compile: bool | None = opt(
+        None,
+        "torch.compile each decoder layer; default: on for CUDA GPUs with Triton and a C "
+        "compiler, off elsewhere (the first steps compile)",
+    )
     seed: int = opt(42, "seed for data order, dropout and LoRA init")
     save_every: int = opt(200, "save a checkpoint every N optimizer steps (0 = only at the end)", ge=0)
     log_every: int = opt(1, "log metrics to MLflow every N steps", gt=0)
@@ -124,13 +136,18 @@ class EvalConfig:
     data_dir: str | None = opt(None, "CoNLL-2003 folder; default $CONLL_DIR, else datasets/conll2003")
     split: str = opt("test", "split to evaluate", choices=("train", "valid", "test"))
     limit: int = opt(0, "evaluate only the first N sentences (smoke runs; 0 = the full split)", ge=0)
-    batch_size: int | str = opt("auto", "prompts per generation batch; auto sizes it from free GPU memory and the "
-                                        "model's KV cache (64 on CPU)", gt=0, parse=batch_size_or_auto)  # fmt: skip
+    batch_size: int | str = opt(
+        "auto",
+        "prompts per generation batch; auto sizes it from free GPU memory and the model's KV cache (64 on CPU)",
+        gt=0,
+        parse=batch_size_or_auto,
+    )
     max_new_tokens: int = opt(256, "upper bound on generated tokens (also bounded by sentence length)", gt=0)
     max_prompt_tokens: int = opt(1024, "prompts longer than this are truncated (counted and reported)", gt=0)
     prompt: str | None = opt(None, "prompt template; default: the adapter's, else simple", choices=tuple(TEMPLATES))
-    response_format: str | None = opt(None, "answer format the prompt asks for; default: the adapter's, else lines",
-                                      choices=tuple(RENDERERS))  # fmt: skip
+    response_format: str | None = opt(
+        None, "answer format the prompt asks for; default: the adapter's, else lines", choices=tuple(RENDERERS)
+    )
     compare_base: bool = opt(False, "also evaluate the base model and write a side-by-side table")
     merge: bool = opt(False, "merge the adapter into the NF4 base dequantized to bf16 (the weights it was trained on)")
     output_dir: str | None = opt(None, "where metrics and responses go; default <adapter>/../eval or outputs/eval")
@@ -170,9 +187,12 @@ def load_recipe(cls, name: str) -> tuple[str, dict]:
     errors += [
         f"{k} = {v!r} is not {_base_type(by_name[k])}"
         for k, v in values.items()
-        if k in by_name and (not isinstance(v, _TYPES[_base_type(by_name[k])]) or
-                             (isinstance(v, bool) and _base_type(by_name[k]) != "bool"))
-    ]  # fmt: skip
+        if k in by_name
+        and (
+            not isinstance(v, _TYPES[_base_type(by_name[k])])
+            or (isinstance(v, bool) and _base_type(by_name[k]) != "bool")
+        )
+    ]
     if errors:
         raise QloranerError(f"{path}: " + "; ".join(errors) + f" (keys: {', '.join(by_name)})")
     return (path.stem if path.parent == RECIPES else str(path)), values

@@ -1,4 +1,5 @@
 """Reading CoNLL-2003 files: `token POS chunk NER` lines, blank lines between sentences."""
+
 from __future__ import annotations
 
 import os
@@ -52,7 +53,9 @@ def read_conll(path: str | Path) -> list[Sentence]:
         elif fields[0] == "-DOCSTART-":
             flush()
         elif len(fields) != 4:
-            raise QloranerError(f"{path}:{lineno}: expected 4 columns (token POS chunk NER), got {len(fields)}: {line!r}")
+            raise QloranerError(
+                f"{path}:{lineno}: expected 4 columns (token POS chunk NER), got {len(fields)}: {line!r}"
+            )
         else:
             _check_tag(fields[3], f"{path}:{lineno}")
             tokens.append(fields[0])
@@ -79,7 +82,9 @@ def resolve_data_dir(cli_value: str | None, project_root: Path) -> Path:
     fetch = project_root / "datasets" / "fetch_conll2003.sh"
     if chosen is None and not default.is_dir() and fetch.is_file():
         if subprocess.run(["bash", str(fetch)], check=False).returncode != 0:
-            raise QloranerError(f"no CoNLL-2003 data: {fetch.name} could not fetch it; set CONLL_DIR or pass --data-dir")
+            raise QloranerError(
+                f"no CoNLL-2003 data: {fetch.name} could not fetch it; set CONLL_DIR or pass --data-dir"
+            )
     path = Path(chosen or default)
     if not path.is_dir():
         raise QloranerError(

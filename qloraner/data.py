@@ -1,4 +1,5 @@
 """Instruction examples: prompt templates, the instruction-data file, token ids and label masks."""
+
 from __future__ import annotations
 
 import hashlib
@@ -32,11 +33,13 @@ _EXAMPLES = {  # the few-shot example, its answer in each response format
     for fmt in RENDERERS
 }
 # The prompt ends in a newline, so no tokenizer merges its last token with the response's first.
+_ASK = "### Instruction:\nExtract named entities from the sentence. {rules}"
+_TAIL = "\n\n### Sentence:\n{sentence}\n\n### Response:\n"
 TEMPLATES = {
-    "simple": "### Instruction:\nExtract named entities from the sentence. {rules}\n\n### Sentence:\n{sentence}\n\n### Response:\n",
-    "typed": "### Instruction:\nExtract named entities from the sentence. {rules}\n{types}\n\n### Sentence:\n{sentence}\n\n### Response:\n",
-    "fewshot": "### Instruction:\nExtract named entities from the sentence. {rules}\n{types}\n{example}\n\n### Sentence:\n{sentence}\n\n### Response:\n",
-}  # fmt: skip
+    "simple": _ASK + _TAIL,
+    "typed": _ASK + "\n{types}" + _TAIL,
+    "fewshot": _ASK + "\n{types}\n{example}" + _TAIL,
+}
 
 
 def build_prompt(tokens: tuple[str, ...] | list[str], template: str, response_format: str = "lines") -> str:
@@ -46,7 +49,10 @@ def build_prompt(tokens: tuple[str, ...] | list[str], template: str, response_fo
     if response_format not in RENDERERS:
         raise QloranerError(f"unknown response format {response_format!r}; choose one of {', '.join(RENDERERS)}")
     return TEMPLATES[template].format(
-        rules=FORMAT_RULES[response_format], types=_TYPE_MEANINGS, example=_EXAMPLES[response_format], sentence=" ".join(tokens)
+        rules=FORMAT_RULES[response_format],
+        types=_TYPE_MEANINGS,
+        example=_EXAMPLES[response_format],
+        sentence=" ".join(tokens),
     )
 
 
@@ -78,8 +84,12 @@ def instruction_data(
     source = Path(data_dir) / "train.txt"
     if not source.is_file():
         raise QloranerError(f"{source}: file not found")
-    key = {"source_sha256": _sha256(source), "template": template, "response_format": response_format,
-           "format_version": FORMAT_VERSION}
+    key = {
+        "source_sha256": _sha256(source),
+        "template": template,
+        "response_format": response_format,
+        "format_version": FORMAT_VERSION,
+    }
     manifest = {"source": str(source), **key}
     records = None
     if out_path.is_file():
@@ -127,7 +137,9 @@ def encode(tokenizer, prompts: list[str], responses: list[str], max_length: int 
     return out
 
 
-def length_grouped_batches(lengths: list[int], batch_size: int, seed: int, epoch: int, group: int = 64) -> list[list[int]]:
+def length_grouped_batches(
+    lengths: list[int], batch_size: int, seed: int, epoch: int, group: int = 64
+) -> list[list[int]]:
     """Indices in batches of similar length, deterministic for (seed, epoch).
 
     Shuffle, sort within windows of `group` batches so padding stays short, then shuffle

@@ -58,8 +58,9 @@ def _stopped(tokenizer, row: list[int], eos: int, newline: dict[int, bool]) -> b
 
 
 @torch.no_grad()
-def generate_greedy(model, tokenizer, prompts: list[list[int]], budgets: list[int], batch_size: int,
-                    progress=None) -> Generation:  # fmt: skip
+def generate_greedy(
+    model, tokenizer, prompts: list[list[int]], budgets: list[int], batch_size: int, progress=None
+) -> Generation:
     """Greedy decoding in batches of similar length: left padding, an attention mask, a KV cache.
 
     A row stops at EOS or at a blank line and never grows after; a batch ends when all its
@@ -84,8 +85,14 @@ def generate_greedy(model, tokenizer, prompts: list[list[int]], budgets: list[in
         done = torch.zeros(len(idx), dtype=torch.bool)
         cache = None
         for _ in range(max(budgets[i] for i in idx)):
-            step = model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
-                         use_cache=True, logits_to_keep=1)  # the LM head on the last position only
+            step = model(
+                input_ids=ids,
+                attention_mask=mask,
+                position_ids=positions,
+                past_key_values=cache,
+                use_cache=True,
+                logits_to_keep=1,
+            )  # the LM head on the last position only
             passes += 1
             cache = step.past_key_values
             nxt = step.logits[:, -1].argmax(-1).cpu()

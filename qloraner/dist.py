@@ -1,4 +1,5 @@
 """torch.distributed under torchrun (NCCL on GPUs, gloo on CPU); a no-op in a single process."""
+
 from __future__ import annotations
 
 import contextlib

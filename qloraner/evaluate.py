@@ -1,4 +1,5 @@
 """Batched greedy decoding on a CoNLL-2003 split, scored with seqeval; base vs fine-tuned."""
+
 from __future__ import annotations
 
 import json
@@ -15,8 +16,8 @@ from qloraner.bio import entities_to_bio
 from qloraner.config import EvalConfig, as_dict, from_args
 from qloraner.conll import Sentence, read_split, resolve_data_dir
 from qloraner.data import build_prompt
-from qloraner.metrics import error_analysis, score
 from qloraner.decode import auto_batch_size, generate_greedy, response_budget
+from qloraner.metrics import error_analysis, score
 from qloraner.model import DEFAULT_MODEL, load_base, load_tokenizer, resolve_model
 from qloraner.parse import is_explicit_empty, parse_response
 from qloraner.progress import Progress
@@ -24,7 +25,9 @@ from qloraner.progress import Progress
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _prompts(tokenizer, sentences: list[Sentence], prompting: dict, max_prompt_tokens: int) -> tuple[list[list[int]], list[int]]:
+def _prompts(
+    tokenizer, sentences: list[Sentence], prompting: dict, max_prompt_tokens: int
+) -> tuple[list[list[int]], list[int]]:
     """Prompt ids per sentence; over-long sentences are cut to fit (their cut tokens score as O)."""
     ids, kept = [], []
     for s in sentences:
@@ -38,8 +41,16 @@ def _prompts(tokenizer, sentences: list[Sentence], prompting: dict, max_prompt_t
     return ids, kept
 
 
-def respond(model, tokenizer, sentences: list[Sentence], prompting: dict, config: EvalConfig, label: str,
-            batch_size: int, show: bool = True) -> tuple[list[dict], dict]:
+def respond(
+    model,
+    tokenizer,
+    sentences: list[Sentence],
+    prompting: dict,
+    config: EvalConfig,
+    label: str,
+    batch_size: int,
+    show: bool = True,
+) -> tuple[list[dict], dict]:
     """Generate and parse one model's responses; rows hold tokens, gold and predicted tags.
 
     `prompting` names the prompt template and response format (`load_for_eval` gives them).
@@ -47,7 +58,9 @@ def respond(model, tokenizer, sentences: list[Sentence], prompting: dict, config
     prompt_ids, kept = _prompts(tokenizer, sentences, prompting, config.max_prompt_tokens)
     truncated = sum(k < len(s.tokens) for k, s in zip(kept, sentences))
     if truncated:
-        warnings.warn(f"{truncated} sentence(s) cut to fit --max-prompt-tokens {config.max_prompt_tokens}", stacklevel=2)
+        warnings.warn(
+            f"{truncated} sentence(s) cut to fit --max-prompt-tokens {config.max_prompt_tokens}", stacklevel=2
+        )
     budgets = [response_budget(tokenizer, s.tokens[:k], config.max_new_tokens) for s, k in zip(sentences, kept)]
     start = time.perf_counter()
     progress = Progress(len(sentences), f"eval {label}", "sentences", enabled=show)
@@ -55,17 +68,28 @@ def respond(model, tokenizer, sentences: list[Sentence], prompting: dict, config
         gen = generate_greedy(model, tokenizer, prompt_ids, budgets, batch_size, progress=progress)
     finally:
         progress.close()
-    stats = {"seconds": time.perf_counter() - start, "forward_passes": gen.forward_passes,
-             "truncated_sentences": truncated, "batch_size": batch_size}
+    stats = {
+        "seconds": time.perf_counter() - start,
+        "forward_passes": gen.forward_passes,
+        "truncated_sentences": truncated,
+        "batch_size": batch_size,
+    }
     rows = []
     for s, k, toks in zip(sentences, kept, gen.tokens):
         raw = tokenizer.decode(toks, skip_special_tokens=True)
         entities = parse_response(raw)
         pred = entities_to_bio(s.tokens[:k], entities) + ["O"] * (len(s.tokens) - k)
-        rows.append({"tokens": list(s.tokens), "gold_tags": list(s.tags), "raw_response": raw,
-                     "entities": {t: entities.get(t, []) for t in ENTITY_TYPES}, "pred_tags": pred,
-                     "parse_failure": bool(raw.strip()) and not entities and not is_explicit_empty(raw),
-                     "generated_tokens": len(toks)})
+        rows.append(
+            {
+                "tokens": list(s.tokens),
+                "gold_tags": list(s.tags),
+                "raw_response": raw,
+                "entities": {t: entities.get(t, []) for t in ENTITY_TYPES},
+                "pred_tags": pred,
+                "parse_failure": bool(raw.strip()) and not entities and not is_explicit_empty(raw),
+                "generated_tokens": len(toks),
+            }
+        )
     return rows, stats
 
 
@@ -99,17 +123,22 @@ def _merge_shards(shards: list[tuple[list[int], list[dict], dict]], n: int) -> t
     for indices, shard_rows, _ in shards:
         for i, row in zip(indices, shard_rows):
             rows[i] = row
-    stats = {"seconds": max(s["seconds"] for _, _, s in shards),
-             "forward_passes": sum(s["forward_passes"] for _, _, s in shards),
-             "truncated_sentences": sum(s["truncated_sentences"] for _, _, s in shards),
-             "batch_size": shards[0][2]["batch_size"]}
+    stats = {
+        "seconds": max(s["seconds"] for _, _, s in shards),
+        "forward_passes": sum(s["forward_passes"] for _, _, s in shards),
+        "truncated_sentences": sum(s["truncated_sentences"] for _, _, s in shards),
+        "batch_size": shards[0][2]["batch_size"],
+    }
     return rows, stats
 
 
 def _adapter_settings(adapter: Path) -> dict:
     config = adapter / "train_config.json"
     if not (adapter / "adapter_config.json").is_file() or not config.is_file():
-        raise QloranerError(f"adapter not found: {adapter} (expected adapter_config.json and train_config.json, as in outputs/run/final)")
+        raise QloranerError(
+            f"adapter not found: {adapter} "
+            "(expected adapter_config.json and train_config.json, as in outputs/run/final)"
+        )
     return json.loads(config.read_text())
 
 
@@ -134,12 +163,16 @@ def load_for_eval(config: EvalConfig, device: torch.device):
         try:
             model = PeftModel.from_pretrained(base, config.adapter)
         except (RuntimeError, ValueError, KeyError) as err:
-            raise QloranerError(f"{config.adapter}: adapter does not fit {base_name}: {str(err).splitlines()[0][:200]}") from None
+            raise QloranerError(
+                f"{config.adapter}: adapter does not fit {base_name}: {str(err).splitlines()[0][:200]}"
+            ) from None
         if config.merge:
             model = model.merge_and_unload()
     model.eval()
-    prompting = {"prompt": config.prompt or trained.get("prompt") or "simple",
-                 "response_format": config.response_format or trained.get("response_format") or "lines"}
+    prompting = {
+        "prompt": config.prompt or trained.get("prompt") or "simple",
+        "response_format": config.response_format or trained.get("response_format") or "lines",
+    }
     return model, tokenizer, prompting, str(base_name)
 
 
@@ -150,10 +183,12 @@ def comparison_table(results: dict[str, dict]) -> str:
     for key in ("precision", "recall", "f1"):
         lines.append(f"| {key} | " + " | ".join(f"{100 * results[n][key]:.2f}" for n in names) + " |")
     for t in ENTITY_TYPES:
-        lines.append(f"| F1 {t} | " + " | ".join(f"{100 * results[n]['per_type'][t]['f1-score']:.2f}" for n in names) + " |")
-    for key in ("parse_failures", *results[names[0]]["errors"]):
-        value = (lambda n: results[n][key]) if key == "parse_failures" else (lambda n: results[n]["errors"][key])
-        lines.append(f"| {key.replace('_', ' ')} | " + " | ".join(str(value(n)) for n in names) + " |")
+        lines.append(
+            f"| F1 {t} | " + " | ".join(f"{100 * results[n]['per_type'][t]['f1-score']:.2f}" for n in names) + " |"
+        )
+    counts = {n: {"parse_failures": results[n]["parse_failures"], **results[n]["errors"]} for n in names}
+    for key in counts[names[0]]:
+        lines.append(f"| {key.replace('_', ' ')} | " + " | ".join(str(counts[n][key]) for n in names) + " |")
     lines.append("| sentences/s | " + " | ".join(f"{results[n]['sentences_per_s']:.2f}" for n in names) + " |")
     return "\n".join(lines) + "\n"
 
@@ -190,8 +225,11 @@ def decode(config: EvalConfig, device: torch.device) -> tuple[dict, dict, dict]:
     model, tokenizer, prompting, base_name = load_for_eval(config, device)
     batch = batch_size_for(model, tokenizer, my_sentences, prompting, config)
     if rank == 0:
-        print(f"qloraner: evaluating {len(sentences)} {config.split} sentences on {_device_name(device)}, "
-              f"batch size {batch}{' (auto)' if config.batch_size == 'auto' else ''}", flush=True)
+        print(
+            f"qloraner: evaluating {len(sentences)} {config.split} sentences on {_device_name(device)}, "
+            f"batch size {batch}{' (auto)' if config.batch_size == 'auto' else ''}",
+            flush=True,
+        )
     name = "fine-tuned" if config.adapter else "base"
     shards = {}
     if config.compare_base:
@@ -239,8 +277,15 @@ def log_to_mlflow(out: Path, config: EvalConfig, context: dict, results: dict[st
     from qloraner.tracking import git_revision, start_run
 
     with start_run(out, config.experiment, run_name=f"eval-{context['name']}"):
-        mlflow.log_params({**as_dict(config), **context["prompting"], "model": context["model"],
-                           "git_revision": git_revision(), "world_size": context["world_size"]})
+        mlflow.log_params(
+            {
+                **as_dict(config),
+                **context["prompting"],
+                "model": context["model"],
+                "git_revision": git_revision(),
+                "world_size": context["world_size"],
+            }
+        )
         for label, m in results.items():
             prefix = "" if label == context["name"] else f"{label}_"
             keys = ("precision", "recall", "f1", "parse_failures", "sentences_per_s", "batch_size")
@@ -258,15 +303,25 @@ def evaluate_model(config: EvalConfig, device: torch.device | None = None) -> di
     and writes the same artifacts as one process would, in sentence order.
     """
     device = device or dist.setup()[2]
-    out = Path(config.output_dir or (Path(config.adapter).parent / "eval" if config.adapter else ROOT / "outputs" / "eval"))
+    out = Path(
+        config.output_dir or (Path(config.adapter).parent / "eval" if config.adapter else ROOT / "outputs" / "eval")
+    )
     responses, stats, context = decode(config, device)
     if not responses:  # not rank 0
         return {}
     results = {label: summarize(rows, stats[label]) for label, rows in responses.items()}
     name = context["name"]
-    metrics = {**results[name], "label": name, "model": context["model"], "adapter": config.adapter,
-               **context["prompting"], "split": config.split, "limit": config.limit,
-               "world_size": context["world_size"], "device": _device_name(device)}
+    metrics = {
+        **results[name],
+        "label": name,
+        "model": context["model"],
+        "adapter": config.adapter,
+        **context["prompting"],
+        "split": config.split,
+        "limit": config.limit,
+        "world_size": context["world_size"],
+        "device": _device_name(device),
+    }
     if config.compare_base:
         metrics["base"] = results["base"]
     write_artifacts(out, metrics, responses, results)
@@ -277,7 +332,9 @@ def evaluate_model(config: EvalConfig, device: torch.device | None = None) -> di
 
 def main(argv: list[str] | None = None) -> int:
     def body() -> int:
-        evaluate_model(from_args(EvalConfig, argv, "Evaluate a base model or LoRA adapter on CoNLL-2003 (./run_eval.sh)"))
+        evaluate_model(
+            from_args(EvalConfig, argv, "Evaluate a base model or LoRA adapter on CoNLL-2003 (./run_eval.sh)")
+        )
         return 0
 
     return run_main(body)

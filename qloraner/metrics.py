@@ -1,4 +1,5 @@
 """Entity-level scores (seqeval) and an error analysis of predicted against gold spans."""
+
 from __future__ import annotations
 
 from collections import Counter

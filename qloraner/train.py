@@ -135,6 +135,27 @@ def _use_compile(config: TrainConfig, device: torch.device) -> bool:
     return reason is None
 
 
+def _build_model(config: TrainConfig, model_path, device: torch.device, rank: int):
+    """The NF4 base with a fresh LoRA adapter (the same init on every rank), compiled when asked."""
+    torch.manual_seed(config.seed)
+    random.seed(config.seed)
+    in_graph = config.compile and config.gradient_checkpointing and device.type in RECOMPUTE_IN_GRAPH_ON
+    model = add_lora(
+        load_base(model_path, device),
+        r=config.lora_r,
+        alpha=config.lora_alpha,
+        dropout=config.lora_dropout,
+        target_modules=config.target_module_list,
+        checkpointing=config.gradient_checkpointing and not in_graph,
+    )
+    if config.compile:
+        compile_layers(model, recompute_in_graph=in_graph)
+    if rank:  # after the shared init, each rank its own dropout masks
+        torch.manual_seed(config.seed + rank)
+        random.seed(config.seed + rank)
+    return model
+
+
 def prepare(config: TrainConfig, device: torch.device | None = None) -> Run:
     """Data, model, optimizer and state of a run, restored from the newest complete checkpoint when one exists;
     the MLflow run started (rank 0)."""
@@ -149,28 +170,21 @@ def prepare(config: TrainConfig, device: torch.device | None = None) -> Run:
     data_dir = resolve_data_dir(config.data_dir, ROOT)
     model_path = resolve_model(config.model)
     tokenizer = load_tokenizer(model_path)
-    records, manifest = instruction_data(data_dir, config.prompt, ROOT / "datasets" / "ner_instruct_data.json",
-                                         config.limit, config.response_format)  # fmt: skip
+    records, manifest = instruction_data(
+        data_dir, config.prompt, ROOT / "datasets" / "ner_instruct_data.json", config.limit, config.response_format
+    )
     examples = encode(tokenizer, [r["prompt"] for r in records], [r["response"] for r in records], config.max_length)
     micro = config.micro_batch_size or math.ceil(config.batch_size / world)
     total = config.max_steps or math.ceil(config.epochs * math.ceil(len(examples) / config.batch_size))
 
-    torch.manual_seed(config.seed)  # the same LoRA init on every rank
-    random.seed(config.seed)
-    in_graph = config.compile and config.gradient_checkpointing and device.type in RECOMPUTE_IN_GRAPH_ON
-    model = add_lora(load_base(model_path, device), r=config.lora_r, alpha=config.lora_alpha,
-                     dropout=config.lora_dropout, target_modules=config.target_module_list,
-                     checkpointing=config.gradient_checkpointing and not in_graph)  # fmt: skip
-    if config.compile:
-        compile_layers(model, recompute_in_graph=in_graph)
-    if rank:  # after the shared init, each rank its own dropout masks
-        torch.manual_seed(config.seed + rank)
-        random.seed(config.seed + rank)
+    model = _build_model(config, model_path, device, rank)
     import bitsandbytes as bnb  # after the checks above: importing it prints a line about optional CPU kernels
 
     optimizer = bnb.optim.PagedAdamW(list(_trainable(model).values()), lr=config.lr, weight_decay=config.weight_decay)
-    run = Run(config, device, rank, world, tokenizer, examples, total, micro, math.ceil(config.batch_size / (world * micro)),
-              model, dist.wrap_lora(SupervisedLoss(model), device), optimizer, {"step": 0, "run_id": None}, ckpt)
+    accum = math.ceil(config.batch_size / (world * micro))
+    net = dist.wrap_lora(SupervisedLoss(model), device)
+    state = {"step": 0, "run_id": None}
+    run = Run(config, device, rank, world, tokenizer, examples, total, micro, accum, model, net, optimizer, state, ckpt)
     if ckpt:
         run.state = checkpoint.restore(ckpt, model, optimizer, rank)
     if run.main:
@@ -187,18 +201,32 @@ def _start_tracking(run: Run, model_path, manifest: dict, resumed: Path | None) 
     config = run.config
     run.state["run_id"] = start_run(run.out, config.experiment, run_id=run.state["run_id"]).info.run_id
     if not resumed:
-        mlflow.log_params({**as_dict(config), "model_path": str(model_path), "git_revision": git_revision(),
-                           "train_examples": len(run.examples), "total_steps": run.total, "world_size": run.world,
-                           "micro_batch_per_process": run.micro, "accumulation_per_process": run.accum})
+        mlflow.log_params(
+            {
+                **as_dict(config),
+                "model_path": str(model_path),
+                "git_revision": git_revision(),
+                "train_examples": len(run.examples),
+                "total_steps": run.total,
+                "world_size": run.world,
+                "micro_batch_per_process": run.micro,
+                "accumulation_per_process": run.accum,
+            }
+        )
         (run.out / "instruction_manifest.json").write_text(json.dumps(manifest, indent=2))
         mlflow.log_artifact(str(run.out / "instruction_manifest.json"))
     tokens = run.total * config.batch_size * sum(run.lengths) / len(run.lengths)
     where = f"{run.world} x {torch.cuda.get_device_name(run.device)}" if run.device.type == "cuda" else "CPU"
-    print(f"qloraner: {'resuming from ' + str(resumed) + ', ' if resumed else ''}training {len(run.examples)} "
-          f"sequences, {run.total} steps of {config.batch_size} (about {tokens / 1e6:.2f}M tokens) on {where}, "
-          f"compile {'on' if config.compile else 'off'}, recipe {config.recipe or 'none'}", flush=True)
+    print(
+        f"qloraner: {'resuming from ' + str(resumed) + ', ' if resumed else ''}training {len(run.examples)} "
+        f"sequences, {run.total} steps of {config.batch_size} (about {tokens / 1e6:.2f}M tokens) on {where}, "
+        f"compile {'on' if config.compile else 'off'}, recipe {config.recipe or 'none'}",
+        flush=True,
+    )
     if run.device.type == "cpu" and tokens > 1e6:
-        print("qloraner: training on a CPU takes hours at this size; --limit and --max-steps make a short run", flush=True)
+        print(
+            "qloraner: training on a CPU takes hours at this size; --limit and --max-steps make a short run", flush=True
+        )
 
 
 def train_step(run: Run, step: int) -> dict[str, float]:
@@ -218,15 +246,22 @@ def train_step(run: Run, step: int) -> dict[str, float]:
             (loss * (run.world / n_sup)).backward()  # DDP averages over ranks: undo it to get the token sum
         loss_sum += loss.detach().float()
     if not torch.isfinite(dist.sum_(loss_sum)):  # NaN on any rank reaches every rank
-        raise QloranerError(f"non-finite loss at step {step + 1}; stopped before the update. "
-                            f"Last good checkpoint: {run.last_good or 'none'}")  # fmt: skip
+        raise QloranerError(
+            f"non-finite loss at step {step + 1}; stopped before the update. "
+            f"Last good checkpoint: {run.last_good or 'none'}"
+        )
     params = [p for group in run.optimizer.param_groups for p in group["params"]]
     grad_norm = torch.nn.utils.clip_grad_norm_(params, run.config.max_grad_norm or float("inf")).item()
     run.optimizer.step()
     run.optimizer.zero_grad(set_to_none=True)
     dt = time.perf_counter() - t0
-    metrics = {"loss": loss_sum.item() / n_sup, "grad_norm": grad_norm, "tokens_per_s": n_tok / dt,
-               "supervised_tokens_per_s": n_sup / dt, "step_s": dt}  # fmt: skip
+    metrics = {
+        "loss": loss_sum.item() / n_sup,
+        "grad_norm": grad_norm,
+        "tokens_per_s": n_tok / dt,
+        "supervised_tokens_per_s": n_sup / dt,
+        "step_s": dt,
+    }
     if run.device.type == "cuda":
         metrics["gpu_mem_gib"] = torch.cuda.max_memory_allocated(run.device) / 2**30
     return metrics
@@ -264,7 +299,9 @@ def train_adapter(config: TrainConfig, device: torch.device | None = None, on_st
         while run.state["step"] < run.total:
             step = run.state["step"]
             # determine and set the learning rate of this step
-            lr = get_lr(step, max_lr=config.lr, warmup=config.warmup_steps, total=run.total, min_ratio=config.min_lr_ratio)
+            lr = get_lr(
+                step, max_lr=config.lr, warmup=config.warmup_steps, total=run.total, min_ratio=config.min_lr_ratio
+            )
             for group in run.optimizer.param_groups:
                 group["lr"] = lr
             # forward, backward, clip and update
@@ -279,8 +316,9 @@ def train_adapter(config: TrainConfig, device: torch.device | None = None, on_st
             # checkpoint every save_every steps, and on a signal, then stop
             stopping = dist.any_(stop.signal is not None, run.device)  # all ranks stop at the same step
             if stopping or (config.save_every and step % config.save_every == 0 and step < run.total):
-                run.last_good = checkpoint.save(checkpoint.step_dir(run.out, step), run.model, run.optimizer,
-                                                run.state, config, run.rank)  # fmt: skip
+                run.last_good = checkpoint.save(
+                    checkpoint.step_dir(run.out, step), run.model, run.optimizer, run.state, config, run.rank
+                )
             if stopping:
                 if run.main:
                     print(f"qloraner: signal at step {step}: saved {run.last_good}; run again to resume", flush=True)
@@ -310,17 +348,29 @@ def main(argv: list[str] | None = None) -> int:
             return EXIT_PREEMPTED
         main_rank = dist.setup()[0] == 0
         if main_rank:
-            print(f"qloraner: trained {result.step} steps in {result.seconds:.0f} s; adapter in {result.final}", flush=True)
+            print(
+                f"qloraner: trained {result.step} steps in {result.seconds:.0f} s; adapter in {result.final}",
+                flush=True,
+            )
         if not config.eval_after:
             return 0
-        results = evaluate_model(EvalConfig(adapter=str(result.final), data_dir=config.data_dir,
-                                            output_dir=str(Path(config.output_dir) / "eval"),
-                                            experiment=config.experiment, limit=config.eval_limit))  # fmt: skip
+        results = evaluate_model(
+            EvalConfig(
+                adapter=str(result.final),
+                data_dir=config.data_dir,
+                output_dir=str(Path(config.output_dir) / "eval"),
+                experiment=config.experiment,
+                limit=config.eval_limit,
+            )
+        )
         if main_rank:
             m = results["fine-tuned"]
-            print(f"qloraner: done: F1 {100 * m['f1']:.2f} (P {100 * m['precision']:.2f}, R {100 * m['recall']:.2f}) on "
-                  f"{m['sentences']} test sentences; trained {result.seconds:.0f} s, evaluated {m['seconds']:.0f} s "
-                  f"({m['sentences_per_s']:.1f} sentences/s); recipe {config.recipe or 'none'}", flush=True)
+            print(
+                f"qloraner: done: F1 {100 * m['f1']:.2f} (P {100 * m['precision']:.2f}, R {100 * m['recall']:.2f}) on "
+                f"{m['sentences']} test sentences; trained {result.seconds:.0f} s, evaluated {m['seconds']:.0f} s "
+                f"({m['sentences_per_s']:.1f} sentences/s); recipe {config.recipe or 'none'}",
+                flush=True,
+            )
         return 0
 
     return run_main(body)

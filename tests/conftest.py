@@ -4,8 +4,14 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, settings
 
-settings.register_profile("ci", derandomize=True, max_examples=200, deadline=None, print_blob=True,
-                          suppress_health_check=[HealthCheck.too_slow])
+settings.register_profile(
+    "ci",
+    derandomize=True,
+    max_examples=200,
+    deadline=None,
+    print_blob=True,
+    suppress_health_check=[HealthCheck.too_slow],
+)
 settings.register_profile("dev", max_examples=100, deadline=None)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "dev"))
 
@@ -40,9 +46,18 @@ def tiny_model(tmp_path_factory, smol_checkpoint) -> Path:
 
     tok = AutoTokenizer.from_pretrained(smol_checkpoint)
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=2048,
-                         eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id, initializer_range=0.2)
+    config = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=2048,
+        eos_token_id=tok.eos_token_id,
+        bos_token_id=tok.bos_token_id,
+        initializer_range=0.2,
+    )
     path = tmp_path_factory.mktemp("tiny-llama")
     LlamaForCausalLM(config).save_pretrained(path)
     tok.save_pretrained(path)
@@ -65,9 +80,24 @@ def tiny_adapter(tmp_path_factory, tiny_model, conll_dir) -> Path:
     from qloraner.train import train_adapter
 
     out = tmp_path_factory.mktemp("tiny-adapter")
-    config = TrainConfig(model=str(tiny_model), data_dir=str(conll_dir), output_dir=str(out), limit=8, batch_size=8,
-                         max_steps=80, lr=1e-2, warmup_steps=5, lora_r=16, lora_alpha=32, lora_dropout=0.0,
-                         target_modules="all-linear", max_grad_norm=1.0, save_every=0, eval_after=False, experiment="test")
+    config = TrainConfig(
+        model=str(tiny_model),
+        data_dir=str(conll_dir),
+        output_dir=str(out),
+        limit=8,
+        batch_size=8,
+        max_steps=80,
+        lr=1e-2,
+        warmup_steps=5,
+        lora_r=16,
+        lora_alpha=32,
+        lora_dropout=0.0,
+        target_modules="all-linear",
+        max_grad_norm=1.0,
+        save_every=0,
+        eval_after=False,
+        experiment="test",
+    )
     return train_adapter(config).final
 
 
@@ -79,7 +109,25 @@ def trained_default(tmp_path_factory, conll_dir):
     out = tmp_path_factory.mktemp("e2e") / "run"
     env = {**os.environ, "CONLL_DIR": str(conll_dir)}
     env.pop("MLFLOW_TRACKING_URI", None)
-    proc = subprocess.run([str(ROOT / "run_train.sh"), "--limit", "32", "--max-steps", "4", "--batch-size", "8",
-                           "--save-every", "2", "--output-dir", str(out), "--no-eval"], capture_output=True, text=True, env=env)
+    proc = subprocess.run(
+        [
+            str(ROOT / "run_train.sh"),
+            "--limit",
+            "32",
+            "--max-steps",
+            "4",
+            "--batch-size",
+            "8",
+            "--save-every",
+            "2",
+            "--output-dir",
+            str(out),
+            "--no-eval",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
+    (out.parent / "stdout.log").write_text(proc.stdout)  # a pipe, as in a SLURM log: no terminal
     return out

@@ -1,4 +1,5 @@
 """Hypothesis strategies shared by the tests. Valid inputs are built directly, never filtered."""
+
 from __future__ import annotations
 
 import string
@@ -67,7 +68,12 @@ def gold_and_pred(draw) -> tuple[list[list[str]], list[list[str]]]:
 
 
 json_like = st.recursive(
-    st.none() | st.booleans() | st.integers() | st.text(max_size=10) | st.sampled_from(("LOC", "person", "Org", "misc")),
-    lambda kids: st.lists(kids, max_size=4) | st.dictionaries(st.text(max_size=8) | st.sampled_from(("PER", "type", "text")), kids, max_size=4),
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.text(max_size=10)
+    | st.sampled_from(("LOC", "person", "Org", "misc")),
+    lambda kids: st.lists(kids, max_size=4)
+    | st.dictionaries(st.text(max_size=8) | st.sampled_from(("PER", "type", "text")), kids, max_size=4),
     max_leaves=12,
 )

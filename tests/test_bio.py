@@ -16,7 +16,10 @@ def test_render_parse_tag_round_trip(sentence):
     assert entities_to_bio(tokens, parse_response(text)) == tags
 
 
-@given(st.lists(word, max_size=20), st.dictionaries(st.sampled_from(ENTITY_TYPES + ("DATE", "per")), st.lists(st.text(max_size=12), max_size=4)))
+@given(
+    st.lists(word, max_size=20),
+    st.dictionaries(st.sampled_from(ENTITY_TYPES + ("DATE", "per")), st.lists(st.text(max_size=12), max_size=4)),
+)
 def test_tagger_length_and_validity(tokens, entities):
     """Whatever the mentions, the tagger returns len(tokens) valid IOB2 tags of the four types."""
     tags = entities_to_bio(tokens, entities)
@@ -50,26 +53,52 @@ def test_spans_cover_exactly_the_tagged_tokens(sentence):
 
 # Real sentences and messy mentions: (tokens, entities, expected tags)
 CASES = [
-    pytest.param("Sao Paulo midfielder Andre was flown to Sao Paulo airport".split(),
-                 Entities([("ORG", "Sao Paulo"), ("PER", "Andre"), ("LOC", "Sao Paulo")]),
-                 "B-ORG I-ORG O B-PER O O O B-LOC I-LOC O".split(), id="same-text-two-types-in-order"),
-    pytest.param("Newmont proposed to Santa Fe a merger for Santa Fe shares".split(),
-                 Entities([("ORG", "Newmont"), ("LOC", "Santa Fe"), ("ORG", "Santa Fe")]),
-                 "B-ORG O O B-LOC I-LOC O O O B-ORG I-ORG O".split(), id="conll-test-santa-fe"),
-    pytest.param("the U.S. -based group".split(), {"MISC": ["U.S.-based"]},
-                 "O B-MISC I-MISC O".split(), id="mention-glues-split-punctuation"),
-    pytest.param("Peter Blackburn said".split(), {"PER": ["peter   BLACKBURN"]},
-                 "B-PER I-PER O".split(), id="case-and-whitespace"),
-    pytest.param("He visited Paris .".split(), {"LOC": ['"Paris."']},
-                 "O O B-LOC O".split(), id="quoted-with-trailing-period"),
-    pytest.param("Bank of Germany and Germany".split(), {"LOC": ["Germany"], "ORG": ["Bank of Germany"]},
-                 "B-ORG I-ORG I-ORG O B-LOC".split(), id="longer-span-claims-first"),
-    pytest.param("Japan beat Japan".split(), {"LOC": ["Japan", "Japan", "Japan"]},
-                 "B-LOC O B-LOC".split(), id="repeats-tag-successive-occurrences-extra-dropped"),
-    pytest.param("EU rejects German call".split(), {"ORG": ["European Union"], "MISC": [""]},
-                 "O O O O".split(), id="absent-and-empty-mentions-dropped"),
-    pytest.param("Smith Smith".split(), {"PER": ["Smith", "Smith"]},
-                 "B-PER B-PER".split(), id="adjacent-same-type"),
+    pytest.param(
+        "Sao Paulo midfielder Andre was flown to Sao Paulo airport".split(),
+        Entities([("ORG", "Sao Paulo"), ("PER", "Andre"), ("LOC", "Sao Paulo")]),
+        "B-ORG I-ORG O B-PER O O O B-LOC I-LOC O".split(),
+        id="same-text-two-types-in-order",
+    ),
+    pytest.param(
+        "Newmont proposed to Santa Fe a merger for Santa Fe shares".split(),
+        Entities([("ORG", "Newmont"), ("LOC", "Santa Fe"), ("ORG", "Santa Fe")]),
+        "B-ORG O O B-LOC I-LOC O O O B-ORG I-ORG O".split(),
+        id="conll-test-santa-fe",
+    ),
+    pytest.param(
+        "the U.S. -based group".split(),
+        {"MISC": ["U.S.-based"]},
+        "O B-MISC I-MISC O".split(),
+        id="mention-glues-split-punctuation",
+    ),
+    pytest.param(
+        "Peter Blackburn said".split(),
+        {"PER": ["peter   BLACKBURN"]},
+        "B-PER I-PER O".split(),
+        id="case-and-whitespace",
+    ),
+    pytest.param(
+        "He visited Paris .".split(), {"LOC": ['"Paris."']}, "O O B-LOC O".split(), id="quoted-with-trailing-period"
+    ),
+    pytest.param(
+        "Bank of Germany and Germany".split(),
+        {"LOC": ["Germany"], "ORG": ["Bank of Germany"]},
+        "B-ORG I-ORG I-ORG O B-LOC".split(),
+        id="longer-span-claims-first",
+    ),
+    pytest.param(
+        "Japan beat Japan".split(),
+        {"LOC": ["Japan", "Japan", "Japan"]},
+        "B-LOC O B-LOC".split(),
+        id="repeats-tag-successive-occurrences-extra-dropped",
+    ),
+    pytest.param(
+        "EU rejects German call".split(),
+        {"ORG": ["European Union"], "MISC": [""]},
+        "O O O O".split(),
+        id="absent-and-empty-mentions-dropped",
+    ),
+    pytest.param("Smith Smith".split(), {"PER": ["Smith", "Smith"]}, "B-PER B-PER".split(), id="adjacent-same-type"),
 ]
 
 
@@ -87,7 +116,10 @@ def test_oracle_round_trip_on_all_splits(conll_dir):
     for split in ("train", "valid", "test"):
         sentences = read_split(conll_dir, split)
         gold = [list(s.tags) for s in sentences]
-        pred = [entities_to_bio(s.tokens, parse_response(render_response(bio_to_entities(s.tokens, s.tags)))) for s in sentences]
+        pred = [
+            entities_to_bio(s.tokens, parse_response(render_response(bio_to_entities(s.tokens, s.tags))))
+            for s in sentences
+        ]
         assert pred == gold, split
         assert score(gold, pred)["f1"] == 1.0
 
@@ -102,5 +134,8 @@ def test_json_format_oracle_ceiling(conll_dir):
     for split in ("valid", "test"):
         sentences = read_split(conll_dir, split)
         gold = [list(s.tags) for s in sentences]
-        pred = [entities_to_bio(s.tokens, parse_response(render_response(bio_to_entities(s.tokens, s.tags), "json"))) for s in sentences]
+        pred = [
+            entities_to_bio(s.tokens, parse_response(render_response(bio_to_entities(s.tokens, s.tags), "json")))
+            for s in sentences
+        ]
         assert score(gold, pred)["f1"] >= 0.999, split

@@ -1,25 +1,30 @@
 import re
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from qloraner import QloranerError
-from qloraner.config import EvalConfig, TrainConfig, from_args
+from qloraner.config import DEFAULT_RECIPE, RECIPES, EvalConfig, TrainConfig, from_args, load_recipe
 
 
-@pytest.mark.parametrize(("cls", "settings", "message"), [
-    (TrainConfig, {"lora_r": 0}, "--lora-r: must be > 0"),
-    (TrainConfig, {"lora_dropout": 1.0}, "--lora-dropout: must be in [0, 1)"),
-    (TrainConfig, {"epochs": 0, "max_steps": 0}, "--epochs or --max-steps: one must be > 0"),
-    (TrainConfig, {"target_modules": " , "}, "--target-modules: name at least one module"),
-    (TrainConfig, {"micro_batch_size": -1}, "--micro-batch-size: must be >= 0"),
-    (TrainConfig, {"response_format": "yaml"}, "--response-format: 'yaml' is not one of lines, json"),
-    (EvalConfig, {"response_format": "xml"}, "--response-format: 'xml' is not one of lines, json"),
-    (TrainConfig, {"prompt": "chatty"}, "--prompt: 'chatty' is not one of simple, typed, fewshot"),
-    (EvalConfig, {"split": "dev"}, "--split: 'dev' is not one of train, valid, test"),
-    (EvalConfig, {"merge": True}, "--merge: needs --adapter"),
-    (EvalConfig, {"compare_base": True}, "--compare-base: needs --adapter"),
-    (EvalConfig, {"batch_size": 0}, "--batch-size: must be > 0"),
-])
+@pytest.mark.parametrize(
+    ("cls", "settings", "message"),
+    [
+        (TrainConfig, {"lora_r": 0}, "--lora-r: must be > 0"),
+        (TrainConfig, {"lora_dropout": 1.0}, "--lora-dropout: must be in [0, 1)"),
+        (TrainConfig, {"epochs": 0, "max_steps": 0}, "--epochs or --max-steps: one must be > 0"),
+        (TrainConfig, {"target_modules": " , "}, "--target-modules: name at least one module"),
+        (TrainConfig, {"micro_batch_size": -1}, "--micro-batch-size: must be >= 0"),
+        (TrainConfig, {"response_format": "yaml"}, "--response-format: 'yaml' is not one of lines, json"),
+        (EvalConfig, {"response_format": "xml"}, "--response-format: 'xml' is not one of lines, json"),
+        (TrainConfig, {"prompt": "chatty"}, "--prompt: 'chatty' is not one of simple, typed, fewshot"),
+        (EvalConfig, {"split": "dev"}, "--split: 'dev' is not one of train, valid, test"),
+        (EvalConfig, {"merge": True}, "--merge: needs --adapter"),
+        (EvalConfig, {"compare_base": True}, "--compare-base: needs --adapter"),
+        (EvalConfig, {"batch_size": 0}, "--batch-size: must be > 0"),
+    ],
+)
 def test_invalid_setting_is_named(cls, settings, message):
     """Each invalid setting is refused with its flag named."""
     with pytest.raises(QloranerError, match="invalid settings: .*" + re.escape(message)):
@@ -31,3 +36,64 @@ def test_all_errors_are_reported_at_once():
     with pytest.raises(QloranerError) as err:
         from_args(TrainConfig, ["--lora-r", "0", "--lr", "-1", "--lora-dropout", "1"], "test")
     assert all(flag in str(err.value) for flag in ("--lora-r", "--lr", "--lora-dropout"))
+
+
+@pytest.mark.parametrize("recipe", sorted(p.stem for p in RECIPES.glob("*.toml")))
+def test_each_recipe_loads_and_validates(recipe):
+    """Every recipe file parses, names only known settings of the right type, and passes the settings' checks."""
+    name, values = load_recipe(TrainConfig, recipe)
+    config = TrainConfig(**values, recipe=name)
+    assert name == recipe and values and all(getattr(config, k) == v for k, v in values.items())
+
+
+def test_no_recipe_flag_means_the_default_recipe():
+    """Without --recipe the embedded default's recipe applies, and its name is recorded."""
+    _, values = load_recipe(TrainConfig, DEFAULT_RECIPE)
+    config = from_args(TrainConfig, [], "test")
+    assert config.recipe == DEFAULT_RECIPE and all(getattr(config, k) == v for k, v in values.items())
+
+
+@given(lr=st.floats(1e-6, 1.0), batch=st.integers(1, 512), steps=st.integers(1, 10_000))
+def test_flags_override_the_recipe_which_overrides_defaults(lr, batch, steps):
+    """Flags win over the recipe; the recipe wins over the built-in defaults; unset, unrecipied fields keep them."""
+    config = from_args(TrainConfig, ["--recipe", DEFAULT_RECIPE, "--lr", repr(lr), "--max-steps", str(steps)], "test")
+    _, recipe = load_recipe(TrainConfig, DEFAULT_RECIPE)
+    assert (config.lr, config.max_steps) == (lr, steps)
+    assert config.batch_size == recipe["batch_size"] != TrainConfig.batch_size
+    assert config.warmup_steps == TrainConfig.warmup_steps and "warmup_steps" not in recipe
+    flagged = from_args(TrainConfig, ["--recipe", DEFAULT_RECIPE, "--batch-size", str(batch)], "test")
+    assert flagged.batch_size == batch
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("lr = 1e-3\nlearning_rate = 1e-3\n", "unknown key 'learning_rate'"),
+        ("lora_r = 8.5\n", "lora_r = 8.5 is not int"),
+        ("gradient_checkpointing = 1\n", "gradient_checkpointing = 1 is not bool"),
+        ("batch_size = true\n", "batch_size = True is not int"),
+        ("lr = [\n", "not a valid TOML recipe"),
+    ],
+)
+def test_bad_recipe_is_one_line_naming_the_file(tmp_path, text, message):
+    """A recipe with an unknown key, a wrong type or broken TOML is refused in one line that names the file."""
+    path = tmp_path / "mine.toml"
+    path.write_text(text)
+    with pytest.raises(QloranerError) as err:
+        from_args(TrainConfig, ["--recipe", str(path)], "test")
+    assert str(path) in str(err.value) and message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_missing_recipe_lists_the_known_ones():
+    """A recipe name that is neither in recipes/ nor a file is an error listing the recipes there are."""
+    with pytest.raises(QloranerError, match=r"recipe not found: nope \(give a TOML file or one of: .*smollm2-135m"):
+        from_args(TrainConfig, ["--recipe", "nope"], "test")
+
+
+@pytest.mark.parametrize(("value", "expected"), [("auto", "auto"), ("12", 12)])
+def test_eval_batch_size_is_auto_or_a_number(value, expected):
+    """--batch-size takes 'auto' (the default) or a whole number; anything else is named."""
+    assert EvalConfig().batch_size == "auto"
+    assert from_args(EvalConfig, ["--batch-size", value], "test").batch_size == expected
+    with pytest.raises(QloranerError, match="--batch-size: 'big' is neither auto nor a whole number"):
+        EvalConfig(batch_size="big")

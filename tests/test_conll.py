@@ -17,16 +17,21 @@ def test_real_split_counts_match_readme(conll_dir, split):
 def test_iob1_is_normalised(tmp_path):
     """IOB1 input (I- starting a chunk, B- only between touching chunks) reads as IOB2."""
     f = tmp_path / "x.txt"
-    f.write_text("-DOCSTART- -X- -X- O\n\nU.N. NNP I-NP I-ORG\nofficial NN I-NP O\nEkeus NNP I-NP I-PER\nRolf NNP I-NP B-PER\n")
+    f.write_text(
+        "-DOCSTART- -X- -X- O\n\nU.N. NNP I-NP I-ORG\nofficial NN I-NP O\nEkeus NNP I-NP I-PER\nRolf NNP I-NP B-PER\n"
+    )
     (s,) = read_conll(f)
     assert s.tags == ("B-ORG", "O", "B-PER", "B-PER")
 
 
-@pytest.mark.parametrize("body,line,what", [
-    ("EU NNP B-NP B-ORG\nrejects VBZ B-VP\n", 2, "expected 4 columns"),
-    ("EU NNP B-NP B-ORG\n\nrejects VBZ B-VP X-ORG\n", 3, "bad NER tag"),
-    ("EU NNP B-NP B-\n", 1, "bad NER tag"),
-])
+@pytest.mark.parametrize(
+    "body,line,what",
+    [
+        ("EU NNP B-NP B-ORG\nrejects VBZ B-VP\n", 2, "expected 4 columns"),
+        ("EU NNP B-NP B-ORG\n\nrejects VBZ B-VP X-ORG\n", 3, "bad NER tag"),
+        ("EU NNP B-NP B-\n", 1, "bad NER tag"),
+    ],
+)
 def test_malformed_line_names_file_and_line(tmp_path, body, line, what):
     """A malformed line raises an error naming file:line and the fault."""
     f = tmp_path / "bad.txt"

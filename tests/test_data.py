@@ -6,7 +6,15 @@ from hypothesis import strategies as st
 
 from qloraner.bio import entities_to_bio
 from qloraner.conll import read_split
-from qloraner.data import IGNORE_INDEX, TEMPLATES, build_record, encode, instruction_data, length_grouped_batches, split_step
+from qloraner.data import (
+    IGNORE_INDEX,
+    TEMPLATES,
+    build_record,
+    encode,
+    instruction_data,
+    length_grouped_batches,
+    split_step,
+)
 from qloraner.model import load_tokenizer
 from qloraner.parse import parse_response
 
@@ -61,8 +69,11 @@ def test_length_grouped_batches_partition(lengths, batch_size, seed, epoch):
     assert batches == length_grouped_batches(lengths, batch_size, seed, epoch)
 
 
-@given(st.lists(st.integers(1, 200), min_size=1, max_size=64).flatmap(
-    lambda lengths: st.tuples(st.just(lengths), st.permutations(range(len(lengths))), st.integers(1, 12))))
+@given(
+    st.lists(st.integers(1, 200), min_size=1, max_size=64).flatmap(
+        lambda lengths: st.tuples(st.just(lengths), st.permutations(range(len(lengths))), st.integers(1, 12))
+    )
+)
 def test_split_step_partitions_evenly_by_length(case):
     """The parts cover the step's sequences once, differ in size by at most one, and never overlap in length order."""
     lengths, batch, parts = case

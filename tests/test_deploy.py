@@ -3,6 +3,7 @@
 SLURM tests need the one-node cluster that .ci/run starts (tests/slurm/start.sh); elsewhere they
 skip, except under CI=true, where a missing cluster fails them.
 """
+
 import json
 import os
 import re
@@ -20,8 +21,18 @@ import pytest
 
 from tests.conftest import ROOT
 
-SCRIPTS = ["env.sh", "run_train.sh", "run_eval.sh", "run_tests.sh", "slurm_job.sbatch", ".ci/run",
-           "datasets/fetch_conll2003.sh", "tests/slurm/start.sh", "tests/slurm/stop.sh", *map(str, Path(ROOT).glob("benchmarks/*.sh"))]
+SCRIPTS = [
+    "env.sh",
+    "run_train.sh",
+    "run_eval.sh",
+    "run_tests.sh",
+    "slurm_job.sbatch",
+    ".ci/run",
+    "datasets/fetch_conll2003.sh",
+    "tests/slurm/start.sh",
+    "tests/slurm/stop.sh",
+    *map(str, Path(ROOT).glob("benchmarks/*.sh")),
+]
 IN_CI = os.environ.get("CI") == "true"
 
 
@@ -31,7 +42,8 @@ def _need(condition: bool, why: str) -> None:
 
 
 def test_dockerfile_copies_what_exists_and_runs_an_entry_point():
-    """Every COPY source exists, the CMD is an executable entry point, the base is a CUDA image, no secret is baked in."""
+    """Every COPY source exists, the CMD is an executable entry point, the base is a CUDA image, no secret is baked
+    in."""
     commands = dockerfile.parse_file(str(ROOT / "Dockerfile"))
     by_cmd = {}
     for c in commands:
@@ -44,7 +56,9 @@ def test_dockerfile_copies_what_exists_and_runs_an_entry_point():
     (cmd,) = by_cmd["cmd"]
     entry = ROOT / cmd.value[0]
     assert entry.is_file() and os.access(entry, os.X_OK)
-    assert not re.search(r"TOKEN|SECRET|PASSWORD", (ROOT / "Dockerfile").read_text().replace("HUGGINGFACE_HUB_TOKEN", ""), re.I)
+    assert not re.search(
+        r"TOKEN|SECRET|PASSWORD", (ROOT / "Dockerfile").read_text().replace("HUGGINGFACE_HUB_TOKEN", ""), re.I
+    )
     assert "HUGGINGFACE_HUB_TOKEN" not in (ROOT / "Dockerfile").read_text()
 
 
@@ -73,10 +87,25 @@ def mlflow_server(tmp_path):
     """A real `mlflow server` on 127.0.0.1 with a sqlite store and a temp artifact root; stopped by pid."""
     port = _free_port()
     mlflow_bin = Path(sys.executable).with_name("mlflow")
-    proc = subprocess.Popen([str(mlflow_bin), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-                             "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
-                             "--artifacts-destination", str(tmp_path / "artifacts")],
-                            stdout=open(tmp_path / "server.log", "w"), stderr=subprocess.STDOUT, start_new_session=True)
+    proc = subprocess.Popen(
+        [
+            str(mlflow_bin),
+            "server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+            "--backend-store-uri",
+            f"sqlite:///{tmp_path / 'server.db'}",
+            "--artifacts-destination",
+            str(tmp_path / "artifacts"),
+        ],
+        stdout=open(tmp_path / "server.log", "w"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     base = f"http://127.0.0.1:{port}"
     try:
         for _ in range(120):
@@ -96,13 +125,37 @@ def mlflow_server(tmp_path):
 def test_train_and_eval_log_to_a_real_mlflow_server(mlflow_server, tmp_path, tiny_model, conll_dir):
     """run_train.sh (with its evaluation) logs params, metrics and artifacts that the server's REST API returns."""
     env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_server, "CONLL_DIR": str(conll_dir)}
-    proc = subprocess.run([str(ROOT / "run_train.sh"), "--model", str(tiny_model), "--limit", "8", "--max-steps", "3",
-                           "--batch-size", "4", "--lora-r", "4", "--eval-limit", "3", "--experiment", "server-test",
-                           "--output-dir", str(tmp_path / "run")], capture_output=True, text=True, env=env, cwd=ROOT)
+    proc = subprocess.run(
+        [
+            str(ROOT / "run_train.sh"),
+            "--model",
+            str(tiny_model),
+            "--limit",
+            "8",
+            "--max-steps",
+            "3",
+            "--batch-size",
+            "4",
+            "--lora-r",
+            "4",
+            "--eval-limit",
+            "3",
+            "--experiment",
+            "server-test",
+            "--output-dir",
+            str(tmp_path / "run"),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     exp = _api(mlflow_server, "/api/2.0/mlflow/experiments/get-by-name?experiment_name=server-test")["experiment"]
-    runs = {r["info"]["run_name"]: r for r in _api(mlflow_server, "/api/2.0/mlflow/runs/search",
-                                                   {"experiment_ids": [exp["experiment_id"]]})["runs"]}
+    runs = {
+        r["info"]["run_name"]: r
+        for r in _api(mlflow_server, "/api/2.0/mlflow/runs/search", {"experiment_ids": [exp["experiment_id"]]})["runs"]
+    }
     train = next(r for name, r in runs.items() if name != "eval-fine-tuned")
     params = {p["key"]: p["value"] for p in train["data"]["params"]}
     assert params["lora_r"] == "4" and params["max_steps"] == "3"
@@ -116,7 +169,10 @@ def test_train_and_eval_log_to_a_real_mlflow_server(mlflow_server, tmp_path, tin
 
 
 def _slurm_env(extra: dict) -> dict:
-    _need(bool(os.environ.get("SLURM_CONF")) and shutil.which("sbatch") is not None, "no SLURM cluster (start tests/slurm/start.sh)")
+    _need(
+        bool(os.environ.get("SLURM_CONF")) and shutil.which("sbatch") is not None,
+        "no SLURM cluster (start tests/slurm/start.sh)",
+    )
     return {**os.environ, **extra}
 
 
@@ -142,8 +198,21 @@ def _submit(env: dict, cpus: int = 1) -> str:
     """sbatch with a fresh job name, so the logs/NAME-ID.* files hold this job's lines only."""
     (ROOT / "logs").mkdir(exist_ok=True)
     name = f"qtest-{os.getpid()}-{time.time_ns()}"
-    proc = subprocess.run(["sbatch", "--parsable", f"--job-name={name}", f"--cpus-per-task={cpus}", "--mem=6G", "--time=20",
-                           "slurm_job.sbatch"], capture_output=True, text=True, env=env, cwd=ROOT)
+    proc = subprocess.run(
+        [
+            "sbatch",
+            "--parsable",
+            f"--job-name={name}",
+            f"--cpus-per-task={cpus}",
+            "--mem=6G",
+            "--time=20",
+            "slurm_job.sbatch",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+    )
     assert proc.returncode == 0, proc.stderr
     job = proc.stdout.strip().split(";")[0]
     _NAMES[job] = name
@@ -158,11 +227,19 @@ def _log(job_id: str) -> str:
 def test_sbatch_job_trains_then_evaluates(tmp_path, tiny_model, conll_dir):
     """sbatch slurm_job.sbatch on the real one-node cluster: COMPLETED, with an adapter, metrics.json and logs."""
     out = tmp_path / "job"
-    env = _slurm_env({"CONLL_DIR": str(conll_dir), "QLORANER_OUTPUT_DIR": str(out),
-                      "QLORANER_TRAIN_ARGS": f"--model {tiny_model} --limit 8 --max-steps 3 --batch-size 4 --lora-r 4 --eval-limit 3"})
+    env = _slurm_env(
+        {
+            "CONLL_DIR": str(conll_dir),
+            "QLORANER_OUTPUT_DIR": str(out),
+            "QLORANER_TRAIN_ARGS": f"--model {tiny_model} --limit 8 --max-steps 3 --batch-size 4 --lora-r 4 "
+            "--eval-limit 3",
+        }
+    )
     job = _submit(env)
     info = _wait(job, env, lambda i: i.get("JobState") in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"), 600)
-    print(f"scontrol show job {job}: JobState={info['JobState']} Restarts={info['Restarts']} ExitCode={info['ExitCode']}")
+    print(
+        f"scontrol show job {job}: JobState={info['JobState']} Restarts={info['Restarts']} ExitCode={info['ExitCode']}"
+    )
     assert info["JobState"] == "COMPLETED", _log(job)
     assert (out / "final" / "adapter_model.safetensors").is_file()
     assert json.loads((out / "eval" / "metrics.json").read_text())["sentences"] == 3
@@ -175,10 +252,16 @@ def test_usr1_checkpoints_requeues_and_resumes(tmp_path, tiny_model, conll_dir, 
     """USR1 to a running job (1 process, or 2 gloo ranks under torchrun): it checkpoints, requeues
     itself, resumes where it stopped and completes."""
     out = tmp_path / "job"
-    env = _slurm_env({"CONLL_DIR": str(conll_dir), "QLORANER_OUTPUT_DIR": str(out), "QLORANER_NPROC": str(nproc),
-                      "OMP_NUM_THREADS": "1",
-                      "QLORANER_TRAIN_ARGS": f"--model {tiny_model} --limit 16 --max-steps 160 --batch-size 8 --micro-batch-size 4 "
-                                             "--lora-r 4 --save-every 25 --eval-limit 2"})
+    env = _slurm_env(
+        {
+            "CONLL_DIR": str(conll_dir),
+            "QLORANER_OUTPUT_DIR": str(out),
+            "QLORANER_NPROC": str(nproc),
+            "OMP_NUM_THREADS": "1",
+            "QLORANER_TRAIN_ARGS": f"--model {tiny_model} --limit 16 --max-steps 160 --batch-size 8 "
+            "--micro-batch-size 4 --lora-r 4 --save-every 25 --eval-limit 2",
+        }
+    )
     job = _submit(env, cpus=nproc)
     deadline = time.time() + 300
     while not (out / "step-000025").is_dir():  # training is under way
@@ -195,13 +278,17 @@ def test_usr1_checkpoints_requeues_and_resumes(tmp_path, tiny_model, conll_dir, 
     time.sleep(5)
     subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], env=env, check=False)
     info = _wait(job, env, lambda i: i.get("JobState") in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"), 600)
-    print(f"scontrol show job {job}: JobState={info['JobState']} Restarts={info['Restarts']} ExitCode={info['ExitCode']}")
+    print(
+        f"scontrol show job {job}: JobState={info['JobState']} Restarts={info['Restarts']} ExitCode={info['ExitCode']}"
+    )
     log = _log(job)
     assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", log
     resumed = re.search(r"resuming from .*step-(\d{6}) at step (\d+)", log)
     assert resumed and int(resumed[2]) >= 25, log
     # one process exits 75 (checkpoint saved); torchrun reports its workers' exit its own way
-    assert re.search(rf"qloraner job {job}: checkpoint saved \(exit {75 if nproc == 1 else '[0-9]+'}\); requeueing", log), log
+    assert re.search(
+        rf"qloraner job {job}: checkpoint saved \(exit {75 if nproc == 1 else '[0-9]+'}\); requeueing", log
+    ), log
     assert f"{nproc} process(es)" in log
     assert json.loads((out / "final" / "trainer_state.json").read_text())["step"] == 160
     assert nproc == 1 or (out / "final" / "rng-1.pt").is_file()

@@ -38,7 +38,10 @@ def test_batched_generation_equals_one_at_a_time(tiny_model, conll_dir):
 def test_finished_rows_never_grow_and_generation_ends_early(tiny_adapter, tiny_model, conll_dir):
     """A trained adapter stops by itself: no row grows past its stop, and passes < max_new_tokens."""
     model, tok, prompting, _ = load_for_eval(EvalConfig(model=str(tiny_model), adapter=str(tiny_adapter)), CPU)
-    prompts = [tok(build_prompt(s.tokens, prompting["prompt"], prompting["response_format"]))["input_ids"] for s in read_split(conll_dir, "train")[:8]]
+    prompts = [
+        tok(build_prompt(s.tokens, prompting["prompt"], prompting["response_format"]))["input_ids"]
+        for s in read_split(conll_dir, "train")[:8]
+    ]
     gen = generate_greedy(model, tok, prompts, [64] * 8, batch_size=8)
     assert gen.forward_passes < 64
     for row in gen.tokens:
@@ -46,15 +49,20 @@ def test_finished_rows_never_grow_and_generation_ends_early(tiny_adapter, tiny_m
         assert not any(_stopped(tok, full[:k], tok.eos_token_id, {}) for k in range(1, len(full)))
 
 
-@pytest.mark.parametrize("answer, rest", [
-    ("[PER] John\n[LOC] Paris\n\n", "Note: these are all."),
-    ("The entities are:\n\n[PER] John\n[LOC] Paris\n\n", "I hope this helps."),  # a preamble's blank line goes on
-    ("[NONE]\n\n", "Explanation: none."),
-    ("Entities:\n\n[NONE]\n\n", "Explanation: none."),
-    ("[ORG] U.N.\n\n", "\n\n"),
-])
+@pytest.mark.parametrize(
+    "answer, rest",
+    [
+        ("[PER] John\n[LOC] Paris\n\n", "Note: these are all."),
+        ("The entities are:\n\n[PER] John\n[LOC] Paris\n\n", "I hope this helps."),  # a preamble's blank line goes on
+        ("[NONE]\n\n", "Explanation: none."),
+        ("Entities:\n\n[NONE]\n\n", "Explanation: none."),
+        ("[ORG] U.N.\n\n", "\n\n"),
+    ],
+)
 @pytest.mark.parametrize("which", ["smol", "llama2"])
-def test_stop_rule_fires_first_at_the_blank_line_after_the_answer(answer, rest, which, smol_checkpoint, llama2_tokenizer_dir):
+def test_stop_rule_fires_first_at_the_blank_line_after_the_answer(
+    answer, rest, which, smol_checkpoint, llama2_tokenizer_dir
+):
     """Decoding token by token, the first stop is the first prefix that holds the whole answer and its blank line."""
     tok = load_tokenizer(smol_checkpoint if which == "smol" else llama2_tokenizer_dir)
     ids = tok(answer + rest, add_special_tokens=False)["input_ids"]
@@ -64,13 +72,26 @@ def test_stop_rule_fires_first_at_the_blank_line_after_the_answer(answer, rest, 
 
 
 RECORDED = [  # (tokens, gold tags, raw response) as a model produced them
-    ("SOCCER - JAPAN GET LUCKY WIN , CHINA IN SURPRISE DEFEAT .".split(),
-     "O O B-LOC O O O O B-PER O O O O".split(), "[LOC] JAPAN\n[LOC] CHINA"),
-    ("Nadim Ladki".split(), "B-PER I-PER".split(), 'The answer to the question of the sentence is "Nadim Ladki" is "Nadim'),
-    ("AL-AIN , United Arab Emirates 1996-12-06".split(), "B-LOC O B-LOC I-LOC I-LOC O".split(),
-     "[LOC] AL-AIN\n[LOC] United Arab Emirates\n\n### Sentence:\nJapan began"),
-    ("Japan began the defence of their Asian Cup title".split(), "B-LOC O O O O O B-MISC I-MISC O".split(),
-     "{'LOC': ['Japan'], 'MISC': ['Asian Cup title']}"),
+    (
+        "SOCCER - JAPAN GET LUCKY WIN , CHINA IN SURPRISE DEFEAT .".split(),
+        "O O B-LOC O O O O B-PER O O O O".split(),
+        "[LOC] JAPAN\n[LOC] CHINA",
+    ),
+    (
+        "Nadim Ladki".split(),
+        "B-PER I-PER".split(),
+        'The answer to the question of the sentence is "Nadim Ladki" is "Nadim',
+    ),
+    (
+        "AL-AIN , United Arab Emirates 1996-12-06".split(),
+        "B-LOC O B-LOC I-LOC I-LOC O".split(),
+        "[LOC] AL-AIN\n[LOC] United Arab Emirates\n\n### Sentence:\nJapan began",
+    ),
+    (
+        "Japan began the defence of their Asian Cup title".split(),
+        "B-LOC O O O O O B-MISC I-MISC O".split(),
+        "{'LOC': ['Japan'], 'MISC': ['Asian Cup title']}",
+    ),
     ("But China saw their luck desert them".split(), "O B-LOC O O O O O".split(), "ORG: China"),
 ]
 
@@ -89,7 +110,10 @@ def test_scoring_path_matches_seqeval_on_recorded_responses():
     assert pred == expected_pred
     ours = score(gold, pred)
     assert (ours["precision"], ours["recall"], ours["f1"]) == (
-        precision_score(gold, expected_pred), recall_score(gold, expected_pred), f1_score(gold, expected_pred))
+        precision_score(gold, expected_pred),
+        recall_score(gold, expected_pred),
+        f1_score(gold, expected_pred),
+    )
     assert ours["precision"] == pytest.approx(4 / 7) and ours["recall"] == pytest.approx(4 / 8)
 
 
@@ -123,8 +147,16 @@ def test_empty_split_is_an_error(tmp_path, tiny_model):
 
 def test_overlong_sentences_are_cut_counted_and_reported(tmp_path, tiny_model, conll_dir):
     """Sentences too long for --max-prompt-tokens are cut with a warning and counted in metrics.json."""
-    config = EvalConfig(model=str(tiny_model), data_dir=str(conll_dir), split="valid", limit=6, max_new_tokens=4,
-                        max_prompt_tokens=90, output_dir=str(tmp_path / "o"), experiment="test")
+    config = EvalConfig(
+        model=str(tiny_model),
+        data_dir=str(conll_dir),
+        split="valid",
+        limit=6,
+        max_new_tokens=4,
+        max_prompt_tokens=90,
+        output_dir=str(tmp_path / "o"),
+        experiment="test",
+    )
     with pytest.warns(UserWarning, match="cut to fit"):
         evaluate_model(config, CPU)
     metrics = json.loads((tmp_path / "o" / "metrics.json").read_text())
@@ -147,9 +179,25 @@ def test_run_eval_sh_end_to_end(trained_default, conll_dir):
     out = trained_default / "eval"
     env = {**os.environ, "CONLL_DIR": str(conll_dir)}
     env.pop("MLFLOW_TRACKING_URI", None)
-    proc = subprocess.run([str(ROOT / "run_eval.sh"), "--adapter", str(trained_default / "final"), "--limit", "10",
-                           "--compare-base", "--max-new-tokens", "16", "--batch-size", "10", "--output-dir", str(out)],
-                          capture_output=True, text=True, env=env)
+    proc = subprocess.run(
+        [
+            str(ROOT / "run_eval.sh"),
+            "--adapter",
+            str(trained_default / "final"),
+            "--limit",
+            "10",
+            "--compare-base",
+            "--max-new-tokens",
+            "16",
+            "--batch-size",
+            "10",
+            "--output-dir",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     expected = {"metrics.json", "responses.jsonl", "responses_base.jsonl", "comparison.md", "f1_by_type.png"}
     assert expected <= {p.name for p in out.iterdir()}
@@ -157,7 +205,11 @@ def test_run_eval_sh_end_to_end(trained_default, conll_dir):
     rows = [json.loads(line) for line in (out / "responses.jsonl").read_text().splitlines()]
     assert len(rows) == 10 and {"tokens", "gold_tags", "raw_response", "entities", "pred_tags"} <= set(rows[0])
     rescored = score([r["gold_tags"] for r in rows], [r["pred_tags"] for r in rows])
-    assert (rescored["precision"], rescored["recall"], rescored["f1"]) == (metrics["precision"], metrics["recall"], metrics["f1"])
+    assert (rescored["precision"], rescored["recall"], rescored["f1"]) == (
+        metrics["precision"],
+        metrics["recall"],
+        metrics["f1"],
+    )
     assert "base" in metrics and "| f1 |" in (out / "comparison.md").read_text()
     client = MlflowClient(f"sqlite:///{out / 'mlflow.db'}")
     (run,) = client.search_runs([client.get_experiment_by_name("qloraner").experiment_id])
@@ -171,11 +223,16 @@ def test_merge_goes_into_the_dequantized_nf4_weights(tiny_model, tiny_adapter, c
     on, so the merged model computes what the unmerged adapter on the NF4 base computes."""
     import bitsandbytes as bnb
 
-    merged, tok, prompting, _ = load_for_eval(EvalConfig(model=str(tiny_model), adapter=str(tiny_adapter), merge=True), CPU)
+    merged, tok, prompting, _ = load_for_eval(
+        EvalConfig(model=str(tiny_model), adapter=str(tiny_adapter), merge=True), CPU
+    )
     assert not any(isinstance(m, bnb.nn.Linear4bit) for m in merged.modules())
     assert not any("lora_" in n for n, _ in merged.named_parameters())
     unmerged, _, _, _ = load_for_eval(EvalConfig(model=str(tiny_model), adapter=str(tiny_adapter)), CPU)
-    prompts = [tok(build_prompt(s.tokens, prompting["prompt"], prompting["response_format"]))["input_ids"] for s in read_split(conll_dir, "train")[:8]]
+    prompts = [
+        tok(build_prompt(s.tokens, prompting["prompt"], prompting["response_format"]))["input_ids"]
+        for s in read_split(conll_dir, "train")[:8]
+    ]
     with torch.no_grad():
         ids = torch.tensor([prompts[0]])
         torch.testing.assert_close(merged(input_ids=ids).logits, unmerged(input_ids=ids).logits, atol=1e-4, rtol=1e-4)

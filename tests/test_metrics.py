@@ -47,4 +47,10 @@ def test_error_kinds_on_a_known_case():
     gold = [["B-PER", "O", "B-LOC", "I-LOC", "O", "B-ORG", "O", "O"]]
     pred = [["B-ORG", "O", "B-LOC", "O", "O", "O", "O", "B-MISC"]]
     counts = error_analysis(gold, pred)
-    assert (counts["type_confusion"], counts["boundary"], counts["missed"], counts["spurious"], counts["correct"]) == (1, 1, 1, 1, 0)
+    assert (counts["type_confusion"], counts["boundary"], counts["missed"], counts["spurious"], counts["correct"]) == (
+        1,
+        1,
+        1,
+        1,
+        0,
+    )

@@ -8,13 +8,23 @@ import torch.multiprocessing as mp
 from transformers import AutoConfig
 
 from qloraner import QloranerError
-from qloraner.model import RECOMPUTE_BUDGET, add_lora, compile_layers, default_checkpoint, load_base, load_tokenizer, resolve_model
+from qloraner.model import (
+    RECOMPUTE_BUDGET,
+    add_lora,
+    compile_layers,
+    default_checkpoint,
+    load_base,
+    load_tokenizer,
+    resolve_model,
+)
 
 
 def test_tiny_model_loads_in_nf4_with_lora_only_trainable(tiny_model):
     """Every decoder linear is a bnb Linear4bit (NF4, double quant); only LoRA weights train."""
     base = load_base(tiny_model, torch.device("cpu"))
-    linears = [m for name, m in base.named_modules() if name.startswith("model.layers") and isinstance(m, torch.nn.Linear)]
+    linears = [
+        m for name, m in base.named_modules() if name.startswith("model.layers") and isinstance(m, torch.nn.Linear)
+    ]
     assert linears and all(isinstance(m, bnb.nn.Linear4bit) for m in linears)
     for m in linears:
         assert m.weight.quant_state.quant_type == "nf4" and m.weight.quant_state.nested
@@ -70,10 +80,14 @@ def test_frozen_weights_keep_their_load_dtype(tiny_model):
     loaded = {n: p.dtype for n, p in base.named_parameters()}
     model = add_lora(base, r=8, alpha=16, dropout=0.0, target_modules=["q_proj", "v_proj"]).get_base_model()
     dtypes = {n: p.dtype for n, p in model.named_parameters()}
-    assert {n for n in dtypes if "lora_" not in n} and all(dtypes[n] == loaded[n.replace(".base_layer", "")] for n in dtypes if "lora_" not in n)
+    assert {n for n in dtypes if "lora_" not in n} and all(
+        dtypes[n] == loaded[n.replace(".base_layer", "")] for n in dtypes if "lora_" not in n
+    )
     assert {d for n, d in dtypes.items() if "lora_" in n} == {torch.float32}
     seen = []
-    model.model.layers[0].register_forward_hook(lambda _m, _args, out: seen.append(out[0] if isinstance(out, tuple) else out))
+    model.model.layers[0].register_forward_hook(
+        lambda _m, _args, out: seen.append(out[0] if isinstance(out, tuple) else out)
+    )
     with torch.autocast("cpu", dtype=torch.bfloat16):  # as training runs on GPUs
         model.model(input_ids=torch.tensor([[1, 2, 3]]))
     assert seen[0].dtype == torch.bfloat16
@@ -82,8 +96,14 @@ def test_frozen_weights_keep_their_load_dtype(tiny_model):
 def _saved_bytes(tiny_model, *, checkpointing: bool, compiled: bool, in_graph: bool = False) -> int:
     """Bytes the autograd graph keeps for backward over one forward of 4 rows of 48 tokens (dropout off), not
     counting the model's own weights (a compiled graph saves references to them)."""
-    model = add_lora(load_base(tiny_model, torch.device("cpu")), r=8, alpha=16, dropout=0.0,
-                     target_modules=["q_proj", "v_proj"], checkpointing=checkpointing and not in_graph)
+    model = add_lora(
+        load_base(tiny_model, torch.device("cpu")),
+        r=8,
+        alpha=16,
+        dropout=0.0,
+        target_modules=["q_proj", "v_proj"],
+        checkpointing=checkpointing and not in_graph,
+    )
     if compiled:
         torch._dynamo.reset()  # a graph compiled for an earlier model would be reused with its partitioning
         compile_layers(model, recompute_in_graph=in_graph)

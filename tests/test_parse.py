@@ -10,7 +10,8 @@ from qloraner.parse import RENDERERS, is_explicit_empty, parse_response, render_
 from tests.strategies import json_like
 
 text_with_structure = st.lists(
-    st.sampled_from(["[PER] ", "LOC: ", "{", "}", "'", '"', "\n", "\n\n", ",", " - ", "(ORG)", "[", "]", "\\", "None"]) | st.text(max_size=8),
+    st.sampled_from(["[PER] ", "LOC: ", "{", "}", "'", '"', "\n", "\n\n", ",", " - ", "(ORG)", "[", "]", "\\", "None"])
+    | st.text(max_size=8),
     max_size=20,
 ).map("".join)
 
@@ -75,26 +76,54 @@ TUNED = "fine-tuned model"
 # (response, expected entities, provenance). Provenance "SmolLM2 ..." marks responses recorded from runs.
 RESPONSES = [
     ("[ORG] EU\n[MISC] German\n[MISC] British", {"ORG": ["EU"], "MISC": ["German", "British"]}, "canonical"),
-    ("[PER] Peter Blackburn\n\n### Sentence:\nBRUSSELS 1996-08-22\n\n### Response:\n[LOC] BRUSSELS",
-     {"PER": ["Peter Blackburn"]}, "rambles past its answer into a new example"),
+    (
+        "[PER] Peter Blackburn\n\n### Sentence:\nBRUSSELS 1996-08-22\n\n### Response:\n[LOC] BRUSSELS",
+        {"PER": ["Peter Blackburn"]},
+        "rambles past its answer into a new example",
+    ),
     ('{"LOC": ["Japan"], "PER": [], "ORG": null}', {"LOC": ["Japan"]}, "JSON with empty values"),
-    ("{'LOC': ['Japan'], 'MISC': ['Asian Cup']}", {"LOC": ["Japan"], "MISC": ["Asian Cup"]}, "python dict repr (original few-shot format)"),
-    ("Sure! Here are the entities:\n{\"entities\": [{\"type\": \"PERSON\", \"text\": \"Nadim Ladki\"}]}\nHope this helps.",
-     {"PER": ["Nadim Ladki"]}, "JSON record list inside chatter"),
-    ("PERSON: Nadim Ladki, Al-Ain\nLocation: United Arab Emirates\nOrganization: None",
-     {"PER": ["Nadim Ladki", "Al-Ain"], "LOC": ["United Arab Emirates"]}, "TYPE: a, b lines with synonyms"),
+    (
+        "{'LOC': ['Japan'], 'MISC': ['Asian Cup']}",
+        {"LOC": ["Japan"], "MISC": ["Asian Cup"]},
+        "python dict repr (original few-shot format)",
+    ),
+    (
+        'Sure! Here are the entities:\n{"entities": [{"type": "PERSON", "text": "Nadim Ladki"}]}\nHope this helps.',
+        {"PER": ["Nadim Ladki"]},
+        "JSON record list inside chatter",
+    ),
+    (
+        "PERSON: Nadim Ladki, Al-Ain\nLocation: United Arab Emirates\nOrganization: None",
+        {"PER": ["Nadim Ladki", "Al-Ain"], "LOC": ["United Arab Emirates"]},
+        "TYPE: a, b lines with synonyms",
+    ),
     ("- **ORG** - Reuters\n- **LOC** - Syria", {"ORG": ["Reuters"], "LOC": ["Syria"]}, "markdown TYPE - a bullets"),
     ("1. Japan (LOC)\n2. Syria (location)", {"LOC": ["Japan", "Syria"]}, "mention (TYPE) list"),
-    ("The sentence identifies four named entities:\nLOC: Japan\n\nTHE SENTENCE IDENTIFIES FOUR NAMED ENTITIES: x",
-     {"LOC": ["Japan"]}, "junk label line from the original project's report"),
+    (
+        "The sentence identifies four named entities:\nLOC: Japan\n\nTHE SENTENCE IDENTIFIES FOUR NAMED ENTITIES: x",
+        {"LOC": ["Japan"]},
+        "junk label line from the original project's report",
+    ),
     ("DATE: Friday\nPER: []\nMISC: N/A", {}, "unknown types and empty values"),
     # Recorded on the H100, 2026-11-27 (benchmarks/RESULTS.md): SmolLM2-135M-Instruct base, simple prompt ...
-    ("\nThe answer is:\n\nSoccer, China, Victory, China, Soccer, China, China,", {}, "SmolLM2 base: list without types"),
-    ("\nThe sentence is a list of named entities, with the type of LOC, MISC, or ORG, and the order of the entity's type."
-     "\n\n### Answer:\nThe answer is 1.\n\nThe answer is 1.", {}, "SmolLM2 base: talks about the types"),
+    (
+        "\nThe answer is:\n\nSoccer, China, Victory, China, Soccer, China, China,",
+        {},
+        "SmolLM2 base: list without types",
+    ),
+    (
+        "\nThe sentence is a list of named entities, with the type of LOC, MISC, or ORG, "
+        "and the order of the entity's type."
+        "\n\n### Answer:\nThe answer is 1.\n\nThe answer is 1.",
+        {},
+        "SmolLM2 base: talks about the types",
+    ),
     # ... and after one epoch of QLoRA (q_proj/v_proj) on the train split
-    ("[LOC] China\n[PER] Igor Shkvyrin\n[MISC] Uzbek\n[PER] Igor Shkvyrin",
-     {"LOC": ["China"], "PER": ["Igor Shkvyrin", "Igor Shkvyrin"], "MISC": ["Uzbek"]}, "SmolLM2 fine-tuned: out of order, repeated"),
+    (
+        "[LOC] China\n[PER] Igor Shkvyrin\n[MISC] Uzbek\n[PER] Igor Shkvyrin",
+        {"LOC": ["China"], "PER": ["Igor Shkvyrin", "Igor Shkvyrin"], "MISC": ["Uzbek"]},
+        "SmolLM2 fine-tuned: out of order, repeated",
+    ),
     ("[ORLANDO] ORLANDO", {}, "SmolLM2 fine-tuned: mention written as the type"),
 ]
 
@@ -105,10 +134,21 @@ def test_real_responses(response, expected, provenance):
     assert dict(parse_response(response)) == expected
 
 
-@pytest.mark.parametrize("text,empty", [("[NONE]", True), ("None.", True), ("{}", True), ("[NONE]\n\nchatter", True),
-                                        ("Entities:\n\n[NONE]", True), ("Named entities:\n[NONE]\n\nchatter", True),
-                                        ("Entities:", False), ("Entities:\n\nThere are some.", False),
-                                        ("I cannot find any", False), ("[PER] x", False)])
+@pytest.mark.parametrize(
+    "text,empty",
+    [
+        ("[NONE]", True),
+        ("None.", True),
+        ("{}", True),
+        ("[NONE]\n\nchatter", True),
+        ("Entities:\n\n[NONE]", True),
+        ("Named entities:\n[NONE]\n\nchatter", True),
+        ("Entities:", False),
+        ("Entities:\n\nThere are some.", False),
+        ("I cannot find any", False),
+        ("[PER] x", False),
+    ],
+)
 def test_explicit_empty(text, empty):
     """Explicit 'no entities' answers are told apart from unparseable text."""
     assert is_explicit_empty(text) is empty

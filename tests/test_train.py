@@ -1,5 +1,6 @@
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -11,14 +12,19 @@ from hypothesis import strategies as st
 from safetensors.torch import load_file
 
 from qloraner import QloranerError
-from qloraner.config import TrainConfig
 from qloraner.checkpoint import latest as latest_checkpoint
+from qloraner.config import DEFAULT_RECIPE, TrainConfig
 from qloraner.train import get_lr, train_adapter
 from tests.conftest import ROOT
 
-schedule = st.fixed_dictionaries({
-    "max_lr": st.floats(1e-6, 1.0), "warmup": st.integers(0, 50), "total": st.integers(1, 500), "min_ratio": st.floats(0, 1),
-})
+schedule = st.fixed_dictionaries(
+    {
+        "max_lr": st.floats(1e-6, 1.0),
+        "warmup": st.integers(0, 50),
+        "total": st.integers(1, 500),
+        "min_ratio": st.floats(0, 1),
+    }
+)
 
 
 @given(schedule, st.integers(-5, 600))
@@ -39,18 +45,44 @@ def test_lr_warms_up_then_decays_to_the_floor(s):
 
 
 def _config(tmp_path, tiny_model, conll_dir, name, **kw):
-    base = dict(model=str(tiny_model), data_dir=str(conll_dir), output_dir=str(tmp_path / name), limit=16,
-                batch_size=4, max_steps=4, lr=1e-2, warmup_steps=2, lora_r=8, lora_alpha=16,
-                lora_dropout=0.0, save_every=0, eval_after=False, experiment="test")
+    base = dict(
+        model=str(tiny_model),
+        data_dir=str(conll_dir),
+        output_dir=str(tmp_path / name),
+        limit=16,
+        batch_size=4,
+        max_steps=4,
+        lr=1e-2,
+        warmup_steps=2,
+        lora_r=8,
+        lora_alpha=16,
+        lora_dropout=0.0,
+        save_every=0,
+        eval_after=False,
+        experiment="test",
+    )
     return TrainConfig(**{**base, **kw})
 
 
 def test_overfits_eight_examples(tmp_path, tiny_model, conll_dir):
     """60 steps on 8 examples cut the loss by at least 80 % (the loop really learns)."""
     losses = []
-    train_adapter(_config(tmp_path, tiny_model, conll_dir, "overfit", limit=8, batch_size=8, max_steps=60, lr=2e-2,
-                          lora_r=16, lora_alpha=32, max_grad_norm=1.0),
-                  on_step=lambda step, m: losses.append(m["loss"]))
+    train_adapter(
+        _config(
+            tmp_path,
+            tiny_model,
+            conll_dir,
+            "overfit",
+            limit=8,
+            batch_size=8,
+            max_steps=60,
+            lr=2e-2,
+            lora_r=16,
+            lora_alpha=32,
+            max_grad_norm=1.0,
+        ),
+        on_step=lambda step, m: losses.append(m["loss"]),
+    )
     assert len(losses) == 60 and losses[-1] <= 0.2 * losses[0]
 
 
@@ -70,9 +102,21 @@ def _assert_same_training(a, b, rel: float) -> None:
 
 def test_accumulation_matches_one_big_batch(tmp_path, tiny_model, conll_dir):
     """Micro-batches of 3 (accumulation 6, uneven sizes) give the gradient and update of one batch of 16 (fp32)."""
-    runs = [_norms_and_adapter(_config(tmp_path, tiny_model, conll_dir, name, batch_size=16, micro_batch_size=micro,
-                                       max_steps=3, max_grad_norm=0.0))
-            for name, micro in [("big", 0), ("accum", 3)]]
+    runs = [
+        _norms_and_adapter(
+            _config(
+                tmp_path,
+                tiny_model,
+                conll_dir,
+                name,
+                batch_size=16,
+                micro_batch_size=micro,
+                max_steps=3,
+                max_grad_norm=0.0,
+            )
+        )
+        for name, micro in [("big", 0), ("accum", 3)]
+    ]
     _assert_same_training(*runs, rel=1e-5)
 
 
@@ -132,7 +176,9 @@ def test_incompatible_checkpoint_is_refused(tmp_path, tiny_model, conll_dir):
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, tiny_model, conll_dir):
     """A diverging run (lr 1e38) stops with a one-line error; the earlier checkpoint stays complete."""
-    cfg = _config(tmp_path, tiny_model, conll_dir, "nan", lr=1e38, warmup_steps=0, max_steps=10, save_every=1, max_grad_norm=0.0)
+    cfg = _config(
+        tmp_path, tiny_model, conll_dir, "nan", lr=1e38, warmup_steps=0, max_steps=10, save_every=1, max_grad_norm=0.0
+    )
     with pytest.raises(QloranerError, match=r"non-finite loss at step 2; .*Last good checkpoint: .*step-000001$"):
         train_adapter(cfg)
     good = latest_checkpoint(tmp_path / "nan")
@@ -141,18 +187,41 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, tiny_model,
 
 def test_missing_model_exits_with_one_line(tmp_path, conll_dir):
     """The entry point turns a missing model into 'error: ...' and exit code 2, no traceback."""
-    proc = subprocess.run([sys.executable, "-m", "qloraner.train", "--model", str(tmp_path / "nope"), "--data-dir",
-                           str(conll_dir), "--output-dir", str(tmp_path / "o")], capture_output=True, text=True, cwd=ROOT)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "qloraner.train",
+            "--model",
+            str(tmp_path / "nope"),
+            "--data-dir",
+            str(conll_dir),
+            "--output-dir",
+            str(tmp_path / "o"),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
     assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines() == [f"error: model not found: {tmp_path / 'nope'} (give a checkpoint folder or a hub id like meta-llama/Llama-2-7b-chat-hf)"]
+    assert proc.stderr.strip().splitlines() == [
+        f"error: model not found: {tmp_path / 'nope'} "
+        "(give a checkpoint folder or a hub id like meta-llama/Llama-2-7b-chat-hf)"
+    ]
 
 
 @pytest.mark.slow
 def test_run_train_sh_end_to_end(trained_default):
-    """./run_train.sh with the embedded default, 32 sentences, 4 steps: checkpoints and an MLflow run."""
+    """./run_train.sh with the embedded default, 32 sentences, 4 steps: checkpoints and an MLflow run; its output,
+    not a terminal, holds the plan and a progress line per step (each a quarter of the work)."""
     from mlflow.tracking import MlflowClient
 
     out = trained_default
+    log = (out.parent / "stdout.log").read_text().splitlines()
+    plan = [line for line in log if line.startswith("qloraner: training 32 sequences, 4 steps of 8")]
+    assert plan and plan[0].endswith(f"on CPU, compile off, recipe {DEFAULT_RECIPE}")
+    steps = [re.match(r"train (\d)/4 \(\d+\.\d%\) loss=\S+ tokens_per_s=\S+ .* ETA \S+$", line) for line in log]
+    assert [int(m.group(1)) for m in steps if m] == [1, 2, 3, 4]
     assert sorted(p.name for p in out.iterdir() if p.name.startswith(("step-", "final"))) == ["final", "step-000002"]
     state = json.loads((out / "final" / "trainer_state.json").read_text())
     assert state["step"] == 4
@@ -164,3 +233,29 @@ def test_run_train_sh_end_to_end(trained_default):
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "adapter")}
     assert "adapter/adapter_model.safetensors" in artifacts
     assert "instruction_manifest.json" in {a.path for a in client.list_artifacts(run.info.run_id)}
+
+
+def test_llama2_recipe_trains_a_local_llama_checkpoint(tmp_path, tiny_model, conll_dir):
+    """./run_train.sh --recipe llama2-7b-chat --model PATH trains a local LLaMA checkpoint with the recipe's
+    settings (q_proj/v_proj LoRA), flags winning over it; train_config.json and MLflow record the recipe."""
+    from mlflow.tracking import MlflowClient
+
+    out = tmp_path / "run"
+    env = {**os.environ, "CONLL_DIR": str(conll_dir)}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    args = ["--recipe", "llama2-7b-chat", "--model", str(tiny_model), "--limit", "8", "--max-steps", "2"]
+    proc = subprocess.run(
+        [str(ROOT / "run_train.sh"), *args, "--batch-size", "4", "--output-dir", str(out), "--no-eval"],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    saved = json.loads((out / "final" / "train_config.json").read_text())
+    assert saved["recipe"] == "llama2-7b-chat" and saved["model"] == str(tiny_model)
+    assert (saved["target_modules"], saved["lr"], saved["batch_size"]) == ("q_proj,v_proj", 2e-4, 4)
+    adapter = json.loads((out / "final" / "adapter_config.json").read_text())
+    assert sorted(adapter["target_modules"]) == ["q_proj", "v_proj"]
+    run_id = json.loads((out / "final" / "trainer_state.json").read_text())["run_id"]
+    params = MlflowClient(f"sqlite:///{out / 'mlflow.db'}").get_run(run_id).data.params
+    assert params["recipe"] == "llama2-7b-chat" and params["compile"] == "False"

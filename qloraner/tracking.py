@@ -11,14 +11,16 @@ from mlflow.tracking import MlflowClient
 
 
 def git_revision() -> str:
+    """The checkout's short commit; $QLORANER_REVISION where the tree travels without .git (a copy on a GPU node)."""
+    fallback = os.environ.get("QLORANER_REVISION", "unknown")
     try:
         root = Path(__file__).resolve().parents[1]
         out = subprocess.run(
             ["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10
         )
-        return out.stdout.strip() or "unknown"
+        return out.stdout.strip() or fallback
     except (OSError, subprocess.SubprocessError):
-        return "unknown"
+        return fallback
 
 
 def start_run(output_dir: Path, experiment: str, run_id: str | None = None, run_name: str | None = None):

@@ -62,6 +62,19 @@ def test_dockerfile_copies_what_exists_and_runs_an_entry_point():
     assert "HUGGINGFACE_HUB_TOKEN" not in (ROOT / "Dockerfile").read_text()
 
 
+@pytest.mark.parametrize("command", [["check"], ["format", "--check"]])
+def test_python_passes_ruff(command):
+    """The package, the tests and the benchmark are clean under `ruff check` and `ruff format --check` (line
+    length 120, pyproject.toml)."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "ruff", *command, "qloraner", "tests", "benchmarks"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
 def test_shell_scripts_pass_shellcheck():
     """Every shell entry point and helper is clean under shellcheck."""
     _need(shutil.which("shellcheck") is not None, "shellcheck is not installed")

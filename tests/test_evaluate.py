@@ -9,7 +9,7 @@ from qloraner.bio import entities_to_bio
 from qloraner.config import EvalConfig
 from qloraner.conll import read_split
 from qloraner.data import build_prompt
-from qloraner.decode import _stopped, generate_greedy
+from qloraner.decode import CPU_BATCH, _stopped, generate_greedy, kv_bytes_per_token
 from qloraner.evaluate import evaluate_model, load_for_eval
 from qloraner.metrics import score
 from qloraner.model import load_base, load_tokenizer
@@ -239,3 +239,36 @@ def test_merge_goes_into_the_dequantized_nf4_weights(tiny_model, tiny_adapter, c
     a = generate_greedy(merged, tok, prompts, [24] * 8, batch_size=8).tokens
     b = generate_greedy(unmerged, tok, prompts, [24] * 8, batch_size=8).tokens
     assert a == b
+
+
+def test_auto_batch_size_gives_the_results_of_an_explicit_one(tmp_path, tiny_model, tiny_adapter, conll_dir):
+    """--batch-size auto (the default; a fixed size on a CPU, recorded in metrics.json) decodes exactly what an
+    explicit batch size of 3 decodes (fp32), response by response."""
+    runs = {}
+    for batch in ("auto", 3):
+        out = tmp_path / str(batch)
+        config = EvalConfig(
+            adapter=str(tiny_adapter),
+            data_dir=str(conll_dir),
+            limit=12,
+            max_new_tokens=12,
+            batch_size=batch,
+            output_dir=str(out),
+            experiment="test",
+        )
+        evaluate_model(config, CPU)
+        rows = [json.loads(line) for line in (out / "responses.jsonl").read_text().splitlines()]
+        runs[batch] = (json.loads((out / "metrics.json").read_text()), rows)
+    assert runs["auto"][0]["batch_size"] == CPU_BATCH and runs[3][0]["batch_size"] == 3
+    assert [r["raw_response"] for r in runs["auto"][1]] == [r["raw_response"] for r in runs[3][1]]
+    assert runs["auto"][0]["f1"] == runs[3][0]["f1"]
+
+
+def test_kv_cache_bytes_follow_the_model_shape():
+    """KV bytes per token: keys and values, every layer, every KV head, in the cache dtype (LLaMA-2-7B: 0.5 MiB)."""
+    from transformers import LlamaConfig
+
+    config = LlamaConfig(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32)
+    assert kv_bytes_per_token(config, torch.bfloat16) == 2**19
+    grouped = LlamaConfig(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8)
+    assert kv_bytes_per_token(grouped, torch.float32) == 2**18  # a quarter of the heads, twice the bytes

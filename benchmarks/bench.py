@@ -1,0 +1,390 @@
+"""One benchmark entry. Each subcommand runs the product itself (./run_train.sh, ./run_eval.sh) with a recipe and
+flags, reads the figures the product logged (MLflow metrics, metrics.json), runs the original stack as the peer in
+the same run where a question has one, writes the raw JSON and prints the benchmarks/RESULTS.md row it measured.
+
+  python3 benchmarks/bench.py train-speed --recipe llama2-7b-chat --shape llama2-7b --steps 30
+  python3 benchmarks/bench.py eval-speed --adapter outputs/run/final --batch-sizes auto,64 [--merge]
+  python3 benchmarks/bench.py accuracy --recipe smollm2-135m --seeds 42,43,44
+  python3 benchmarks/bench.py scale-out --recipe llama2-7b-chat --shape llama2-7b --gpus 2
+
+Flags after `--` go to the product unchanged (an ablation is a flag or a recipe key: `-- --no-compile`).
+`--shape tiny` runs the same code on a tiny random LLaMA, on a CPU (a smoke test).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib.util
+import json
+import os
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if importlib.util.find_spec("qloraner") is None:
+    # Load the package by path rather than putting the project root on sys.path: the root's datasets/ folder would
+    # then pass for Hugging Face's `datasets`, which transformers' Trainer (the peer) looks for.
+    _spec = importlib.util.spec_from_file_location(
+        "qloraner", ROOT / "qloraner" / "__init__.py", submodule_search_locations=[str(ROOT / "qloraner")]
+    )
+    sys.modules["qloraner"] = importlib.util.module_from_spec(_spec)
+    _spec.loader.exec_module(sys.modules["qloraner"])
+SHAPES = {  # random-weight LLaMA checkpoints with the real LLaMA-2 tokenizer
+    "llama2-7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32),
+    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4),
+    "none": None,  # the recipe's own model
+}
+WARMUP_STEPS = 2  # steps left out of steady-state speed (the first compiles)
+
+
+def device_name() -> str:
+    import torch
+
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+
+
+def revision() -> str:
+    from qloraner.tracking import git_revision
+
+    return git_revision()
+
+
+def shape_model(shape: str) -> Path | None:
+    """A LLaMA checkpoint of `shape` with random bf16 weights, made once under /tmp (None for `none`)."""
+    import shutil
+
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    path = Path(f"/tmp/qloraner-bench-{shape}")
+    if SHAPES[shape] is None:
+        return None
+    if (path / "config.json").is_file():
+        return path
+    tokenizer = Path(os.environ.get("LLAMA2_TOKENIZER", ROOT.parent / "shared" / "tokenizers" / "llama-2"))
+    config = LlamaConfig(vocab_size=32000, max_position_embeddings=4096, rms_norm_eps=1e-5, **SHAPES[shape])
+    torch.manual_seed(0)
+    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
+        model = LlamaForCausalLM(config).to(torch.bfloat16)
+    tmp = path.with_name(path.name + ".tmp")
+    model.save_pretrained(tmp)
+    for f in ("tokenizer.model", "tokenizer_config.json"):
+        shutil.copy(tokenizer / f, tmp / f)
+    os.replace(tmp, path)
+    return path
+
+
+def product(script: str, args: list[str], log: Path, env: dict | None = None) -> float:
+    """Run ./run_train.sh or ./run_eval.sh, its output to our stdout and to `log`; its wall seconds. A failure
+    stops the benchmark with the script's last lines."""
+    command = [str(ROOT / script), *args]
+    print(f"bench: {' '.join(shlex.quote(c) for c in command)}", flush=True)
+    start = time.perf_counter()
+    with open(log, "w") as f:
+        proc = subprocess.Popen(
+            command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, **(env or {})}
+        )
+        for line in proc.stdout:
+            f.write(line)
+            if not line.startswith("\r"):
+                print(line, end="", flush=True)
+    if proc.wait():
+        sys.exit(f"bench: {script} failed (exit {proc.returncode}); see {log}")
+    return time.perf_counter() - start
+
+
+def training_metrics(out: Path) -> dict[str, list[float]]:
+    """The per-step metrics the training run in `out` logged to its MLflow store, in step order."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{out / 'mlflow.db'}")
+    run_id = json.loads((out / "final" / "trainer_state.json").read_text())["run_id"]
+    keys = ("loss", "tokens_per_s", "step_s", "gpu_mem_gib")
+    return {k: [m.value for m in sorted(client.get_metric_history(run_id, k), key=lambda m: m.step)] for k in keys}
+
+
+def speed(metrics: dict[str, list[float]]) -> dict:
+    """Steady-state tokens/s (steps after WARMUP_STEPS, weighted by time), first-step seconds, slow steps (over 3x
+    the median: recompiles) and the peak memory."""
+    secs, rates = metrics["step_s"], metrics["tokens_per_s"]
+    steady = list(zip(secs, rates))[WARMUP_STEPS:]
+    median = statistics.median(s for s, _ in steady)
+    return {
+        "tokens_per_s": sum(s * r for s, r in steady) / sum(s for s, _ in steady),
+        "s_per_step_median": median,
+        "first_step_s": secs[0],
+        "slow_steps_after_first": sum(s > 3 * median for s in secs[1:]),
+        "peak_gib": max(metrics["gpu_mem_gib"], default=0.0),
+        "steps": len(secs),
+    }
+
+
+def peer_train(model: Path, batch: int, steps: int, lora: dict, lr: float) -> dict:
+    """The original stack on the same model and data: HF Trainer + peft, micro-batch 4 with accumulation up to
+    `batch`, paged_adamw_32bit, checkpointing, bf16, PyTorch's default attention kernels."""
+    import torch
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from transformers import DataCollatorForSeq2Seq, Trainer, TrainerCallback, TrainingArguments
+
+    from qloraner.conll import resolve_data_dir
+    from qloraner.data import encode, instruction_data
+    from qloraner.model import load_base, load_tokenizer
+
+    cuda = torch.cuda.is_available()
+    tok = load_tokenizer(model)
+    records, _ = instruction_data(
+        resolve_data_dir(None, ROOT), "simple", Path("/tmp/bench-instruct.json"), steps * batch
+    )
+    examples = encode(tok, [r["prompt"] for r in records], [r["response"] for r in records])
+    rows = [{"input_ids": e.input_ids, "labels": e.labels, "attention_mask": [1] * len(e.input_ids)} for e in examples]
+    base = load_base(model, torch.device("cuda" if cuda else "cpu"))
+    if cuda:
+        torch.backends.cuda.enable_cudnn_sdp(True)  # load_base turns it off; the original stack has the default
+    peft_model = get_peft_model(prepare_model_for_kbit_training(base), LoraConfig(task_type="CAUSAL_LM", **lora))
+    marks: list[float] = []
+
+    class Clock(TrainerCallback):
+        def on_step_end(self, args, state, control, **kw):
+            if cuda:
+                torch.cuda.synchronize()
+            marks.append(time.perf_counter())
+
+    micro = min(4, batch)
+    args = TrainingArguments(
+        output_dir="/tmp/bench-peer",
+        per_device_train_batch_size=micro,
+        gradient_accumulation_steps=batch // micro,
+        optim="paged_adamw_32bit",
+        gradient_checkpointing=True,
+        bf16=cuda,
+        learning_rate=lr,
+        max_steps=steps,
+        logging_steps=1,
+        report_to=[],
+        save_strategy="no",
+        remove_unused_columns=False,
+        use_cpu=not cuda,
+    )
+    collator = DataCollatorForSeq2Seq(tok, padding=True, label_pad_token_id=-100)
+    start = time.perf_counter()
+    Trainer(model=peft_model, args=args, train_dataset=rows, data_collator=collator, callbacks=[Clock()]).train()
+    secs = [b - a for a, b in zip([start, *marks], marks)]
+    tokens = [sum(len(r["input_ids"]) for r in rows[i * batch : (i + 1) * batch]) for i in range(len(secs))]
+    peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0
+    return speed({"step_s": secs, "tokens_per_s": [t / s for t, s in zip(tokens, secs)], "gpu_mem_gib": [peak]})
+
+
+def _recipe(name: str) -> dict:
+    from qloraner.config import TrainConfig, load_recipe
+
+    return load_recipe(TrainConfig, name)[1]
+
+
+def train_speed(a: argparse.Namespace, work: Path) -> dict:
+    """Our loop through ./run_train.sh with the recipe against the original stack, same model, batch and LoRA."""
+    from qloraner.model import resolve_model
+
+    model = shape_model(a.shape)
+    recipe = _recipe(a.recipe)
+    batch = recipe.get("batch_size", 16)
+    peer = None
+    if a.peer:
+        lora = dict(
+            r=recipe.get("lora_r", 64),
+            lora_alpha=recipe.get("lora_alpha", 16),
+            lora_dropout=recipe.get("lora_dropout", 0.1),
+            target_modules=recipe.get("target_modules", "q_proj,v_proj").split(","),
+        )
+        peer = peer_train(
+            model or resolve_model(recipe.get("model")), batch, a.peer_steps, lora, recipe.get("lr", 2e-4)
+        )
+    out = work / "ours"
+    args = ["--recipe", a.recipe, "--max-steps", str(a.steps), "--limit", str(a.steps * batch), "--save-every", "0"]
+    args += [
+        "--no-eval",
+        "--no-resume",
+        "--output-dir",
+        str(out),
+        *(["--model", str(model)] if model else []),
+        *a.flags,
+    ]
+    wall = product("run_train.sh", args, work / "ours.log")
+    ours = {**speed(training_metrics(out)), "wall_s": wall}
+    result = {"ours": ours, "peer": peer}
+    if peer:
+        result["speedup"] = ours["tokens_per_s"] / peer["tokens_per_s"]
+    cells = f"{ours['tokens_per_s']:,.0f} tokens/s, peak {ours['peak_gib']:.2f} GiB"
+    cells += f", first step {ours['first_step_s']:.0f} s, {ours['slow_steps_after_first']} slow steps after it"
+    if peer:
+        cells = (
+            f"peer {peer['tokens_per_s']:,.0f} tokens/s at {peer['peak_gib']:.2f} GiB → ours {cells} "
+            f"(**{result['speedup']:.2f}×**)"
+        )
+    result["row"] = [f"{a.shape} shape, recipe {a.recipe}, {a.steps} steps", cells]
+    return result
+
+
+def eval_speed(a: argparse.Namespace, work: Path) -> dict:
+    """./run_eval.sh on the adapter at each batch size (and merged, with --merge), against the original's
+    `pipeline` (batch 8, 150 new tokens) on the first --peer-sentences sentences, all scored by our parser."""
+    result: dict = {"ours": {}}
+    for batch in a.batch_sizes.split(","):
+        for merge in [False, True] if a.merge else [False]:
+            name = f"b{batch}{'-merged' if merge else ''}"
+            args = ["--adapter", a.adapter, "--batch-size", batch, "--output-dir", str(work / name), *a.flags]
+            product("run_eval.sh", args + (["--merge"] if merge else []), work / f"{name}.log")
+            m = json.loads((work / name / "metrics.json").read_text())
+            keep = ("f1", "precision", "recall", "seconds", "sentences_per_s", "sentences", "batch_size")
+            result["ours"][name] = {k: m[k] for k in keep}
+    if a.peer_sentences:
+        result["peer"] = peer_pipeline(a.adapter, a.peer_sentences)
+    best = max(result["ours"].items(), key=lambda kv: kv[1]["sentences_per_s"])
+    cells = ", ".join(
+        f"{k}: {v['seconds']:.1f} s, {v['sentences_per_s']:.1f} sentences/s, F1 {100 * v['f1']:.2f}"
+        for k, v in result["ours"].items()
+    )
+    if result.get("peer"):
+        result["speedup"] = best[1]["sentences_per_s"] / result["peer"]["sentences_per_s"]
+        cells += (
+            f"; pipeline {result['peer']['sentences_per_s']:.2f} sentences/s on {a.peer_sentences} "
+            f"(F1 {100 * result['peer']['f1']:.2f} on those); best **{result['speedup']:.1f}×**"
+        )
+    result["row"] = [f"decode the test split, adapter {a.adapter}", cells]
+    return result
+
+
+def peer_pipeline(adapter: str, n: int) -> dict:
+    """The original's evaluator: transformers' text-generation pipeline, batch 8, 150 new tokens, no stop rule."""
+    import torch
+    from transformers import pipeline
+
+    from qloraner.bio import entities_to_bio
+    from qloraner.config import EvalConfig
+    from qloraner.conll import read_split, resolve_data_dir
+    from qloraner.data import build_prompt
+    from qloraner.evaluate import load_for_eval
+    from qloraner.metrics import score
+    from qloraner.parse import parse_response
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model, tok, prompting, _ = load_for_eval(EvalConfig(adapter=adapter), device)
+    if device.type == "cuda":
+        torch.backends.cuda.enable_cudnn_sdp(True)  # the original ran with PyTorch's default kernels
+    pipe = pipeline(
+        "text-generation",
+        model=model,
+        tokenizer=tok,
+        batch_size=8,
+        max_new_tokens=150,
+        do_sample=False,
+        return_full_text=False,
+    )
+    sentences = read_split(resolve_data_dir(None, ROOT), "test")[:n]
+    start = time.perf_counter()
+    out = pipe([build_prompt(s.tokens, prompting["prompt"], prompting["response_format"]) for s in sentences])
+    seconds = time.perf_counter() - start
+    pred = [entities_to_bio(s.tokens, parse_response(o[0]["generated_text"])) for s, o in zip(sentences, out)]
+    f1 = score([list(s.tags) for s in sentences], pred)["f1"]
+    return {"sentences": n, "seconds": seconds, "sentences_per_s": n / seconds, "f1": f1}
+
+
+def accuracy(a: argparse.Namespace, work: Path) -> dict:
+    """./run_train.sh with the recipe, once per seed (train, then the full test split); F1 mean and spread."""
+    runs = {}
+    for seed in a.seeds.split(","):
+        out = work / f"seed-{seed}"
+        wall = product(
+            "run_train.sh",
+            ["--recipe", a.recipe, "--seed", seed, "--output-dir", str(out), *a.flags],
+            work / f"seed-{seed}.log",
+        )
+        m = json.loads((out / "eval" / "metrics.json").read_text())
+        runs[seed] = {
+            "f1": m["f1"],
+            "precision": m["precision"],
+            "recall": m["recall"],
+            "sentences": m["sentences"],
+            "per_type_f1": {t: v["f1-score"] for t, v in m["per_type"].items()},
+            "wall_s": wall,
+            "eval_seconds": m["seconds"],
+            "parse_failures": m["parse_failures"],
+        }
+    f1s = [100 * r["f1"] for r in runs.values()]
+    spread = f" ± {statistics.stdev(f1s):.2f} (sd, {len(f1s)} seeds)" if len(f1s) > 1 else f" (seed {a.seeds})"
+    result = {"runs": runs, "f1_mean": statistics.mean(f1s)}
+    sentences = next(iter(runs.values()))["sentences"]
+    result["row"] = [f"recipe {a.recipe}, {sentences} test sentences", f"F1 **{result['f1_mean']:.2f}**{spread}"]
+    return result
+
+
+def scale_out(a: argparse.Namespace, work: Path) -> dict:
+    """./run_train.sh on 1 GPU, then on --gpus GPUs (torchrun), the same recipe and global batch."""
+    model = shape_model(a.shape)
+    result = {}
+    for n in (1, a.gpus):
+        out = work / f"gpus-{n}"
+        args = ["--recipe", a.recipe, "--max-steps", str(a.steps), "--save-every", "0", "--no-eval", "--no-resume"]
+        args += ["--output-dir", str(out), *(["--model", str(model)] if model else []), *a.flags]
+        product("run_train.sh", args, work / f"gpus-{n}.log", env={"QLORANER_NPROC": str(n)})
+        result[f"{n}"] = speed(training_metrics(out))
+    result["scaling"] = result[f"{a.gpus}"]["tokens_per_s"] / result["1"]["tokens_per_s"]
+    one, many = result["1"]["tokens_per_s"], result[f"{a.gpus}"]["tokens_per_s"]
+    result["row"] = [
+        f"{a.shape} shape, recipe {a.recipe}, 1 → {a.gpus} GPUs",
+        f"{one:,.0f} → {many:,.0f} tokens/s (**{result['scaling']:.2f}×**)",
+    ]
+    return result
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    flags = argv[argv.index("--") + 1 :] if "--" in argv else []
+    argv = argv[: argv.index("--")] if "--" in argv else argv
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default=os.environ.get("OUT", "outputs/bench"), help="where raw JSON and logs go")
+    sub = parser.add_subparsers(dest="question", required=True)
+    p = sub.add_parser("train-speed")
+    p.set_defaults(measure=train_speed)
+    p.add_argument("--recipe", default="llama2-7b-chat")
+    p.add_argument("--shape", default="llama2-7b", choices=SHAPES)
+    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--peer-steps", type=int, default=8)
+    p.add_argument("--peer", action=argparse.BooleanOptionalAction, default=True)
+    p = sub.add_parser("eval-speed")
+    p.set_defaults(measure=eval_speed)
+    p.add_argument("--adapter", required=True)
+    p.add_argument("--batch-sizes", default="auto")
+    p.add_argument("--merge", action="store_true", help="also each batch size with --merge")
+    p.add_argument("--peer-sentences", type=int, default=200)
+    p = sub.add_parser("accuracy")
+    p.set_defaults(measure=accuracy)
+    p.add_argument("--recipe", default="smollm2-135m")
+    p.add_argument("--seeds", default="42")
+    p = sub.add_parser("scale-out")
+    p.set_defaults(measure=scale_out)
+    p.add_argument("--recipe", default="llama2-7b-chat")
+    p.add_argument("--shape", default="llama2-7b", choices=SHAPES)
+    p.add_argument("--gpus", type=int, default=2)
+    p.add_argument("--steps", type=int, default=30)
+    a = parser.parse_args(argv)
+    a.flags = flags
+    stamp = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d")
+    work = Path(a.out) / f"{a.question}-{stamp}-{revision()}"
+    work.mkdir(parents=True, exist_ok=True)
+    command = "python3 benchmarks/bench.py " + " ".join(shlex.quote(x) for x in sys.argv[1:])
+    result = a.measure(a, work)
+    card, rev = device_name(), revision()
+    report = {"question": a.question, "card": card, "date": stamp, "revision": rev, "command": command, **result}
+    raw = work / "result.json"
+    raw.write_text(json.dumps(report, indent=2))
+    what, figure = result["row"]
+    print(f"| {what} | {card} | {stamp} | `{rev}` | `{command}` | {figure} | `{raw}` |", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -76,6 +76,8 @@ def shape_model(shape: str) -> Path | None:
     for f in ("tokenizer.model", "tokenizer_config.json"):
         shutil.copy(tokenizer / f, tmp / f)
     os.replace(tmp, path)
+    del model
+    torch.cuda.empty_cache()  # the peer's peak memory is measured in this process next
     return path
 
 
@@ -114,8 +116,10 @@ def speed(metrics: dict[str, list[float]]) -> dict:
     secs, rates = metrics["step_s"], metrics["tokens_per_s"]
     steady = list(zip(secs, rates))[WARMUP_STEPS:]
     median = statistics.median(s for s, _ in steady)
+    calm = [(s, r) for s, r in steady if s <= 3 * median]
     return {
         "tokens_per_s": sum(s * r for s, r in steady) / sum(s for s, _ in steady),
+        "tokens_per_s_without_slow_steps": sum(s * r for s, r in calm) / sum(s for s, _ in calm),
         "s_per_step_median": median,
         "first_step_s": secs[0],
         "slow_steps_after_first": sum(s > 3 * median for s in secs[1:]),
@@ -136,6 +140,8 @@ def peer_train(model: Path, batch: int, steps: int, lora: dict, lr: float) -> di
     from qloraner.model import load_base, load_tokenizer
 
     cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
     tok = load_tokenizer(model)
     records, _ = instruction_data(
         resolve_data_dir(None, ROOT), "simple", Path("/tmp/bench-instruct.json"), steps * batch

@@ -11,16 +11,18 @@ from mlflow.tracking import MlflowClient
 
 
 def git_revision() -> str:
-    """The checkout's short commit; $QLORANER_REVISION where the tree travels without .git (a copy on a GPU node)."""
-    fallback = os.environ.get("QLORANER_REVISION", "unknown")
+    """$QLORANER_REVISION where it is set (a copy of the tree on a GPU node, whose .git may not be the tree's), else
+    the checkout's short commit."""
+    if "QLORANER_REVISION" in os.environ:
+        return os.environ["QLORANER_REVISION"]
     try:
         root = Path(__file__).resolve().parents[1]
         out = subprocess.run(
             ["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10
         )
-        return out.stdout.strip() or fallback
+        return out.stdout.strip() or "unknown"
     except (OSError, subprocess.SubprocessError):
-        return fallback
+        return "unknown"
 
 
 def start_run(output_dir: Path, experiment: str, run_id: str | None = None, run_name: str | None = None):

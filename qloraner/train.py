@@ -47,9 +47,20 @@ class TrainResult:
     seconds: float = 0.0  # wall time of this invocation's steps
 
 
-def collate(examples: list[Encoded], pad_id: int, device: torch.device) -> dict[str, torch.Tensor]:
-    """Right-pad to the longest row with EOS; pads are masked out of attention and labels."""
+PAD_MULTIPLE = 8  # compiled layers: Inductor guards on the length's alignment to 8 (aligned and not: two graphs)
+
+
+def collate(
+    examples: list[Encoded], pad_id: int, device: torch.device, compiled: bool = False
+) -> dict[str, torch.Tensor]:
+    """Right-pad with EOS to the longest row; pads are masked out of attention and labels.
+
+    For compiled layers every batch looks alike to the compiler: the width is a multiple of PAD_MULTIPLE with at
+    least one pad column, since a batch without padding makes transformers drop the mask (a second graph).
+    """
     width = max(len(e.input_ids) for e in examples)
+    if compiled:
+        width = math.ceil((width + 1) / PAD_MULTIPLE) * PAD_MULTIPLE
     ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
     labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
     mask = torch.zeros((len(examples), width), dtype=torch.long)
@@ -149,6 +160,9 @@ def _build_model(config: TrainConfig, model_path, device: torch.device, rank: in
         checkpointing=config.gradient_checkpointing and not in_graph,
     )
     if config.compile:
+        # The first layer's input (the frozen embedding's output) must require grad like every later layer's, or
+        # the first layer gets a graph of its own; HF's checkpoint already asks for this.
+        model.get_base_model().enable_input_require_grads()
         compile_layers(model, recompute_in_graph=in_graph)
     if rank:  # after the shared init, each rank its own dropout masks
         torch.manual_seed(config.seed + rank)
@@ -239,7 +253,8 @@ def train_step(run: Run, step: int) -> dict[str, float]:
     loss_sum = torch.zeros((), device=run.device)
     for k, part in enumerate(mine):
         weight = 1.0 if part else 0.0  # a step of fewer sequences than parts: a rank still joins the sync
-        batch_t = collate([run.examples[i] for i in part or batch[:1]], run.tokenizer.pad_token_id, run.device)
+        rows = [run.examples[i] for i in part or batch[:1]]
+        batch_t = collate(rows, run.tokenizer.pad_token_id, run.device, compiled=run.config.compile)
         with dist.no_sync(run.net, last=k == len(mine) - 1):  # one all-reduce per step, in the last backward
             with torch.autocast(run.device.type, dtype=torch.bfloat16, enabled=run.device.type == "cuda"):
                 loss = run.net(**batch_t) * weight
@@ -264,6 +279,10 @@ def train_step(run: Run, step: int) -> dict[str, float]:
     }
     if run.device.type == "cuda":
         metrics["gpu_mem_gib"] = torch.cuda.max_memory_allocated(run.device) / 2**30
+    if run.config.compile:
+        from torch._dynamo.utils import counters
+
+        metrics["compiled_graphs"] = counters["stats"]["unique_graphs"]  # grows with every (re)compile
     return metrics
 
 

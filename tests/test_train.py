@@ -14,7 +14,8 @@ from safetensors.torch import load_file
 from qloraner import QloranerError
 from qloraner.checkpoint import latest as latest_checkpoint
 from qloraner.config import DEFAULT_RECIPE, TrainConfig
-from qloraner.train import get_lr, train_adapter
+from qloraner.data import IGNORE_INDEX, Encoded
+from qloraner.train import collate, get_lr, train_adapter
 from tests.conftest import ROOT
 
 schedule = st.fixed_dictionaries(
@@ -131,6 +132,39 @@ def test_compiled_layers_train_like_eager(tmp_path, tiny_model, conll_dir):
         runs.append(_norms_and_adapter(_config(tmp_path, tiny_model, conll_dir, name, max_steps=3, compile=compiled)))
         assert (counters["stats"]["unique_graphs"] > 0) == compiled  # it really ran compiled (or not)
     _assert_same_training(*runs, rel=1e-4)
+
+
+@given(lengths=st.lists(st.integers(1, 40), min_size=1, max_size=6), compiled=st.booleans())
+def test_collate_pads_for_the_compiler_only_when_compiled(lengths, compiled):
+    """Rows keep their ids, labels and mask; pads are EOS, masked and unlabelled. Eager pads to the longest row;
+    compiled pads to a multiple of 8 with at least one pad column (the compiler sees one kind of batch)."""
+    examples = [Encoded(list(range(10, 10 + n)), [IGNORE_INDEX] + list(range(11, 10 + n))) for n in lengths]
+    batch = collate(examples, pad_id=2, device=torch.device("cpu"), compiled=compiled)
+    width = batch["input_ids"].shape[1]
+    if compiled:
+        assert width % 8 == 0 and width > max(lengths)
+    else:
+        assert width == max(lengths)
+    for row, n in enumerate(lengths):
+        assert batch["input_ids"][row, :n].tolist() == examples[row].input_ids
+        assert batch["labels"][row, :n].tolist() == examples[row].labels
+        assert batch["attention_mask"][row].tolist() == [1] * n + [0] * (width - n)
+        assert set(batch["input_ids"][row, n:].tolist()) <= {2} and set(batch["labels"][row, n:].tolist()) <= {-100}
+
+
+@pytest.mark.parametrize("checkpointing", [True, False])
+def test_compiled_layers_compile_once(tmp_path, tiny_model, conll_dir, checkpointing):
+    """With --compile, the graphs compiled in the first step serve every later step, whatever each step's lengths
+    (the count is logged as compiled_graphs); checkpointing on and off."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    graphs = []
+    config = _config(
+        tmp_path, tiny_model, conll_dir, "once", max_steps=8, compile=True, gradient_checkpointing=checkpointing
+    )
+    train_adapter(config, on_step=lambda step, m: graphs.append(m["compiled_graphs"]))
+    assert graphs[0] > 0 and graphs == [graphs[0]] * 8
 
 
 def test_resume_after_sigterm_matches_an_uninterrupted_run(tmp_path, tiny_model, conll_dir):

@@ -193,6 +193,7 @@ def _recipe(name: str) -> dict:
 
 def train_speed(a: argparse.Namespace, work: Path) -> dict:
     """Our loop through ./run_train.sh with the recipe against the original stack, same model, batch and LoRA."""
+    from qloraner.config import TrainConfig
     from qloraner.model import resolve_model
 
     model = shape_model(a.shape)
@@ -204,7 +205,7 @@ def train_speed(a: argparse.Namespace, work: Path) -> dict:
             r=recipe.get("lora_r", 64),
             lora_alpha=recipe.get("lora_alpha", 16),
             lora_dropout=recipe.get("lora_dropout", 0.1),
-            target_modules=recipe.get("target_modules", "q_proj,v_proj").split(","),
+            target_modules=TrainConfig(**recipe).target_module_list,
         )
         peer = peer_train(
             model or resolve_model(recipe.get("model")), batch, a.peer_steps, lora, recipe.get("lr", 2e-4)

@@ -3,12 +3,30 @@
 ENTITY_TYPES = ("LOC", "MISC", "ORG", "PER")
 
 
+EXIT_INTERRUPTED = 130  # the shell's code for a process ended by Ctrl-C
+
+
 class QloranerError(Exception):
     """An error the user can fix; entry points print it on one line, without a traceback."""
 
 
+def make_dir(path, flag: str = "--output-dir"):
+    """Create the folder `path` (with its parents), or say in one line why it cannot be."""
+    from pathlib import Path
+
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise QloranerError(f"{flag} {path}: a file is in the way; give a folder") from None
+    except OSError as err:
+        raise QloranerError(f"{flag} {path}: cannot create it ({err.strerror})") from None
+    return path
+
+
 def run_main(body) -> int:
-    """An entry point's shell: a QloranerError becomes one `error: ...` line and exit code 2."""
+    """An entry point's shell: a QloranerError becomes one `error: ...` line and exit code 2; Ctrl-C one line and
+    exit code 130."""
     import sys
 
     from qloraner import dist
@@ -18,5 +36,8 @@ def run_main(body) -> int:
     except QloranerError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
     finally:
         dist.shutdown()

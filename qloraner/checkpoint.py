@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import random
 import re
 import shutil
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 
 from qloraner import QloranerError, dist
 from qloraner.config import TrainConfig, as_dict
@@ -28,7 +30,16 @@ COMPATIBLE_KEYS = (
     "seed",
     "limit",
     "recipe",
-)
+    "lr",
+    "warmup_steps",
+    "min_lr_ratio",
+    "weight_decay",
+    "max_grad_norm",
+    "lora_dropout",
+    "max_length",
+)  # epochs and max_steps may change: a run can be extended
+# What a damaged file raises when loaded: a cut or emptied tensor file, a broken pickle, broken JSON.
+DAMAGE = (OSError, EOFError, ValueError, RuntimeError, KeyError, pickle.UnpicklingError, SafetensorError)
 
 
 def step_dir(output_dir: Path, step: int) -> Path:
@@ -42,6 +53,30 @@ def save(path: Path, model, optimizer, state: dict, config: TrainConfig, rank: i
     (the adapter and optimizer are the same on every rank).
     """
     tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        return _save(path, tmp, model, optimizer, state, config, rank)
+    except (OSError, RuntimeError) as err:  # a full disk, a lost mount (torch.save raises RuntimeError for them)
+        shutil.rmtree(tmp, ignore_errors=True)  # the half-written folder goes, the complete ones stay
+        newest = latest(path.parent)
+        raise QloranerError(
+            f"{path}: could not write the checkpoint ({write_failure(err, path.parent)}); the newest complete one "
+            f"is {newest or 'none'}, and running again resumes from it"
+        ) from None
+
+
+def write_failure(err: Exception, folder: Path) -> str:
+    """Why a write into `folder` failed, in words: the OS's reason, or a full disk where the error hides it."""
+    if isinstance(err, OSError) and err.strerror:
+        return err.strerror
+    try:
+        if shutil.disk_usage(folder).free < 2**20:
+            return "No space left on device"
+    except OSError:
+        pass
+    return str(err).splitlines()[0][:160] if str(err) else type(err).__name__
+
+
+def _save(path: Path, tmp: Path, model, optimizer, state: dict, config: TrainConfig, rank: int) -> Path:
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
@@ -71,8 +106,8 @@ def save(path: Path, model, optimizer, state: dict, config: TrainConfig, rank: i
     return path
 
 
-def latest(output_dir: Path) -> Path | None:
-    """The newest complete step-NNNNNN/ checkpoint; half-written folders are skipped."""
+def complete(output_dir: Path) -> list[Path]:
+    """The complete step-NNNNNN/ checkpoints, newest first; half-written folders are skipped."""
     found = []
     for d in Path(output_dir).glob("step-*"):
         if STEP_DIR.match(d.name) and all((d / f).is_file() for f in FILES):
@@ -80,12 +115,35 @@ def latest(output_dir: Path) -> Path | None:
                 found.append((json.loads((d / "trainer_state.json").read_text())["step"], d))
             except (ValueError, KeyError):
                 continue
-    return max(found)[1] if found else None
+    return [d for _, d in sorted(found, reverse=True)]
+
+
+def latest(output_dir: Path) -> Path | None:
+    """The newest complete step-NNNNNN/ checkpoint."""
+    found = complete(output_dir)
+    return found[0] if found else None
+
+
+def finished(output_dir: Path, config: TrainConfig, data_sha256: str) -> Path | None:
+    """final/ when it holds a complete adapter trained with these settings on this data (a rerun then only
+    evaluates it)."""
+    final = Path(output_dir) / "final"
+    if not all((final / f).is_file() for f in FILES):
+        return None
+    try:
+        check_compatible(final, config)
+        saved = json.loads((final / "train_config.json").read_text())
+        state = json.loads((final / "trainer_state.json").read_text())
+    except (QloranerError, *DAMAGE):
+        return None
+    same_schedule = all(saved.get(k) == getattr(config, k) for k in ("epochs", "max_steps"))
+    return final if same_schedule and state.get("data_sha256") == data_sha256 else None
 
 
 def check_compatible(ckpt: Path, config: TrainConfig) -> None:
     """Refuse a checkpoint made with other settings in COMPATIBLE_KEYS (one without a response format is lines)."""
-    saved = {"response_format": "lines", **json.loads((ckpt / "train_config.json").read_text())}
+    saved = {"response_format": "lines", "recipe": None, **json.loads((ckpt / "train_config.json").read_text())}
+    saved = {k: saved.get(k, getattr(TrainConfig, k)) for k in COMPATIBLE_KEYS}  # older: the defaults of then
     diff = [
         f"{k}={saved.get(k)!r} (now {getattr(config, k)!r})"
         for k in COMPATIBLE_KEYS
@@ -95,6 +153,22 @@ def check_compatible(ckpt: Path, config: TrainConfig) -> None:
         raise QloranerError(
             f"{ckpt}: incompatible checkpoint, trained with {', '.join(diff)}; use another --output-dir or --no-resume"
         )
+
+
+def restore_newest(output_dir: Path, config: TrainConfig, model, optimizer, rank: int) -> tuple[Path, dict] | None:
+    """Restore the newest complete checkpoint that loads; a damaged one is skipped with one line saying which
+    and why. None where there is no checkpoint; an error where there are some but none loads."""
+    candidates = complete(output_dir)
+    for ckpt in candidates:
+        try:
+            check_compatible(ckpt, config)
+            return ckpt, restore(ckpt, model, optimizer, rank)
+        except DAMAGE as err:
+            reason = str(err).splitlines()[0][:160] if str(err) else type(err).__name__
+            print(f"qloraner: skipping damaged checkpoint {ckpt}: {reason}", flush=True)
+    if candidates:
+        raise QloranerError(f"{output_dir}: no checkpoint loads; --no-resume starts over (the damaged ones stay)")
+    return None
 
 
 def restore(ckpt: Path, model, optimizer, rank: int) -> dict:

@@ -7,11 +7,12 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-from qloraner import QloranerError
+from qloraner import ENTITY_TYPES, QloranerError
 from qloraner.bio import to_iob2
 
 SPLITS = ("train", "valid", "test")
-_VALID_TAG_PREFIXES = ("B-", "I-")
+TAGS = ("O", *(f"{p}-{t}" for t in ENTITY_TYPES for p in "BI"))  # the CoNLL-2003 scheme, IOB1 or IOB2
+QUOTE_CHARS = 80  # of a bad line quoted in an error: enough to recognise it
 
 
 @dataclass(frozen=True)
@@ -20,17 +21,26 @@ class Sentence:
     tags: tuple[str, ...]  # IOB2
 
 
+def quote(text: str, limit: int = QUOTE_CHARS) -> str:
+    """repr(text), cut to `limit` characters so that one bad line (a file of NUL bytes) stays readable.
+
+    >>> quote("x" * 200, limit=10)
+    "'xxxxxxxxx… (200 characters)"
+    """
+    shown = repr(text)
+    return shown if len(shown) <= limit else f"{shown[:limit]}… ({len(text)} characters)"
+
+
 def _check_tag(tag: str, where: str) -> None:
-    if tag == "O" or (tag[:2] in _VALID_TAG_PREFIXES and len(tag) > 2):
-        return
-    raise QloranerError(f"{where}: bad NER tag {tag!r} (expected O, B-TYPE or I-TYPE)")
+    if tag not in TAGS:
+        raise QloranerError(f"{where}: bad NER tag {quote(tag)} (CoNLL-2003 tags: {', '.join(TAGS)})")
 
 
 def read_conll(path: str | Path) -> list[Sentence]:
     """Read one CoNLL file; IOB1 tags are normalised to IOB2. Errors name file:line."""
     path = Path(path)
     try:
-        text = path.read_bytes().decode("utf-8")
+        text = path.read_bytes().decode("utf-8-sig")  # a byte-order mark is no part of the first token
     except FileNotFoundError:
         raise QloranerError(f"{path}: file not found") from None
     except UnicodeDecodeError as err:
@@ -54,7 +64,7 @@ def read_conll(path: str | Path) -> list[Sentence]:
             flush()
         elif len(fields) != 4:
             raise QloranerError(
-                f"{path}:{lineno}: expected 4 columns (token POS chunk NER), got {len(fields)}: {line!r}"
+                f"{path}:{lineno}: expected 4 columns (token POS chunk NER), got {len(fields)}: {quote(line)}"
             )
         else:
             _check_tag(fields[3], f"{path}:{lineno}")

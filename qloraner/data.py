@@ -69,7 +69,7 @@ def build_record(sentence: Sentence, template: str, response_format: str = "line
     }
 
 
-def _sha256(path: Path) -> str:
+def sha256_of(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
@@ -85,7 +85,7 @@ def instruction_data(
     if not source.is_file():
         raise QloranerError(f"{source}: file not found")
     key = {
-        "source_sha256": _sha256(source),
+        "source_sha256": sha256_of(source),
         "template": template,
         "response_format": response_format,
         "format_version": FORMAT_VERSION,

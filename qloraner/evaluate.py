@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from qloraner import ENTITY_TYPES, QloranerError, dist, run_main
+from qloraner import ENTITY_TYPES, QloranerError, dist, make_dir, run_main
 from qloraner.bio import entities_to_bio
 from qloraner.config import EvalConfig, as_dict, from_args
 from qloraner.conll import Sentence, read_split, resolve_data_dir
@@ -139,7 +139,21 @@ def _adapter_settings(adapter: Path) -> dict:
             f"adapter not found: {adapter} "
             "(expected adapter_config.json and train_config.json, as in outputs/run/final)"
         )
-    return json.loads(config.read_text())
+    weights = adapter / "adapter_model.safetensors"
+    try:
+        settings = json.loads(config.read_text())
+        from safetensors import safe_open
+
+        with safe_open(weights, "pt") as f:
+            f.keys()
+    except ValueError as err:  # broken JSON (JSONDecodeError is a ValueError)
+        raise QloranerError(f"{config}: damaged settings file ({err}); train again or use another checkpoint") from None
+    except Exception as err:  # safetensors raises its own error type for a cut or empty file
+        raise QloranerError(
+            f"{weights}: damaged adapter weights ({str(err).splitlines()[0][:120]}); "
+            "train again or use another checkpoint"
+        ) from None
+    return settings
 
 
 def load_for_eval(config: EvalConfig, device: torch.device):
@@ -258,25 +272,48 @@ def _write_atomic(path: Path, write) -> None:
         tmp.unlink(missing_ok=True)
 
 
+ARTIFACTS = ("metrics.json", "responses.jsonl", "responses_base.jsonl", "comparison.md", "f1_by_type.png")
+
+
 def write_artifacts(out: Path, metrics: dict, responses: dict[str, list[dict]], results: dict[str, dict]) -> None:
-    """metrics.json, responses[_base].jsonl, comparison.md and f1_by_type.png in `out`, each written atomically."""
-    out.mkdir(parents=True, exist_ok=True)
-    _write_atomic(out / "metrics.json", lambda p: p.write_text(json.dumps(metrics, indent=2)))
-    for label, rows in responses.items():
-        text = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
-        name = f"responses{'' if label == metrics['label'] else '_' + label}.jsonl"
-        _write_atomic(out / name, lambda p, text=text: p.write_text(text, encoding="utf-8"))
-    _write_atomic(out / "comparison.md", lambda p: p.write_text(comparison_table(results)))
-    _write_atomic(out / "f1_by_type.png", lambda p: _bar_chart(results, p))
+    """responses[_base].jsonl, comparison.md, f1_by_type.png, then metrics.json in `out`, each written atomically.
+
+    An earlier evaluation's files go first and metrics.json comes last, so a folder with a metrics.json holds
+    one evaluation's files, all complete, and a kill or a full disk leaves no old file beside new ones.
+    """
+    try:
+        for name in ARTIFACTS:
+            (out / name).unlink(missing_ok=True)
+        for label, rows in responses.items():
+            text = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+            name = f"responses{'' if label == metrics['label'] else '_' + label}.jsonl"
+            _write_atomic(out / name, lambda p, text=text: p.write_text(text, encoding="utf-8"))
+        _write_atomic(out / "comparison.md", lambda p: p.write_text(comparison_table(results)))
+        _write_atomic(out / "f1_by_type.png", lambda p: _bar_chart(results, p))
+        _write_atomic(out / "metrics.json", lambda p: p.write_text(json.dumps(metrics, indent=2)))
+    except OSError as err:
+        raise QloranerError(f"{out}: could not write the evaluation's files ({err.strerror or err})") from None
 
 
-def log_to_mlflow(out: Path, config: EvalConfig, context: dict, results: dict[str, dict]) -> None:
+def output_dirs(config: EvalConfig) -> tuple[Path, Path]:
+    """(where the files go, where a local MLflow store goes). Files: --output-dir, else eval/ beside a final/ adapter
+    and eval-step-NNNNNN/ beside a step checkpoint, so that neither overwrites the other. MLflow: the adapter's run
+    folder, beside its training run; without an adapter, the files' folder."""
+    if not config.adapter:
+        out = Path(config.output_dir or ROOT / "outputs" / "eval")
+        return out, out
+    adapter = Path(config.adapter)
+    default = adapter.parent / ("eval" if adapter.name == "final" else f"eval-{adapter.name}")
+    return Path(config.output_dir or default), adapter.parent
+
+
+def log_to_mlflow(out: Path, store: Path, config: EvalConfig, context: dict, results: dict[str, dict]) -> None:
     """One MLflow run: the settings, P/R/F1 (per type too) per model, and the files in `out`."""
     import mlflow
 
     from qloraner.tracking import git_revision, start_run
 
-    with start_run(out, config.experiment, run_name=f"eval-{context['name']}"):
+    with start_run(store, config.experiment, run_name=f"eval-{context['name']}"):
         mlflow.log_params(
             {
                 **as_dict(config),
@@ -302,10 +339,14 @@ def evaluate_model(config: EvalConfig, device: torch.device | None = None) -> di
     Under torchrun each rank decodes every world-th sentence; rank 0 gathers the rows, scores them
     and writes the same artifacts as one process would, in sentence order.
     """
-    device = device or dist.setup()[2]
-    out = Path(
-        config.output_dir or (Path(config.adapter).parent / "eval" if config.adapter else ROOT / "outputs" / "eval")
-    )
+    rank, _, rank_device = dist.setup()
+    device = device or rank_device
+    out, store = output_dirs(config)
+    if rank == 0:  # before decoding: a bad folder or tracking URI must not cost the decoding
+        from qloraner.tracking import check_tracking
+
+        make_dir(out)
+        check_tracking(store)
     responses, stats, context = decode(config, device)
     if not responses:  # not rank 0
         return {}
@@ -325,7 +366,7 @@ def evaluate_model(config: EvalConfig, device: torch.device | None = None) -> di
     if config.compare_base:
         metrics["base"] = results["base"]
     write_artifacts(out, metrics, responses, results)
-    log_to_mlflow(out, config, context, results)
+    log_to_mlflow(out, store, config, context, results)
     print(comparison_table(results), flush=True)
     return results
 

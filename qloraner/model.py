@@ -156,10 +156,24 @@ def add_lora(base, *, r: int, alpha: int, dropout: float, target_modules: list[s
     )
     for name, p in base.named_parameters():
         p.data = p.data.to(loaded[name])
+    if target_modules != "all-linear":
+        names = {name.rsplit(".", 1)[-1] for name, m in base.named_modules() if _is_linear(m)}
+        missing = [t for t in target_modules if t not in names]
+        if missing:
+            raise QloranerError(
+                f"--target-modules: {', '.join(missing)} names no linear module of this model; "
+                f"its linear modules: {', '.join(sorted(names))} (or all-linear)"
+            )
     config = LoraConfig(
         r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules, task_type="CAUSAL_LM"
     )
     return get_peft_model(base, config)
+
+
+def _is_linear(module) -> bool:
+    import bitsandbytes as bnb
+
+    return isinstance(module, (torch.nn.Linear, bnb.nn.Linear4bit))
 
 
 RECOMPUTE_BUDGET = 0.05  # the fastest budget measured on the 7B shape (benchmarks/RESULTS.md, training speed)

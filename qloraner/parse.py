@@ -1,8 +1,9 @@
 """Model responses -> entities. `parse_response` is pure and total: it never raises.
 
 Accepted: our canonical `[TYPE] mention` lines (tried first when the answer starts with one);
-a JSON object or Python dict repr (the first `{...}` in the text); lines of the forms
-`TYPE: a, b`, `TYPE - a`, `mention (TYPE)`.
+a JSON object or Python dict repr (the first `{...}` in the text), a value a list or one comma-joined string; lines
+of the forms `TYPE: a, b` (several such groups on a line, split by `;` or `|`), `TYPE - a`, `mention (TYPE)`. A
+type is LOC/MISC/ORG/PER or a full-word name for one (`Person`, `organisations`, `Location names`) in any case.
 Line parsing stops at the first blank line after an entity line, so chatter after the answer
 is ignored.
 """
@@ -39,13 +40,24 @@ NULLS = {"", "none", "null", "n/a", "na", "-", "[]", "nil", "no entities", "not 
 _QUOTES = "\"'`*“”‘’ "
 _BULLET = re.compile(r"^\s*(?:[-*•]|\d+[.)])\s+")
 _CANONICAL = re.compile(r"^\s*\[\s*([A-Za-z]+)\s*\]\s*(.*?)\s*$")
-_TYPE_FIRST = re.compile(r"^\s*([A-Za-z*\"']+)\s*(?::|\s-|=)\s*(.*?)\s*$")
+_LABEL = r"[A-Za-z*\"'][A-Za-z*\"' ]{0,30}?"  # a type name, maybe of a few words ("Person names")
+_TYPE_FIRST = re.compile(rf"^\s*({_LABEL})\s*(?::|\s-|=)\s*(.*?)\s*$")
+_GROUPS = re.compile(rf"\s*[;|]\s*(?=(?:{_LABEL})\s*:)")  # `PER: a; LOC: b | ORG: c`: where a new group starts
+_LABEL_TAIL = re.compile(r"\s+(?:NAMES?|ENTIT(?:Y|IES))$")  # "Person names", "ORG entities"
 _TYPE_LAST = re.compile(r"^\s*(.+?)\s*\(\s*([A-Za-z]+)\s*\)\s*[.,;]?\s*$")
 
 
 def canonical_type(name: object) -> str | None:
-    """LOC/MISC/ORG/PER for a type name or synonym in any case, else None."""
-    return SYNONYMS.get(name.strip(_QUOTES).upper()) if isinstance(name, str) else None
+    """LOC/MISC/ORG/PER for a type name or synonym in any case, with or without a trailing 'names'/'entities',
+    else None.
+
+    >>> [canonical_type(n) for n in ("per", "Organisations", "Location names", "date")]
+    ['PER', 'ORG', 'LOC', None]
+    """
+    if not isinstance(name, str):
+        return None
+    key = " ".join(name.strip(_QUOTES).upper().split())
+    return SYNONYMS.get(key) or SYNONYMS.get(_LABEL_TAIL.sub("", key))
 
 
 def _clean(value: object) -> str | None:
@@ -56,8 +68,10 @@ def _clean(value: object) -> str | None:
 
 
 def _values(raw: object) -> list[str]:
-    """A JSON/dict value -> mentions: a string, a number, a list of them, or None."""
-    items = raw if isinstance(raw, (list, tuple, set)) else [raw]
+    """A JSON/dict value -> mentions: a list of strings or numbers, one string (comma-joined mentions), or None."""
+    items = (
+        raw if isinstance(raw, (list, tuple, set)) else re.split(r"\s*[,;]\s*", raw) if isinstance(raw, str) else [raw]
+    )
     return [v for v in map(_clean, items) if v is not None]
 
 
@@ -117,7 +131,7 @@ def _split_values(text: str) -> list[str]:
         parsed = _literal(text)
         if isinstance(parsed, list):
             return _values(parsed)
-    return _values(re.split(r"\s*[,;]\s*", text))
+    return _values(text)
 
 
 def _line_entities(line: str) -> list[tuple[str, str]]:
@@ -126,6 +140,9 @@ def _line_entities(line: str) -> list[tuple[str, str]]:
     if m := _CANONICAL.match(line):
         type_, mention = canonical_type(m[1]), " ".join(m[2].split())  # kept verbatim: it is our format
         return [(type_, mention)] if type_ and mention else []
+    groups = _GROUPS.split(line)
+    if len(groups) > 1 and all((m := _TYPE_FIRST.match(g)) and canonical_type(m[1]) for g in groups):
+        return [pair for g in groups for pair in _line_entities(g)]
     if (m := _TYPE_FIRST.match(line)) and (type_ := canonical_type(m[1])):
         return [(type_, v) for v in _split_values(m[2])]
     if (m := _TYPE_LAST.match(line)) and (type_ := canonical_type(m[2])) and (mention := _clean(m[1])):

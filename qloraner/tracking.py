@@ -9,6 +9,12 @@ from pathlib import Path
 import mlflow
 from mlflow.tracking import MlflowClient
 
+from qloraner import QloranerError
+
+DATABASE_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql")
+SERVER_SCHEMES = ("http", "https")
+PROBE_S = 5.0  # seconds a tracking server has to answer before training or decoding starts
+
 
 def git_revision() -> str:
     """$QLORANER_REVISION where it is set (a copy of the tree on a GPU node, whose .git may not be the tree's), else
@@ -25,19 +31,53 @@ def git_revision() -> str:
         return "unknown"
 
 
+def tracking_uri(output_dir: Path) -> str:
+    """$MLFLOW_TRACKING_URI, else a sqlite store in `output_dir`."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path(output_dir).resolve() / 'mlflow.db'}"
+
+
+def check_tracking(output_dir: Path) -> str:
+    """The tracking URI, checked within seconds before any long work: a database URI, or a server that answers
+    its health check. Anything else is one error line that names the URI and what to do."""
+    uri = tracking_uri(output_dir)
+    scheme = uri.partition(":")[0].split("+")[0].lower() if "://" in uri else ""
+    unset = "unset it to log to <output-dir>/mlflow.db"
+    if scheme in DATABASE_SCHEMES:
+        return uri
+    if scheme not in SERVER_SCHEMES:
+        raise QloranerError(
+            f"MLFLOW_TRACKING_URI={uri}: not a URI MLflow 3 tracks to; give sqlite:///path/mlflow.db or "
+            f"http://host:port of an `mlflow server`, or {unset}"
+        )
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=PROBE_S) as response:
+            response.read()
+    except (urllib.error.URLError, OSError, ValueError) as err:
+        reason = getattr(err, "reason", err)
+        raise QloranerError(
+            f"MLFLOW_TRACKING_URI={uri}: no MLflow server answers ({reason}); start it, or {unset}"
+        ) from None
+    return uri
+
+
 def start_run(output_dir: Path, experiment: str, run_id: str | None = None, run_name: str | None = None):
     """Start (or, given run_id, continue) a run. A local store keeps its artifacts beside it."""
     output_dir = Path(output_dir).resolve()
-    uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{output_dir / 'mlflow.db'}"
+    uri = tracking_uri(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    mlflow.set_tracking_uri(uri)
+    before = os.environ.get("MLFLOW_TRACKING_URI")
+    mlflow.set_tracking_uri(uri)  # it also exports MLFLOW_TRACKING_URI: a later run here would inherit this store
+    if before is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
     client = MlflowClient()
     found = client.get_experiment_by_name(experiment)
     if found is None:
         local = uri.startswith("sqlite:")
-        exp_id = client.create_experiment(
-            experiment, artifact_location=(output_dir / "mlartifacts").as_uri() if local else None
-        )
+        artifacts = (output_dir / "mlartifacts").as_uri() if local else None
+        exp_id = client.create_experiment(experiment, artifact_location=artifacts)
     else:
         exp_id = found.experiment_id
     return mlflow.start_run(run_id=run_id, experiment_id=None if run_id else exp_id, run_name=run_name)

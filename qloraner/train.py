@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import random
 import signal
 import sys
@@ -16,10 +17,18 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DistributedSampler
 
-from qloraner import QloranerError, checkpoint, dist, run_main
+from qloraner import QloranerError, checkpoint, dist, make_dir, run_main
 from qloraner.config import EvalConfig, TrainConfig, as_dict, from_args
 from qloraner.conll import resolve_data_dir
-from qloraner.data import IGNORE_INDEX, Encoded, encode, instruction_data, length_grouped_batches, split_step
+from qloraner.data import (
+    IGNORE_INDEX,
+    Encoded,
+    encode,
+    instruction_data,
+    length_grouped_batches,
+    sha256_of,
+    split_step,
+)
 from qloraner.model import add_lora, compile_layers, compile_unavailable, load_base, load_tokenizer, resolve_model
 from qloraner.progress import Progress
 
@@ -113,6 +122,7 @@ class Run:
     lengths: list[int] = field(init=False)
     steps_per_epoch: int = field(init=False)
     _order: dict[int, list[list[int]]] = field(default_factory=dict)  # one epoch's batches at a time
+    lock: object = None  # the output folder's lock file, held open by rank 0 for the run
 
     def __post_init__(self) -> None:
         self.lengths = [len(e.input_ids) for e in self.examples]
@@ -170,24 +180,76 @@ def _build_model(config: TrainConfig, model_path, device: torch.device, rank: in
     return model
 
 
-def prepare(config: TrainConfig, device: torch.device | None = None) -> Run:
-    """Data, model, optimizer and state of a run, restored from the newest complete checkpoint when one exists;
-    the MLflow run started (rank 0)."""
-    rank, world, rank_device = dist.setup()
-    device = device or rank_device
-    config = dataclasses.replace(config, compile=_use_compile(config, device))  # train_config.json: what ran
-    ckpt = checkpoint.latest(Path(config.output_dir)) if config.resume is not False else None
-    if config.resume and ckpt is None:
-        raise QloranerError(f"--resume: no complete checkpoint in {config.output_dir}")
-    if ckpt:
-        checkpoint.check_compatible(ckpt, config)
+def _claim_output_dir(config: TrainConfig):
+    """Create --output-dir, check the tracking URI, and take the folder's lock for this run (rank 0): a second
+    training on the same folder is refused; the lock dies with its owner, so a killed run leaves none behind."""
+    import fcntl
+
+    from qloraner.tracking import check_tracking
+
+    out = make_dir(config.output_dir)
+    check_tracking(out)
+    lock = open(out / ".lock", "a+")  # held open for the whole run: closing it releases the lock
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.seek(0)
+        owner = lock.read().strip() or "?"
+        raise QloranerError(
+            f"{out}: another training (pid {owner}) is using this folder; wait for it, or give another --output-dir"
+        ) from None
+    lock.seek(0)
+    lock.truncate()
+    lock.write(str(os.getpid()))
+    lock.flush()
+    newest = checkpoint.latest(out) if config.resume is not False else None
+    if config.resume and newest is None:
+        raise QloranerError(f"--resume: no complete checkpoint in {out}")
+    if newest:
+        try:  # fail before loading anything; a damaged newest checkpoint is dealt with when restoring
+            checkpoint.check_compatible(newest, config)
+        except checkpoint.DAMAGE:
+            pass
+    return lock
+
+
+def _examples(config: TrainConfig, tokenizer) -> tuple[list[Encoded], dict]:
+    """The training examples as token ids and labels, and the instruction data's manifest."""
     data_dir = resolve_data_dir(config.data_dir, ROOT)
-    model_path = resolve_model(config.model)
-    tokenizer = load_tokenizer(model_path)
     records, manifest = instruction_data(
         data_dir, config.prompt, ROOT / "datasets" / "ner_instruct_data.json", config.limit, config.response_format
     )
     examples = encode(tokenizer, [r["prompt"] for r in records], [r["response"] for r in records], config.max_length)
+    empty = sum(e.n_supervised == 0 for e in examples)
+    if empty:
+        longest = max(len(e.input_ids) - e.n_supervised for e in examples)
+        raise QloranerError(
+            f"--max-length {config.max_length}: {empty} of {len(examples)} examples keep no response "
+            f"token (prompts run to {longest} tokens); raise it above that"
+        )
+    return examples, manifest
+
+
+def prepare(config: TrainConfig, device: torch.device | None = None) -> Run:
+    """Data, model, optimizer and state of a run, restored from the newest checkpoint that loads; the MLflow run
+    started (rank 0)."""
+    rank, world, rank_device = dist.setup()
+    device = device or rank_device
+    config = dataclasses.replace(config, compile=_use_compile(config, device))  # train_config.json: what ran
+    lock = _claim_output_dir(config) if rank == 0 else None
+    try:
+        return _load(config, device, rank, world, lock)
+    except BaseException:
+        if lock:
+            lock.close()
+        raise
+
+
+def _load(config: TrainConfig, device: torch.device, rank: int, world: int, lock) -> Run:
+    """prepare() once the output folder is claimed."""
+    model_path = resolve_model(config.model)
+    tokenizer = load_tokenizer(model_path)
+    examples, manifest = _examples(config, tokenizer)
     micro = config.micro_batch_size or math.ceil(config.batch_size / world)
     total = config.max_steps or math.ceil(config.epochs * math.ceil(len(examples) / config.batch_size))
 
@@ -197,12 +259,21 @@ def prepare(config: TrainConfig, device: torch.device | None = None) -> Run:
     optimizer = bnb.optim.PagedAdamW(list(_trainable(model).values()), lr=config.lr, weight_decay=config.weight_decay)
     accum = math.ceil(config.batch_size / (world * micro))
     net = dist.wrap_lora(SupervisedLoss(model), device)
-    state = {"step": 0, "run_id": None}
-    run = Run(config, device, rank, world, tokenizer, examples, total, micro, accum, model, net, optimizer, state, ckpt)
-    if ckpt:
-        run.state = checkpoint.restore(ckpt, model, optimizer, rank)
+    state = {"step": 0, "run_id": None, "data_sha256": manifest["source_sha256"]}
+    run = Run(config, device, rank, world, tokenizer, examples, total, micro, accum, model, net, optimizer, state, None)
+    run.lock = lock
+    restored = (
+        checkpoint.restore_newest(run.out, config, model, optimizer, rank) if config.resume is not False else None
+    )
+    if restored:
+        run.last_good, run.state = restored
+        if run.state.setdefault("data_sha256", state["data_sha256"]) != state["data_sha256"]:
+            raise QloranerError(
+                f"{run.last_good}: trained on other data than {manifest['source']} (its checksum "
+                "differs); give the data it was trained on, another --output-dir, or --no-resume"
+            )
     if run.main:
-        _start_tracking(run, model_path, manifest, resumed=ckpt)
+        _start_tracking(run, model_path, manifest, resumed=run.last_good)
     return run
 
 
@@ -231,8 +302,10 @@ def _start_tracking(run: Run, model_path, manifest: dict, resumed: Path | None) 
         mlflow.log_artifact(str(run.out / "instruction_manifest.json"))
     tokens = run.total * config.batch_size * sum(run.lengths) / len(run.lengths)
     where = f"{run.world} x {torch.cuda.get_device_name(run.device)}" if run.device.type == "cuda" else "CPU"
+    if resumed:
+        print(f"qloraner: resuming from {resumed} at step {run.state['step']}", flush=True)
     print(
-        f"qloraner: {'resuming from ' + str(resumed) + ', ' if resumed else ''}training {len(run.examples)} "
+        f"qloraner: training {len(run.examples)} "
         f"sequences, {run.total} steps of {config.batch_size} (about {tokens / 1e6:.2f}M tokens) on {where}, "
         f"compile {'on' if config.compile else 'off'}, recipe {config.recipe or 'none'}",
         flush=True,
@@ -287,18 +360,37 @@ def train_step(run: Run, step: int) -> dict[str, float]:
 
 
 class _StopFlag:
-    """SIGTERM/SIGUSR1 ask the loop to checkpoint at the end of the current step and exit."""
+    """SIGTERM, SIGUSR1 and a first Ctrl-C ask the loop to checkpoint at the end of the current step and exit;
+    a second Ctrl-C stops at once."""
 
     def __init__(self) -> None:
         self.signal: int | None = None
-        self._old = {s: signal.signal(s, self._set) for s in (signal.SIGTERM, signal.SIGUSR1)}
+        self._old = {s: signal.signal(s, self._set) for s in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)}
 
     def _set(self, signum, _frame) -> None:
         self.signal = signum
+        if signum == signal.SIGINT:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            print(
+                "\nqloraner: interrupted; saving a checkpoint after this step (Ctrl-C again stops at once)", flush=True
+            )
 
     def restore(self) -> None:
         for s, handler in self._old.items():
             signal.signal(s, handler)
+
+
+def _already_trained(config: TrainConfig) -> TrainResult | None:
+    """The finished run in --output-dir when final/ holds an adapter of these settings and data (a rerun after a
+    stop during evaluation goes straight to evaluating it)."""
+    train_file = resolve_data_dir(config.data_dir, ROOT) / "train.txt"
+    data_sha = sha256_of(train_file) if train_file.is_file() else None  # missing: prepare() says so
+    final = checkpoint.finished(Path(config.output_dir), config, data_sha) if config.resume is not False else None
+    if not (data_sha and final):
+        return None
+    state = json.loads((final / "trainer_state.json").read_text())
+    print(f"qloraner: {final} already holds this run's adapter (step {state['step']}); not training again", flush=True)
+    return TrainResult(state["step"], final, state["run_id"])
 
 
 def train_adapter(config: TrainConfig, device: torch.device | None = None, on_step=None) -> TrainResult:
@@ -310,6 +402,8 @@ def train_adapter(config: TrainConfig, device: torch.device | None = None, on_st
     """
     import mlflow
 
+    if done := _already_trained(config):
+        return done
     run = prepare(config, device)
     config, stop, start = run.config, _StopFlag(), time.perf_counter()
     progress = Progress(run.total, "train", "steps", initial=run.state["step"], enabled=run.main)
@@ -340,7 +434,7 @@ def train_adapter(config: TrainConfig, device: torch.device | None = None, on_st
                 )
             if stopping:
                 if run.main:
-                    print(f"qloraner: signal at step {step}: saved {run.last_good}; run again to resume", flush=True)
+                    print(f"qloraner: stopped at step {step}: saved {run.last_good}; run again to resume", flush=True)
                     mlflow.end_run(status="KILLED")
                 return TrainResult(step, None, run.state["run_id"], True, time.perf_counter() - start)
         final = checkpoint.save(run.out / "final", run.model, run.optimizer, run.state, config, run.rank)
@@ -355,12 +449,35 @@ def train_adapter(config: TrainConfig, device: torch.device | None = None, on_st
     finally:
         progress.close()
         stop.restore()
+        if run.lock:
+            run.lock.close()  # releases the output folder for the next run in this process
+
+
+class _Preempted(Exception):
+    """SIGTERM or SIGUSR1 arrived while the trained adapter was being evaluated."""
+
+
+def _evaluate_preemptibly(config: EvalConfig) -> dict | None:
+    """evaluate_model, or None when SIGTERM/SIGUSR1 stops it: final/ is complete, so a rerun goes straight to
+    evaluating it."""
+    from qloraner.evaluate import evaluate_model
+
+    def preempt(_signum, _frame):
+        raise _Preempted
+
+    old = {s: signal.signal(s, preempt) for s in (signal.SIGTERM, signal.SIGUSR1)}
+    try:
+        return evaluate_model(config)
+    except _Preempted:
+        print(f"qloraner: stopped while evaluating {config.adapter}; run again to evaluate it", flush=True)
+        return None
+    finally:
+        for s, handler in old.items():
+            signal.signal(s, handler)
 
 
 def main(argv: list[str] | None = None) -> int:
     def body() -> int:
-        from qloraner.evaluate import evaluate_model
-
         config = from_args(TrainConfig, argv, "QLoRA fine-tuning for CoNLL-2003 NER (run via ./run_train.sh)")
         result = train_adapter(config)
         if result.preempted:
@@ -373,15 +490,16 @@ def main(argv: list[str] | None = None) -> int:
             )
         if not config.eval_after:
             return 0
-        results = evaluate_model(
+        results = _evaluate_preemptibly(
             EvalConfig(
                 adapter=str(result.final),
                 data_dir=config.data_dir,
-                output_dir=str(Path(config.output_dir) / "eval"),
                 experiment=config.experiment,
                 limit=config.eval_limit,
             )
         )
+        if results is None:
+            return EXIT_PREEMPTED
         if main_rank:
             m = results["fine-tuned"]
             print(

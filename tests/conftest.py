@@ -131,3 +131,29 @@ def trained_default(tmp_path_factory, conll_dir):
     assert proc.returncode == 0, proc.stderr[-3000:]
     (out.parent / "stdout.log").write_text(proc.stdout)  # a pipe, as in a SLURM log: no terminal
     return out
+
+
+def run_entry(module: str, *args: str, env: dict | None = None, timeout: float = 600):
+    """`python -m qloraner.<module> ARGS` as a user runs it (MLflow in the output folder unless env says
+    otherwise); the finished process. No user-facing failure may print a traceback."""
+    import subprocess
+    import sys
+
+    full_env = {**os.environ, **(env or {})}
+    if not env or "MLFLOW_TRACKING_URI" not in env:
+        full_env.pop("MLFLOW_TRACKING_URI", None)
+    proc = subprocess.run(
+        [sys.executable, "-m", f"qloraner.{module}", *args],
+        capture_output=True,
+        text=True,
+        env=full_env,
+        cwd=ROOT,
+        timeout=timeout,
+    )
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    return proc
+
+
+def last_line(text: str) -> str:
+    """The last non-empty line of a process's output."""
+    return next((line for line in reversed(text.splitlines()) if line.strip()), "")

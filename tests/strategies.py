@@ -77,3 +77,19 @@ json_like = st.recursive(
     | st.dictionaries(st.text(max_size=8) | st.sampled_from(("PER", "type", "text")), kids, max_size=4),
     max_leaves=12,
 )
+
+# Mentions end in a digit, so none is a null word ("None", "N/A") that means "no entity", and hold no separator.
+mention = st.text(st.characters(categories=("L", "N")), max_size=8).map(lambda s: s + "7")
+_NAMES = {
+    "LOC": ["LOC", "Location", "locations", "Location names"],
+    "MISC": ["MISC", "Miscellaneous", "other"],
+    "ORG": ["ORG", "Organization", "organisations", "ORG entities"],
+    "PER": ["PER", "Person", "people"],
+}
+
+
+@st.composite
+def type_name(draw, type_: str) -> str:
+    """A name the parser must read as `type_`: its tag or a full-word synonym, in any letter case."""
+    name = draw(st.sampled_from(_NAMES[type_]))
+    return "".join(c.upper() if draw(st.booleans()) else c.lower() for c in name)

@@ -23,6 +23,8 @@ from qloraner.config import DEFAULT_RECIPE, RECIPES, EvalConfig, TrainConfig, fr
         (EvalConfig, {"merge": True}, "--merge: needs --adapter"),
         (EvalConfig, {"compare_base": True}, "--compare-base: needs --adapter"),
         (EvalConfig, {"batch_size": 0}, "--batch-size: must be > 0"),
+        (TrainConfig, {"epochs": float("inf")}, "--epochs: must be a finite number"),
+        (TrainConfig, {"lr": float("nan")}, "--lr: must be a finite number"),
     ],
 )
 def test_invalid_setting_is_named(cls, settings, message):

@@ -30,6 +30,8 @@ def test_iob1_is_normalised(tmp_path):
         ("EU NNP B-NP B-ORG\nrejects VBZ B-VP\n", 2, "expected 4 columns"),
         ("EU NNP B-NP B-ORG\n\nrejects VBZ B-VP X-ORG\n", 3, "bad NER tag"),
         ("EU NNP B-NP B-\n", 1, "bad NER tag"),
+        ("EU NNP B-NP B-FOO\n", 1, r"bad NER tag 'B-FOO' \(CoNLL-2003 tags: O, B-LOC, I-LOC, B-MISC,"),
+        ("EU NNP B-NP b-org\n", 1, "bad NER tag 'b-org'"),
     ],
 )
 def test_malformed_line_names_file_and_line(tmp_path, body, line, what):
@@ -38,6 +40,25 @@ def test_malformed_line_names_file_and_line(tmp_path, body, line, what):
     f.write_text(body)
     with pytest.raises(QloranerError, match=rf"bad\.txt:{line}: {what}"):
         read_conll(f)
+
+
+def test_byte_order_mark_is_not_read_as_a_token(tmp_path):
+    """A UTF-8 byte-order mark before -DOCSTART- is skipped: the file reads exactly as without it."""
+    body = "-DOCSTART- -X- -X- O\n\nEU NNP B-NP B-ORG\nrejects VBZ B-VP O\n"
+    (tmp_path / "plain.txt").write_text(body, encoding="utf-8")
+    (tmp_path / "bom.txt").write_text(body, encoding="utf-8-sig")
+    assert (tmp_path / "bom.txt").read_bytes().startswith(b"\xef\xbb\xbf")
+    assert read_conll(tmp_path / "bom.txt") == read_conll(tmp_path / "plain.txt")
+    assert len(read_conll(tmp_path / "bom.txt")) == 1
+
+
+def test_a_long_bad_line_is_quoted_short(tmp_path):
+    """A file of 16,000 NUL bytes gives one error line of readable length that still names file:line."""
+    f = tmp_path / "nul.txt"
+    f.write_bytes(b"\0" * 16_000)
+    with pytest.raises(QloranerError) as err:
+        read_conll(f)
+    assert str(err.value).startswith(f"{f}:1: expected 4 columns") and len(str(err.value)) < 400
 
 
 def test_non_utf8_names_file_and_line(tmp_path):

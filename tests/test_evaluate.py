@@ -1,7 +1,9 @@
 import json
+import shutil
 
 import pytest
 import torch
+from mlflow.tracking import MlflowClient
 from seqeval.metrics import f1_score, precision_score, recall_score
 
 from qloraner import QloranerError
@@ -10,10 +12,11 @@ from qloraner.config import EvalConfig
 from qloraner.conll import read_split
 from qloraner.data import build_prompt
 from qloraner.decode import CPU_BATCH, _stopped, generate_greedy, kv_bytes_per_token
-from qloraner.evaluate import evaluate_model, load_for_eval
+from qloraner.evaluate import ARTIFACTS, evaluate_model, load_for_eval
 from qloraner.metrics import score
 from qloraner.model import load_base, load_tokenizer
 from qloraner.parse import parse_response
+from tests.conftest import last_line, run_entry
 
 CPU = torch.device("cpu")
 
@@ -211,8 +214,10 @@ def test_run_eval_sh_end_to_end(trained_default, conll_dir):
         metrics["f1"],
     )
     assert "base" in metrics and "| f1 |" in (out / "comparison.md").read_text()
-    client = MlflowClient(f"sqlite:///{out / 'mlflow.db'}")
-    (run,) = client.search_runs([client.get_experiment_by_name("qloraner").experiment_id])
+    client = MlflowClient(f"sqlite:///{trained_default / 'mlflow.db'}")  # beside the adapter's training run
+    (run,) = client.search_runs(
+        [client.get_experiment_by_name("qloraner").experiment_id], "attributes.run_name = 'eval-fine-tuned'"
+    )
     assert run.data.metrics["f1"] == pytest.approx(metrics["f1"]) and "base_f1" in run.data.metrics
     assert run.data.params["limit"] == "10" and run.data.params["compare_base"] == "True"
     assert expected <= {a.path.split("/")[-1] for a in client.list_artifacts(run.info.run_id, "eval")}
@@ -272,3 +277,51 @@ def test_kv_cache_bytes_follow_the_model_shape():
     assert kv_bytes_per_token(config, torch.bfloat16) == 2**19
     grouped = LlamaConfig(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8)
     assert kv_bytes_per_token(grouped, torch.float32) == 2**18  # a quarter of the heads, twice the bytes
+
+
+@pytest.mark.parametrize(
+    ("damage", "file", "message"),
+    [
+        ("cut", "adapter_model.safetensors", "damaged adapter weights"),
+        ("empty", "adapter_model.safetensors", "damaged adapter weights"),
+        ("broken", "train_config.json", "damaged settings file"),
+    ],
+)
+def test_a_damaged_adapter_is_one_line_naming_the_file(damage, file, message, tmp_path, tiny_adapter):
+    """./run_eval.sh's module on an adapter whose weights are cut or empty, or whose settings are broken JSON,
+    exits 2 with one line that names the damaged file."""
+    adapter = tmp_path / "final"
+    shutil.copytree(tiny_adapter, adapter)
+    target = adapter / file
+    target.write_bytes({"cut": target.read_bytes()[:64], "empty": b"", "broken": b"{oops"}[damage])
+    proc = run_entry("evaluate", "--adapter", str(adapter), "--limit", "2", "--output-dir", str(tmp_path / "o"))
+    assert proc.returncode == 2
+    assert last_line(proc.stderr).startswith(f"error: {target}: {message}")
+
+
+def test_evaluation_files_are_one_evaluations_and_a_step_gets_its_own_folder(tmp_path, tiny_adapter, conll_dir):
+    """An evaluation replaces every file of an earlier one in its folder (no stale responses_base.jsonl beside a
+    new metrics.json); a step-* checkpoint's default folder is eval-step-NNNNNN/, not final's eval/; the MLflow
+    runs go to the adapter's run folder beside its training run."""
+    run = tmp_path / "run"
+    shutil.copytree(tiny_adapter, run / "final")
+    shutil.copytree(tiny_adapter, run / "step-000040")
+    common = dict(data_dir=str(conll_dir), limit=3, max_new_tokens=4, experiment="test")
+    evaluate_model(EvalConfig(adapter=str(run / "final"), compare_base=True, **common), CPU)
+    assert (run / "eval" / "responses_base.jsonl").is_file()
+    evaluate_model(EvalConfig(adapter=str(run / "final"), **common), CPU)
+    assert not (run / "eval" / "responses_base.jsonl").exists()
+    assert sorted(p.name for p in (run / "eval").iterdir()) == sorted(ARTIFACTS[:2] + ARTIFACTS[3:])
+    evaluate_model(EvalConfig(adapter=str(run / "step-000040"), **common), CPU)
+    assert (run / "eval-step-000040" / "metrics.json").is_file()
+    client = MlflowClient(f"sqlite:///{run / 'mlflow.db'}")
+    assert len(client.search_runs([client.get_experiment_by_name("test").experiment_id])) == 3
+
+
+def test_a_bad_output_dir_fails_before_decoding(tmp_path, tiny_adapter, conll_dir, capsys):
+    """--output-dir under a file is refused before any decoding, in one line naming it."""
+    (tmp_path / "file").write_text("x")
+    config = EvalConfig(adapter=str(tiny_adapter), data_dir=str(conll_dir), output_dir=str(tmp_path / "file" / "o"))
+    with pytest.raises(QloranerError, match=r"--output-dir .*file/o: a file is in the way"):
+        evaluate_model(config, CPU)
+    assert "evaluating" not in capsys.readouterr().out

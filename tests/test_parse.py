@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 from qloraner import ENTITY_TYPES
 from qloraner.bio import Entities
 from qloraner.parse import RENDERERS, is_explicit_empty, parse_response, render_response
-from tests.strategies import json_like
+from tests.strategies import json_like, mention, type_name
 
 text_with_structure = st.lists(
     st.sampled_from(["[PER] ", "LOC: ", "{", "}", "'", '"', "\n", "\n\n", ",", " - ", "(ORG)", "[", "]", "\\", "None"])
@@ -41,10 +41,6 @@ def test_never_raises_on_json_and_reprs(obj):
     assert _shape_ok(parse_response(repr(obj)))
 
 
-# Mentions end in a digit, so none is a null word ("None", "N/A") that means "no entity".
-mention = st.text(st.characters(categories=("L", "N")), max_size=8).map(lambda s: s + "7")
-
-
 @given(st.dictionaries(st.sampled_from(ENTITY_TYPES), st.lists(mention, min_size=1, max_size=3), min_size=1))
 def test_json_objects_parse_to_themselves(entities):
     """A JSON object of types to mention lists (no null words) parses back to the same mentions."""
@@ -57,6 +53,26 @@ def test_json_format_round_trip(pairs):
     """Our JSON response format parses back to the same mentions per type, each type's in listed order."""
     entities = Entities(pairs)
     assert dict(parse_response(render_response(entities, "json"))) == dict(entities)
+
+
+typed_groups = st.dictionaries(st.sampled_from(ENTITY_TYPES), st.lists(mention, min_size=1, max_size=3), min_size=1)
+
+
+@given(typed_groups, st.sampled_from(["; ", " | ", ";", "|"]), st.data())
+def test_groups_on_one_line_parse_like_one_group_a_line(entities, separator, data):
+    """`TYPE: a, b; TYPE: c | …` on one line, with full-word type names in any case, gives what one `TYPE: a, b`
+    line per type gives: every mention under its type, in order."""
+    groups = [f"{data.draw(type_name(t))}: {', '.join(ms)}" for t, ms in entities.items()]
+    assert dict(parse_response(separator.join(groups))) == entities
+    assert dict(parse_response("\n".join(groups))) == entities
+
+
+@given(typed_groups)
+def test_dict_values_may_be_one_comma_joined_string(entities):
+    """{"PER": "a, b"} reads as {"PER": ["a", "b"]}, in JSON and in a Python repr."""
+    joined = {t: ", ".join(ms) for t, ms in entities.items()}
+    assert dict(parse_response(json.dumps(joined))) == entities
+    assert dict(parse_response(repr(joined))) == entities
 
 
 @pytest.mark.parametrize("response_format", RENDERERS)
@@ -125,6 +141,22 @@ RESPONSES = [
         "SmolLM2 fine-tuned: out of order, repeated",
     ),
     ("[ORLANDO] ORLANDO", {}, "SmolLM2 fine-tuned: mention written as the type"),
+    # Base-model answer shapes that used to escape the parser (issue 19)
+    (
+        "PER: Nadim Ladki; LOC: Al-Ain, United Arab Emirates | ORG: None",
+        {"PER": ["Nadim Ladki"], "LOC": ["Al-Ain", "United Arab Emirates"]},
+        "several TYPE: a, b groups on one line",
+    ),
+    (
+        "Person names: Nadim Ladki\nORGANISATIONS: Reuters\nmiscellaneous entities: Asian Cup",
+        {"PER": ["Nadim Ladki"], "ORG": ["Reuters"], "MISC": ["Asian Cup"]},
+        "full-word type names of several words, any case",
+    ),
+    (
+        '{"PERSON": "Nadim Ladki, Igor Shkvyrin", "location": "Japan"}',
+        {"PER": ["Nadim Ladki", "Igor Shkvyrin"], "LOC": ["Japan"]},
+        "dict value one comma-joined string",
+    ),
 ]
 
 

@@ -16,7 +16,7 @@ from qloraner.checkpoint import latest as latest_checkpoint
 from qloraner.config import DEFAULT_RECIPE, TrainConfig
 from qloraner.data import IGNORE_INDEX, Encoded
 from qloraner.train import collate, get_lr, train_adapter
-from tests.conftest import ROOT
+from tests.conftest import ROOT, last_line, run_entry
 
 schedule = st.fixed_dictionaries(
     {
@@ -293,3 +293,120 @@ def test_llama2_recipe_trains_a_local_llama_checkpoint(tmp_path, tiny_model, con
     run_id = json.loads((out / "final" / "trainer_state.json").read_text())["run_id"]
     params = MlflowClient(f"sqlite:///{out / 'mlflow.db'}").get_run(run_id).data.params
     assert params["recipe"] == "llama2-7b-chat" and params["compile"] == "False"
+
+
+def _tiny_args(tiny_model, conll_dir, out, *more: str) -> list[str]:
+    return [
+        "--model",
+        str(tiny_model),
+        "--data-dir",
+        str(conll_dir),
+        "--output-dir",
+        str(out),
+        "--limit",
+        "8",
+        "--batch-size",
+        "4",
+        "--lora-r",
+        "4",
+        *more,
+    ]
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--max-length", "10"], r"error: --max-length 10: 8 of 8 examples keep no response token \(prompts run to "),
+        (
+            ["--target-modules", "q_proj,query"],
+            r"error: --target-modules: query names no linear module of this model; "
+            r"its linear modules: down_proj, gate_proj, k_proj, lm_head, o_proj",
+        ),
+        (["--epochs", "inf"], r"error: invalid settings: --epochs: must be a finite number"),
+        (["--output-dir", "/dev/null/run"], r"error: --output-dir /dev/null/run: a file is in the way; give a folder"),
+    ],
+)
+def test_settings_that_cannot_train_are_one_line(flags, message, tmp_path, tiny_model, conll_dir):
+    """A --max-length that holds no response, --target-modules naming no module (the model's linear modules are
+    listed), an infinite epoch count and an --output-dir under a file each end in one line and exit code 2."""
+    proc = run_entry("train", *_tiny_args(tiny_model, conll_dir, tmp_path / "run", "--no-eval"), *flags)
+    assert proc.returncode == 2 and re.match(message, last_line(proc.stderr)), proc.stderr[-2000:]
+
+
+def _wait_for(proc, prefix: str) -> list[str]:
+    """Lines of `proc` up to and including the first that starts with `prefix`."""
+    seen = []
+    for line in proc.stdout:
+        seen.append(line)
+        if line.startswith(prefix):
+            return seen
+    raise AssertionError("".join(seen)[-3000:])
+
+
+def test_ctrl_c_saves_a_checkpoint_and_exits_75(tmp_path, tiny_model, conll_dir):
+    """Ctrl-C (SIGINT) during training saves a checkpoint at the end of the step and exits 75 without a
+    traceback; running again resumes from it."""
+    out = tmp_path / "run"
+    args = _tiny_args(tiny_model, conll_dir, out, "--no-eval", "--max-steps", "100000", "--save-every", "0")
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "qloraner.train", *args],
+        cwd=ROOT,
+        env=env,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    _wait_for(proc, "train ")
+    proc.send_signal(signal.SIGINT)
+    rest = proc.stdout.read()
+    assert proc.wait() == 75 and "Traceback" not in rest
+    assert re.search(r"stopped at step (\d+): saved .*step-0*\1; run again to resume", last_line(rest))
+    assert latest_checkpoint(out) is not None
+
+
+def test_sigterm_during_the_evaluation_then_a_rerun_only_evaluates(tmp_path, tiny_model, conll_dir):
+    """SIGTERM while ./run_train.sh evaluates its adapter exits 75; the same command again does not train again:
+    it evaluates final/ and ends with the F1 line."""
+    out = tmp_path / "run"
+    args = _tiny_args(tiny_model, conll_dir, out, "--max-steps", "2", "--eval-limit", "400")
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    proc = subprocess.Popen(
+        [str(ROOT / "run_train.sh"), *args],
+        cwd=ROOT,
+        env=env,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    _wait_for(proc, "qloraner: evaluating")
+    proc.send_signal(signal.SIGTERM)
+    rest = proc.stdout.read()
+    assert proc.wait() == 75 and "Traceback" not in rest, rest[-2000:]
+    assert last_line(rest) == f"qloraner: stopped while evaluating {out / 'final'}; run again to evaluate it"
+    again = subprocess.run(
+        [str(ROOT / "run_train.sh"), *args[:-2], "--eval-limit", "4"], cwd=ROOT, env=env, capture_output=True, text=True
+    )
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert f"{out / 'final'} already holds this run's adapter (step 2); not training again" in again.stdout
+    assert "train 1/" not in again.stdout and last_line(again.stdout).startswith("qloraner: done: F1 ")
+
+
+def test_resume_refuses_other_data_and_a_changed_lr(tmp_path, tiny_model, conll_dir):
+    """A checkpoint resumes only on the data and learning rate it was trained with; each refusal names the
+    checkpoint and what differs."""
+    config = _config(tmp_path, tiny_model, conll_dir, "run", max_steps=4, save_every=2)
+
+    def stop_at_3(step, _metrics):
+        if step == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    train_adapter(config, on_step=stop_at_3)
+    other = tmp_path / "other-data"
+    other.mkdir()
+    lines = (conll_dir / "train.txt").read_text().splitlines(keepends=True)
+    (other / "train.txt").write_text("".join(lines[:200]).replace("EU NNP", "UN NNP", 1) + "".join(lines[200:]))
+    with pytest.raises(QloranerError, match=r"step-000003: trained on other data than .*other-data/train.txt"):
+        train_adapter(_config(tmp_path, tiny_model, other, "run", max_steps=4, save_every=2))
+    with pytest.raises(QloranerError, match=r"step-000003: incompatible checkpoint, trained with lr=0.01 \(now 0.02\)"):
+        train_adapter(_config(tmp_path, tiny_model, conll_dir, "run", max_steps=4, save_every=2, lr=2e-2))

@@ -1,0 +1,176 @@
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from qloraner import QloranerError
+from qloraner.checkpoint import latest
+from qloraner.config import TrainConfig
+from qloraner.train import train_adapter
+from tests.conftest import ROOT, last_line, run_entry
+
+
+def _config(tmp_path, tiny_model, conll_dir, **kw) -> TrainConfig:
+    base = dict(
+        model=str(tiny_model),
+        data_dir=str(conll_dir),
+        output_dir=str(tmp_path / "run"),
+        limit=16,
+        batch_size=4,
+        max_steps=6,
+        lr=5e-3,
+        warmup_steps=1,
+        lora_r=4,
+        lora_alpha=8,
+        save_every=2,
+        eval_after=False,
+        experiment="test",
+    )
+    return TrainConfig(**{**base, **kw})
+
+
+def _stop_at(step_to_stop: int):
+    def on_step(step, _metrics):
+        if step == step_to_stop:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    return on_step
+
+
+DAMAGES = {
+    "optimizer.pt cut": lambda d: (d / "optimizer.pt").write_bytes((d / "optimizer.pt").read_bytes()[:100]),
+    "adapter weights emptied": lambda d: (d / "adapter_model.safetensors").write_bytes(b""),
+    "adapter weights cut": lambda d: (d / "adapter_model.safetensors").write_bytes(
+        (d / "adapter_model.safetensors").read_bytes()[:50]
+    ),
+    "train_config.json broken": lambda d: (d / "train_config.json").write_text("{not json"),
+}
+
+
+@pytest.mark.parametrize("damage", DAMAGES)
+def test_resume_skips_a_damaged_newest_checkpoint(damage, tmp_path, tiny_model, conll_dir, capsys):
+    """A damaged newest checkpoint is skipped with a line naming it and why; training resumes from the newest one
+    that loads (step 2, not step 0) and finishes."""
+    config = _config(tmp_path, tiny_model, conll_dir)
+    assert train_adapter(config, on_step=_stop_at(5)).preempted  # checkpoints at steps 2, 4 and 5
+    newest = latest(tmp_path / "run")
+    assert newest.name == "step-000005"
+    DAMAGES[damage](newest)
+    DAMAGES[damage](tmp_path / "run" / "step-000004")
+    steps = []
+    result = train_adapter(config, on_step=lambda step, m: steps.append(step))
+    out = capsys.readouterr().out
+    assert f"skipping damaged checkpoint {newest}" in out and "step-000004" in out
+    assert steps[0] == 3 and result.step == 6 and result.final.is_dir()
+
+
+def test_no_loadable_checkpoint_is_an_error_not_a_fresh_start(tmp_path, tiny_model, conll_dir):
+    """When every checkpoint is damaged, resuming refuses (the damaged files stay) instead of starting over."""
+    config = _config(tmp_path, tiny_model, conll_dir)
+    train_adapter(config, on_step=_stop_at(3))
+    for ckpt in (tmp_path / "run").glob("step-*"):
+        DAMAGES["optimizer.pt cut"](ckpt)
+    with pytest.raises(QloranerError, match=r"no checkpoint loads; --no-resume starts over"):
+        train_adapter(config)
+    assert len(list((tmp_path / "run").glob("step-*"))) == 2
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 3 MiB tmpfs (as root, as in CI); elsewhere the test cannot make a disk fill up."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(mount)]).returncode:
+        (pytest.fail if os.environ.get("CI") else pytest.skip)("needs root to mount a tmpfs")
+    yield mount
+    subprocess.run(["umount", str(mount)], check=False)
+
+
+def _fill(folder) -> None:
+    """Write until the filesystem is full."""
+    with open(folder / "filler", "wb") as f:
+        try:
+            while True:
+                f.write(b"\0" * 65536)
+                f.flush()
+        except OSError:
+            pass
+
+
+def test_a_full_disk_while_checkpointing_keeps_the_last_checkpoint(
+    small_disk, tmp_path, tiny_model, conll_dir, monkeypatch
+):
+    """The disk fills up just before the step-4 checkpoint: one error line names the checkpoint and the newest
+    complete one, the half-written folder is gone, step 2 stays intact; with space again, the run resumes there."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    config = _config(tmp_path, tiny_model, conll_dir, output_dir=str(small_disk / "run"))
+
+    def fill_at_4(step, _metrics):
+        if step == 4:
+            _fill(small_disk)
+
+    with pytest.raises(
+        QloranerError,
+        match=r"step-000004: could not write the checkpoint \(No space left on device\); "
+        r"the newest complete one is .*step-000002",
+    ):
+        train_adapter(config, on_step=fill_at_4)
+    run = small_disk / "run"
+    assert latest(run).name == "step-000002" and not list(run.glob(".step-*"))
+    (small_disk / "filler").unlink()
+    steps = []
+    result = train_adapter(config, on_step=lambda step, m: steps.append(step))
+    assert steps[0] == 3 and result.final.is_dir()
+
+
+def test_a_second_training_on_the_same_folder_is_refused_until_the_first_dies(tmp_path, tiny_model, conll_dir):
+    """While one training holds --output-dir, a second one exits with one line naming the folder and the owner's
+    pid; once the first is killed (SIGKILL: no clean-up), the folder is free again."""
+    out = tmp_path / "run"
+    args = [
+        "--model",
+        str(tiny_model),
+        "--data-dir",
+        str(conll_dir),
+        "--output-dir",
+        str(out),
+        "--limit",
+        "16",
+        "--batch-size",
+        "4",
+        "--lora-r",
+        "4",
+        "--no-eval",
+    ]
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    first = subprocess.Popen(
+        [sys.executable, "-m", "qloraner.train", *args, "--max-steps", "100000"],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        for line in first.stdout:
+            if line.startswith("train "):  # training has begun: the lock is held
+                break
+        second = run_entry("train", *args, "--max-steps", "2")
+        assert second.returncode == 2
+        assert last_line(second.stderr) == (
+            f"error: {out}: another training (pid {first.pid}) is using this folder; wait for it, or give another "
+            "--output-dir"
+        )
+    finally:
+        first.kill()
+        first.wait()
+    time.sleep(0.1)
+    third = run_entry("train", *args, "--max-steps", "2", "--no-resume")
+    assert third.returncode == 0, third.stderr[-2000:]
+    assert json.loads((out / "final" / "trainer_state.json").read_text())["step"] == 2
+    shutil.rmtree(out)

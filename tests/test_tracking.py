@@ -1,0 +1,52 @@
+import socket
+import time
+
+import pytest
+
+from qloraner import QloranerError
+from qloraner.tracking import check_tracking
+from tests.conftest import last_line, run_entry
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("uri", ["file:///tmp/mlruns", "/tmp/a-plain-folder", "ftp://127.0.0.1/x", "mlruns"])
+def test_a_uri_mlflow_3_does_not_track_to_is_named(uri, monkeypatch, tmp_path):
+    """A file store, a plain folder or another scheme is refused in one line naming the URI and what to give."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    with pytest.raises(QloranerError, match=rf"MLFLOW_TRACKING_URI={uri}: not a URI MLflow 3 tracks to; give sqlite"):
+        check_tracking(tmp_path)
+
+
+def test_default_and_database_uris_pass_without_a_probe(monkeypatch, tmp_path):
+    """No URI means a sqlite store in the output folder; database URIs are taken as they are."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert check_tracking(tmp_path) == f"sqlite:///{tmp_path.resolve() / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "postgresql://u@127.0.0.1/db")
+    assert check_tracking(tmp_path) == "postgresql://u@127.0.0.1/db"
+
+
+@pytest.mark.parametrize("module", ["train", "evaluate"])
+def test_a_server_that_is_not_running_fails_within_seconds(module, tmp_model_args, tmp_path):
+    """Training and evaluation pointed at a server nobody runs stop before any work, in seconds, with one line
+    naming the URI; no output files are written."""
+    uri = f"http://127.0.0.1:{_free_port()}"
+    out = tmp_path / "out"
+    start = time.monotonic()
+    proc = run_entry(module, *tmp_model_args, "--output-dir", str(out), env={"MLFLOW_TRACKING_URI": uri})
+    assert time.monotonic() - start < 60 and proc.returncode == 2
+    assert last_line(proc.stderr).startswith(f"error: MLFLOW_TRACKING_URI={uri}: no MLflow server answers")
+    assert not list(out.glob("step-*")) and not (out / "metrics.json").exists()
+
+
+@pytest.fixture
+def tmp_model_args(request, tiny_model, conll_dir):
+    """Flags of a tiny run of the module under test (training: 2 steps, no evaluation; evaluation: 2 sentences)."""
+    common = ["--model", str(tiny_model), "--data-dir", str(conll_dir), "--limit", "2"]
+    if request.node.callspec.params["module"] == "train":
+        return [*common, "--max-steps", "2", "--batch-size", "2", "--no-eval"]
+    return [*common, "--max-new-tokens", "4"]

@@ -143,7 +143,9 @@ def finished(output_dir: Path, config: TrainConfig, data_sha256: str) -> Path | 
 def check_compatible(ckpt: Path, config: TrainConfig) -> None:
     """Refuse a checkpoint made with other settings in COMPATIBLE_KEYS (one without a response format is lines)."""
     saved = {"response_format": "lines", "recipe": None, **json.loads((ckpt / "train_config.json").read_text())}
-    saved = {k: saved.get(k, getattr(TrainConfig, k)) for k in COMPATIBLE_KEYS}  # older: the defaults of then
+    saved = {
+        k: saved.get(k, getattr(TrainConfig, k)) for k in COMPATIBLE_KEYS
+    }  # a key the checkpoint predates: its default
     diff = [
         f"{k}={saved.get(k)!r} (now {getattr(config, k)!r})"
         for k in COMPATIBLE_KEYS

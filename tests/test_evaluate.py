@@ -171,7 +171,8 @@ def test_overlong_sentences_are_cut_counted_and_reported(tmp_path, tiny_model, c
 
 @pytest.mark.slow
 def test_run_eval_sh_end_to_end(trained_default, conll_dir):
-    """./run_eval.sh --limit 10 --compare-base writes every artifact and an MLflow run holding them."""
+    """./run_eval.sh --limit 10 --compare-base writes every artifact and an MLflow run holding them; its output,
+    not a terminal, says the batch size and shows each model's progress as plain lines."""
     import os
     import subprocess
 
@@ -202,6 +203,12 @@ def test_run_eval_sh_end_to_end(trained_default, conll_dir):
         env=env,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
+    log = proc.stdout.splitlines()  # a pipe, not a terminal: plain progress lines
+    assert "qloraner: evaluating 10 test sentences on cpu, batch size 10" in log
+    assert [line.split(" (")[0] for line in log if line.startswith("eval ")] == [
+        "eval base 10/10",
+        "eval fine-tuned 10/10",
+    ]
     expected = {"metrics.json", "responses.jsonl", "responses_base.jsonl", "comparison.md", "f1_by_type.png"}
     assert expected <= {p.name for p in out.iterdir()}
     metrics = json.loads((out / "metrics.json").read_text())

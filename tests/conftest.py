@@ -1,4 +1,5 @@
 import os
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -157,3 +158,68 @@ def run_entry(module: str, *args: str, env: dict | None = None, timeout: float =
 def last_line(text: str) -> str:
     """The last non-empty line of a process's output."""
     return next((line for line in reversed(text.splitlines()) if line.strip()), "")
+
+
+def tiny_config(tmp_path, tiny_model, conll_dir, name: str, **kw):
+    """Settings of a short CPU training of the tiny model into tmp_path/name (16 sentences, 4 steps of 4)."""
+    from qloraner.config import TrainConfig
+
+    base = dict(
+        model=str(tiny_model),
+        data_dir=str(conll_dir),
+        output_dir=str(tmp_path / name),
+        limit=16,
+        batch_size=4,
+        max_steps=4,
+        lr=1e-2,
+        warmup_steps=2,
+        lora_r=8,
+        lora_alpha=16,
+        lora_dropout=0.0,
+        save_every=0,
+        eval_after=False,
+        experiment="test",
+    )
+    return TrainConfig(**{**base, **kw})
+
+
+def start_entry(*command: str):
+    """A long-running entry point started as a user would (MLflow in its output folder), its output merged."""
+    import subprocess
+
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    return subprocess.Popen(
+        list(command), cwd=ROOT, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    )
+
+
+def wait_for(proc, prefix: str) -> list[str]:
+    """Lines of `proc` up to and including the first that starts with `prefix`."""
+    seen = []
+    for line in proc.stdout:
+        seen.append(line)
+        if line.startswith(prefix):
+            return seen
+    raise AssertionError("".join(seen)[-3000:])
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 3 MiB tmpfs (as root, as in CI); elsewhere the test cannot make a disk fill up."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(mount)]).returncode:
+        (pytest.fail if os.environ.get("CI") else pytest.skip)("needs root to mount a tmpfs")
+    yield mount
+    subprocess.run(["umount", str(mount)], check=False)
+
+
+def fill(folder) -> None:
+    """Write until the filesystem is full."""
+    with open(folder / "filler", "wb") as f:
+        try:
+            while True:
+                f.write(b"\0" * 65536)
+                f.flush()
+        except OSError:
+            pass

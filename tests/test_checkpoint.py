@@ -2,7 +2,6 @@ import json
 import os
 import shutil
 import signal
-import subprocess
 import sys
 import time
 
@@ -12,26 +11,12 @@ from qloraner import QloranerError
 from qloraner.checkpoint import latest
 from qloraner.config import TrainConfig
 from qloraner.train import train_adapter
-from tests.conftest import ROOT, last_line, run_entry
+from tests.conftest import fill, last_line, run_entry, start_entry, tiny_config, wait_for
 
 
 def _config(tmp_path, tiny_model, conll_dir, **kw) -> TrainConfig:
-    base = dict(
-        model=str(tiny_model),
-        data_dir=str(conll_dir),
-        output_dir=str(tmp_path / "run"),
-        limit=16,
-        batch_size=4,
-        max_steps=6,
-        lr=5e-3,
-        warmup_steps=1,
-        lora_r=4,
-        lora_alpha=8,
-        save_every=2,
-        eval_after=False,
-        experiment="test",
-    )
-    return TrainConfig(**{**base, **kw})
+    kw = {"max_steps": 6, "lr": 5e-3, "warmup_steps": 1, "lora_r": 4, "lora_alpha": 8, "save_every": 2, **kw}
+    return tiny_config(tmp_path, tiny_model, conll_dir, "run", **kw)
 
 
 def _stop_at(step_to_stop: int):
@@ -80,28 +65,6 @@ def test_no_loadable_checkpoint_is_an_error_not_a_fresh_start(tmp_path, tiny_mod
     assert len(list((tmp_path / "run").glob("step-*"))) == 2
 
 
-@pytest.fixture
-def small_disk(tmp_path):
-    """A 3 MiB tmpfs (as root, as in CI); elsewhere the test cannot make a disk fill up."""
-    mount = tmp_path / "disk"
-    mount.mkdir()
-    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(mount)]).returncode:
-        (pytest.fail if os.environ.get("CI") else pytest.skip)("needs root to mount a tmpfs")
-    yield mount
-    subprocess.run(["umount", str(mount)], check=False)
-
-
-def _fill(folder) -> None:
-    """Write until the filesystem is full."""
-    with open(folder / "filler", "wb") as f:
-        try:
-            while True:
-                f.write(b"\0" * 65536)
-                f.flush()
-        except OSError:
-            pass
-
-
 def test_a_full_disk_while_checkpointing_keeps_the_last_checkpoint(
     small_disk, tmp_path, tiny_model, conll_dir, monkeypatch
 ):
@@ -112,7 +75,7 @@ def test_a_full_disk_while_checkpointing_keeps_the_last_checkpoint(
 
     def fill_at_4(step, _metrics):
         if step == 4:
-            _fill(small_disk)
+            fill(small_disk)
 
     with pytest.raises(
         QloranerError,
@@ -147,19 +110,9 @@ def test_a_second_training_on_the_same_folder_is_refused_until_the_first_dies(tm
         "4",
         "--no-eval",
     ]
-    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
-    first = subprocess.Popen(
-        [sys.executable, "-m", "qloraner.train", *args, "--max-steps", "100000"],
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+    first = start_entry(sys.executable, "-m", "qloraner.train", *args, "--max-steps", "100000")
     try:
-        for line in first.stdout:
-            if line.startswith("train "):  # training has begun: the lock is held
-                break
+        wait_for(first, "train ")  # training has begun: the lock is held
         second = run_entry("train", *args, "--max-steps", "2")
         assert second.returncode == 2
         assert last_line(second.stderr) == (

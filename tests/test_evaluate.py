@@ -16,7 +16,7 @@ from qloraner.evaluate import ARTIFACTS, evaluate_model, load_for_eval
 from qloraner.metrics import score
 from qloraner.model import load_base, load_tokenizer
 from qloraner.parse import parse_response
-from tests.conftest import last_line, run_entry
+from tests.conftest import fill, last_line, run_entry
 
 CPU = torch.device("cpu")
 
@@ -332,3 +332,23 @@ def test_a_bad_output_dir_fails_before_decoding(tmp_path, tiny_adapter, conll_di
     with pytest.raises(QloranerError, match=r"--output-dir .*file/o: a file is in the way"):
         evaluate_model(config, CPU)
     assert "evaluating" not in capsys.readouterr().out
+
+
+def test_a_full_disk_while_writing_the_evaluation_leaves_no_cut_file(small_disk, tiny_adapter, conll_dir):
+    """With no space left, the evaluation ends in one line naming its folder and the reason, and leaves no file
+    (no metrics.json, no half-written temp file) that could pass for a result."""
+    fill(small_disk)
+    out = small_disk / "eval"
+    config = EvalConfig(
+        adapter=str(tiny_adapter),
+        data_dir=str(conll_dir),
+        limit=3,
+        max_new_tokens=4,
+        output_dir=str(out),
+        experiment="test",
+    )
+    with pytest.raises(
+        QloranerError, match=r"eval: could not write the evaluation's files \(No space left on device\)"
+    ):
+        evaluate_model(config, CPU)
+    assert list(out.iterdir()) == []

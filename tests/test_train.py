@@ -16,7 +16,7 @@ from qloraner.checkpoint import latest as latest_checkpoint
 from qloraner.config import DEFAULT_RECIPE, TrainConfig
 from qloraner.data import IGNORE_INDEX, Encoded
 from qloraner.train import collate, get_lr, train_adapter
-from tests.conftest import ROOT, last_line, run_entry
+from tests.conftest import ROOT, last_line, run_entry, start_entry, tiny_config, wait_for
 
 schedule = st.fixed_dictionaries(
     {
@@ -45,24 +45,7 @@ def test_lr_warms_up_then_decays_to_the_floor(s):
     assert lrs[-1] == pytest.approx(s["max_lr"] * s["min_ratio"])
 
 
-def _config(tmp_path, tiny_model, conll_dir, name, **kw):
-    base = dict(
-        model=str(tiny_model),
-        data_dir=str(conll_dir),
-        output_dir=str(tmp_path / name),
-        limit=16,
-        batch_size=4,
-        max_steps=4,
-        lr=1e-2,
-        warmup_steps=2,
-        lora_r=8,
-        lora_alpha=16,
-        lora_dropout=0.0,
-        save_every=0,
-        eval_after=False,
-        experiment="test",
-    )
-    return TrainConfig(**{**base, **kw})
+_config = tiny_config
 
 
 def test_overfits_eight_examples(tmp_path, tiny_model, conll_dir):
@@ -333,31 +316,13 @@ def test_settings_that_cannot_train_are_one_line(flags, message, tmp_path, tiny_
     assert proc.returncode == 2 and re.match(message, last_line(proc.stderr)), proc.stderr[-2000:]
 
 
-def _wait_for(proc, prefix: str) -> list[str]:
-    """Lines of `proc` up to and including the first that starts with `prefix`."""
-    seen = []
-    for line in proc.stdout:
-        seen.append(line)
-        if line.startswith(prefix):
-            return seen
-    raise AssertionError("".join(seen)[-3000:])
-
-
 def test_ctrl_c_saves_a_checkpoint_and_exits_75(tmp_path, tiny_model, conll_dir):
     """Ctrl-C (SIGINT) during training saves a checkpoint at the end of the step and exits 75 without a
     traceback; running again resumes from it."""
     out = tmp_path / "run"
     args = _tiny_args(tiny_model, conll_dir, out, "--no-eval", "--max-steps", "100000", "--save-every", "0")
-    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "qloraner.train", *args],
-        cwd=ROOT,
-        env=env,
-        text=True,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-    )
-    _wait_for(proc, "train ")
+    proc = start_entry(sys.executable, "-m", "qloraner.train", *args)
+    wait_for(proc, "train ")
     proc.send_signal(signal.SIGINT)
     rest = proc.stdout.read()
     assert proc.wait() == 75 and "Traceback" not in rest
@@ -370,26 +335,17 @@ def test_sigterm_during_the_evaluation_then_a_rerun_only_evaluates(tmp_path, tin
     it evaluates final/ and ends with the F1 line."""
     out = tmp_path / "run"
     args = _tiny_args(tiny_model, conll_dir, out, "--max-steps", "2", "--eval-limit", "400")
-    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
-    proc = subprocess.Popen(
-        [str(ROOT / "run_train.sh"), *args],
-        cwd=ROOT,
-        env=env,
-        text=True,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-    )
-    _wait_for(proc, "qloraner: evaluating")
+    proc = start_entry(str(ROOT / "run_train.sh"), *args)
+    wait_for(proc, "qloraner: evaluating")
     proc.send_signal(signal.SIGTERM)
     rest = proc.stdout.read()
     assert proc.wait() == 75 and "Traceback" not in rest, rest[-2000:]
     assert last_line(rest) == f"qloraner: stopped while evaluating {out / 'final'}; run again to evaluate it"
-    again = subprocess.run(
-        [str(ROOT / "run_train.sh"), *args[:-2], "--eval-limit", "4"], cwd=ROOT, env=env, capture_output=True, text=True
-    )
-    assert again.returncode == 0, again.stderr[-2000:]
-    assert f"{out / 'final'} already holds this run's adapter (step 2); not training again" in again.stdout
-    assert "train 1/" not in again.stdout and last_line(again.stdout).startswith("qloraner: done: F1 ")
+    rerun = start_entry(str(ROOT / "run_train.sh"), *args[:-2], "--eval-limit", "4")
+    log = rerun.communicate()[0]
+    assert rerun.returncode == 0, log[-2000:]
+    assert f"{out / 'final'} already holds this run's adapter (step 2); not training again" in log
+    assert "train 1/" not in log and last_line(log).startswith("qloraner: done: F1 ")
 
 
 def test_resume_refuses_other_data_and_a_changed_lr(tmp_path, tiny_model, conll_dir):

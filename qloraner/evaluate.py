@@ -97,6 +97,8 @@ def batch_size_for(model, tokenizer, sentences: list[Sentence], prompting: dict,
     """--batch-size, or for `auto` what the longest prompt and its response budget fit (see decode.auto_batch_size)."""
     if config.batch_size != "auto":
         return int(config.batch_size)
+    if not sentences:  # a rank with no share of a tiny split
+        return 1
     longest = max(sentences, key=lambda s: len(s.tokens))
     prompt = tokenizer(build_prompt(longest.tokens, prompting["prompt"], prompting["response_format"]))["input_ids"]
     row = min(len(prompt), config.max_prompt_tokens) + response_budget(tokenizer, longest.tokens, config.max_new_tokens)

@@ -53,7 +53,7 @@ class TrainResult:
     final: Path | None  # the final/ adapter, or None when preempted
     run_id: str
     preempted: bool = False
-    seconds: float = 0.0  # wall time of this invocation's steps
+    seconds: float | None = None  # wall time of this invocation's steps; None when final/ was already there
 
 
 PAD_MULTIPLE = 8  # compiled layers: Inductor guards on the length's alignment to 8 (aligned and not: two graphs)
@@ -202,14 +202,18 @@ def _claim_output_dir(config: TrainConfig):
     lock.truncate()
     lock.write(str(os.getpid()))
     lock.flush()
-    newest = checkpoint.latest(out) if config.resume is not False else None
-    if config.resume and newest is None:
-        raise QloranerError(f"--resume: no complete checkpoint in {out}")
-    if newest:
-        try:  # fail before loading anything; a damaged newest checkpoint is dealt with when restoring
-            checkpoint.check_compatible(newest, config)
-        except checkpoint.DAMAGE:
-            pass
+    try:
+        newest = checkpoint.latest(out) if config.resume is not False else None
+        if config.resume and newest is None:
+            raise QloranerError(f"--resume: no complete checkpoint in {out}")
+        if newest:
+            try:  # fail before loading anything; a damaged newest checkpoint is dealt with when restoring
+                checkpoint.check_compatible(newest, config)
+            except checkpoint.DAMAGE:
+                pass
+    except BaseException:
+        lock.close()
+        raise
     return lock
 
 
@@ -483,7 +487,7 @@ def main(argv: list[str] | None = None) -> int:
         if result.preempted:
             return EXIT_PREEMPTED
         main_rank = dist.setup()[0] == 0
-        if main_rank:
+        if main_rank and result.seconds is not None:
             print(
                 f"qloraner: trained {result.step} steps in {result.seconds:.0f} s; adapter in {result.final}",
                 flush=True,
@@ -504,7 +508,7 @@ def main(argv: list[str] | None = None) -> int:
             m = results["fine-tuned"]
             print(
                 f"qloraner: done: F1 {100 * m['f1']:.2f} (P {100 * m['precision']:.2f}, R {100 * m['recall']:.2f}) on "
-                f"{m['sentences']} test sentences; trained {result.seconds:.0f} s, evaluated {m['seconds']:.0f} s "
+                f"{m['sentences']} test sentences; trained {result.seconds or 0:.0f} s, evaluated {m['seconds']:.0f} s "
                 f"({m['sentences_per_s']:.1f} sentences/s); recipe {config.recipe or 'none'}",
                 flush=True,
             )

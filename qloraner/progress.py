@@ -40,6 +40,7 @@ class Progress:
         self.every_s, self.step = every_s, max(1, int(total * every_frac))
         self.start = self.last = time.monotonic()
         self.first = initial
+        self.warm: tuple[float, int] | None = None  # (time, count) after the first update: the rate starts there
         self.info: dict[str, str] = {}
         self.bar = None
         if enabled and self.stream.isatty():
@@ -58,14 +59,18 @@ class Progress:
             self.bar.update(n)
             return
         now = time.monotonic()
+        if self.warm is None:  # the first unit pays for compiling and warm-up: later rates leave it out
+            self.warm = (now, self.done)
         if now - self.last >= self.every_s or before // self.step != self.done // self.step or self.done >= self.total:
             self.last = now
             print(self.line(now), file=self.stream, flush=True)
 
     def line(self, now: float) -> str:
-        """`train 120/878 (13.7%) loss=0.41 tokens_per_s=7210 | 2:01 elapsed, ETA 12:45`."""
+        """`train 120/878 (13.7%) loss=0.41 tokens_per_s=7210 0.99 steps/s | 2:01 elapsed, ETA 12:45`; the rate
+        and ETA leave out the first update's time once a later one has come."""
         elapsed = now - self.start
-        rate = (self.done - self.first) / elapsed if elapsed > 0 else 0.0
+        since, count = self.warm if self.warm and self.done > self.warm[1] else (self.start, self.first)
+        rate = (self.done - count) / (now - since) if now > since else 0.0
         eta = _clock((self.total - self.done) / rate) if rate > 0 else "?"
         info = "".join(f" {k}={v}" for k, v in self.info.items())
         pct = 100 * self.done / self.total if self.total else 100.0

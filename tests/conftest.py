@@ -223,3 +223,22 @@ def fill(folder) -> None:
                 f.flush()
         except OSError:
             pass
+
+
+def tiny_args(tiny_model, conll_dir, out, *more: str) -> list[str]:
+    """Flags of a short CPU training of the tiny model into `out` (8 sentences, batches of 4, LoRA r=4), then `more`."""
+    return [
+        "--model",
+        str(tiny_model),
+        "--data-dir",
+        str(conll_dir),
+        "--output-dir",
+        str(out),
+        "--limit",
+        "8",
+        "--batch-size",
+        "4",
+        "--lora-r",
+        "4",
+        *more,
+    ]

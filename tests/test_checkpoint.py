@@ -11,7 +11,7 @@ from qloraner import QloranerError
 from qloraner.checkpoint import latest
 from qloraner.config import TrainConfig
 from qloraner.train import train_adapter
-from tests.conftest import fill, last_line, run_entry, start_entry, tiny_config, wait_for
+from tests.conftest import fill, last_line, run_entry, start_entry, tiny_args, tiny_config, wait_for
 
 
 def _config(tmp_path, tiny_model, conll_dir, **kw) -> TrainConfig:
@@ -95,21 +95,7 @@ def test_a_second_training_on_the_same_folder_is_refused_until_the_first_dies(tm
     """While one training holds --output-dir, a second one exits with one line naming the folder and the owner's
     pid; once the first is killed (SIGKILL: no clean-up), the folder is free again."""
     out = tmp_path / "run"
-    args = [
-        "--model",
-        str(tiny_model),
-        "--data-dir",
-        str(conll_dir),
-        "--output-dir",
-        str(out),
-        "--limit",
-        "16",
-        "--batch-size",
-        "4",
-        "--lora-r",
-        "4",
-        "--no-eval",
-    ]
+    args = tiny_args(tiny_model, conll_dir, out, "--no-eval")
     first = start_entry(sys.executable, "-m", "qloraner.train", *args, "--max-steps", "100000")
     try:
         wait_for(first, "train ")  # training has begun: the lock is held

@@ -16,7 +16,7 @@ from qloraner.checkpoint import latest as latest_checkpoint
 from qloraner.config import DEFAULT_RECIPE, TrainConfig
 from qloraner.data import IGNORE_INDEX, Encoded
 from qloraner.train import collate, get_lr, train_adapter
-from tests.conftest import ROOT, last_line, run_entry, start_entry, tiny_config, wait_for
+from tests.conftest import ROOT, last_line, run_entry, start_entry, tiny_args, tiny_config, wait_for
 
 schedule = st.fixed_dictionaries(
     {
@@ -278,24 +278,6 @@ def test_llama2_recipe_trains_a_local_llama_checkpoint(tmp_path, tiny_model, con
     assert params["recipe"] == "llama2-7b-chat" and params["compile"] == "False"
 
 
-def _tiny_args(tiny_model, conll_dir, out, *more: str) -> list[str]:
-    return [
-        "--model",
-        str(tiny_model),
-        "--data-dir",
-        str(conll_dir),
-        "--output-dir",
-        str(out),
-        "--limit",
-        "8",
-        "--batch-size",
-        "4",
-        "--lora-r",
-        "4",
-        *more,
-    ]
-
-
 @pytest.mark.parametrize(
     ("flags", "message"),
     [
@@ -312,7 +294,7 @@ def _tiny_args(tiny_model, conll_dir, out, *more: str) -> list[str]:
 def test_settings_that_cannot_train_are_one_line(flags, message, tmp_path, tiny_model, conll_dir):
     """A --max-length that holds no response, --target-modules naming no module (the model's linear modules are
     listed), an infinite epoch count and an --output-dir under a file each end in one line and exit code 2."""
-    proc = run_entry("train", *_tiny_args(tiny_model, conll_dir, tmp_path / "run", "--no-eval"), *flags)
+    proc = run_entry("train", *tiny_args(tiny_model, conll_dir, tmp_path / "run", "--no-eval"), *flags)
     assert proc.returncode == 2 and re.match(message, last_line(proc.stderr)), proc.stderr[-2000:]
 
 
@@ -320,7 +302,7 @@ def test_ctrl_c_saves_a_checkpoint_and_exits_75(tmp_path, tiny_model, conll_dir)
     """Ctrl-C (SIGINT) during training saves a checkpoint at the end of the step and exits 75 without a
     traceback; running again resumes from it."""
     out = tmp_path / "run"
-    args = _tiny_args(tiny_model, conll_dir, out, "--no-eval", "--max-steps", "100000", "--save-every", "0")
+    args = tiny_args(tiny_model, conll_dir, out, "--no-eval", "--max-steps", "100000", "--save-every", "0")
     proc = start_entry(sys.executable, "-m", "qloraner.train", *args)
     wait_for(proc, "train ")
     proc.send_signal(signal.SIGINT)
@@ -334,7 +316,7 @@ def test_sigterm_during_the_evaluation_then_a_rerun_only_evaluates(tmp_path, tin
     """SIGTERM while ./run_train.sh evaluates its adapter exits 75; the same command again does not train again:
     it evaluates final/ and ends with the F1 line."""
     out = tmp_path / "run"
-    args = _tiny_args(tiny_model, conll_dir, out, "--max-steps", "2", "--eval-limit", "400")
+    args = tiny_args(tiny_model, conll_dir, out, "--max-steps", "2", "--eval-limit", "400")
     proc = start_entry(str(ROOT / "run_train.sh"), *args)
     wait_for(proc, "qloraner: evaluating")
     proc.send_signal(signal.SIGTERM)

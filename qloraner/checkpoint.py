@@ -73,7 +73,12 @@ def write_failure(err: Exception, folder: Path) -> str:
             return "No space left on device"
     except OSError:
         pass
-    return str(err).splitlines()[0][:160] if str(err) else type(err).__name__
+    return first_line(err)
+
+
+def first_line(err: Exception) -> str:
+    """An exception's first line, cut to a readable length (its type where it has no message)."""
+    return str(err).splitlines()[0][:160] if str(err).strip() else type(err).__name__
 
 
 def _save(path: Path, tmp: Path, model, optimizer, state: dict, config: TrainConfig, rank: int) -> Path:
@@ -141,11 +146,10 @@ def finished(output_dir: Path, config: TrainConfig, data_sha256: str) -> Path | 
 
 
 def check_compatible(ckpt: Path, config: TrainConfig) -> None:
-    """Refuse a checkpoint made with other settings in COMPATIBLE_KEYS (one without a response format is lines)."""
-    saved = {"response_format": "lines", "recipe": None, **json.loads((ckpt / "train_config.json").read_text())}
-    saved = {
-        k: saved.get(k, getattr(TrainConfig, k)) for k in COMPATIBLE_KEYS
-    }  # a key the checkpoint predates: its default
+    """Refuse a checkpoint made with other settings in COMPATIBLE_KEYS; a key the checkpoint predates counts as
+    that setting's default (one saved before --response-format was trained on lines)."""
+    saved = json.loads((ckpt / "train_config.json").read_text())
+    saved = {k: saved.get(k, getattr(TrainConfig, k)) for k in COMPATIBLE_KEYS}  # a key it predates: the default
     diff = [
         f"{k}={saved.get(k)!r} (now {getattr(config, k)!r})"
         for k in COMPATIBLE_KEYS
@@ -166,8 +170,7 @@ def restore_newest(output_dir: Path, config: TrainConfig, model, optimizer, rank
             check_compatible(ckpt, config)
             return ckpt, restore(ckpt, model, optimizer, rank)
         except DAMAGE as err:
-            reason = str(err).splitlines()[0][:160] if str(err) else type(err).__name__
-            print(f"qloraner: skipping damaged checkpoint {ckpt}: {reason}", flush=True)
+            print(f"qloraner: skipping damaged checkpoint {ckpt}: {first_line(err)}", flush=True)
     if candidates:
         raise QloranerError(f"{output_dir}: no checkpoint loads; --no-resume starts over (the damaged ones stay)")
     return None

@@ -77,28 +77,11 @@ def llama2_tokenizer_dir() -> Path:
 @pytest.fixture(scope="session")
 def tiny_adapter(tmp_path_factory, tiny_model, conll_dir) -> Path:
     """A LoRA adapter overfit on 8 train sentences of the tiny model: it answers and then stops."""
-    from qloraner.config import TrainConfig
     from qloraner.train import train_adapter
 
     out = tmp_path_factory.mktemp("tiny-adapter")
-    config = TrainConfig(
-        model=str(tiny_model),
-        data_dir=str(conll_dir),
-        output_dir=str(out),
-        limit=8,
-        batch_size=8,
-        max_steps=80,
-        lr=1e-2,
-        warmup_steps=5,
-        lora_r=16,
-        lora_alpha=32,
-        lora_dropout=0.0,
-        target_modules="all-linear",
-        max_grad_norm=1.0,
-        save_every=0,
-        eval_after=False,
-        experiment="test",
-    )
+    kw = dict(limit=8, batch_size=8, max_steps=80, warmup_steps=5, lora_r=16, lora_alpha=32, max_grad_norm=1.0)
+    config = tiny_config(out.parent, tiny_model, conll_dir, out.name, target_modules="all-linear", **kw)
     return train_adapter(config).final
 
 

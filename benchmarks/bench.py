@@ -4,6 +4,7 @@ the same run where a question has one, writes the raw JSON and prints the benchm
 
   python3 benchmarks/bench.py train-speed --recipe llama2-7b-chat --shape llama2-7b --steps 30
   python3 benchmarks/bench.py eval-speed --adapter outputs/run/final --batch-sizes auto,64 [--merge]
+  python3 benchmarks/bench.py eval-speed --shape llama2-7b --lengths outputs/run/eval/responses.jsonl
   python3 benchmarks/bench.py accuracy --recipe smollm2-135m --seeds 42,43,44
   python3 benchmarks/bench.py scale-out --recipe llama2-7b-chat --shape llama2-7b --gpus 2
 
@@ -237,50 +238,194 @@ def train_speed(a: argparse.Namespace, work: Path) -> dict:
 
 
 def eval_speed(a: argparse.Namespace, work: Path) -> dict:
-    """./run_eval.sh on the adapter at each batch size (and merged, with --merge), against the original's
-    `pipeline` (batch 8, 150 new tokens) on the first --peer-sentences sentences, all scored by our parser."""
+    """./run_eval.sh on the adapter at each batch size (and merged, with --merge), against the original's `pipeline`
+    (batch 8, 150 new tokens) and transformers' `generate` with its static cache and torch.compile, both on the
+    first --peer-sentences sentences, all scored by our parser. With --shape: see decode_shape."""
+    if a.shape != "none":
+        return decode_shape(a, work)
     result: dict = {"ours": {}}
-    for batch in a.batch_sizes.split(","):
-        for merge in [False, True] if a.merge else [False]:
-            name = f"b{batch}{'-merged' if merge else ''}"
-            args = ["--adapter", a.adapter, "--batch-size", batch, "--output-dir", str(work / name), *a.flags]
-            product("run_eval.sh", args + (["--merge"] if merge else []), work / f"{name}.log")
-            m = json.loads((work / name / "metrics.json").read_text())
-            keep = ("f1", "precision", "recall", "seconds", "sentences_per_s", "sentences", "batch_size")
-            result["ours"][name] = {k: m[k] for k in keep}
+    first, *others = a.batch_sizes.split(",")
+    variants = [(first, False, False)] + [(first, True, False)] * a.merge + [(first, False, True)] * a.also_eager
+    variants += [(b, False, False) for b in others]
+    for batch, merge, eager in variants:
+        name = f"b{batch}{'-merged' if merge else ''}{'-eager' if eager else ''}"
+        extra = (["--merge"] if merge else []) + (["--no-cuda-graphs"] if eager else [])
+        args = ["--adapter", a.adapter, "--batch-size", batch, "--output-dir", str(work / name), *a.flags]
+        product("run_eval.sh", args + extra, work / f"{name}.log")
+        m = json.loads((work / name / "metrics.json").read_text())
+        keep = ("f1", "precision", "recall", "seconds", "sentences_per_s", "sentences", "batch_size", "engine")
+        result["ours"][name] = {k: m.get(k) for k in keep}
     if a.peer_sentences:
-        result["peer"] = peer_pipeline(a.adapter, a.peer_sentences)
+        from qloraner.config import EvalConfig
+        from qloraner.evaluate import load_for_eval
+
+        model, tok, prompting, _ = load_for_eval(EvalConfig(adapter=a.adapter), _device())
+        sentences = _test_sentences()[: a.peer_sentences]
+        result["peer"] = peer_pipeline(model, tok, sentences, prompting)
+        result["peer_static"] = peer_generate(model, tok, sentences, prompting, None)
     best = max(result["ours"].items(), key=lambda kv: kv[1]["sentences_per_s"])
     cells = ", ".join(
         f"{k}: {v['seconds']:.1f} s, {v['sentences_per_s']:.1f} sentences/s, F1 {100 * v['f1']:.2f}"
         for k, v in result["ours"].items()
     )
-    if result.get("peer"):
-        result["speedup"] = best[1]["sentences_per_s"] / result["peer"]["sentences_per_s"]
-        cells += (
-            f"; pipeline {result['peer']['sentences_per_s']:.2f} sentences/s on {a.peer_sentences} "
-            f"(F1 {100 * result['peer']['f1']:.2f} on those); best **{result['speedup']:.1f}×**"
-        )
+    for key, what in (("peer", "pipeline"), ("peer_static", "generate static+compile")):
+        if result.get(key):
+            peer = result[key]
+            result[f"speedup_{key}"] = best[1]["sentences_per_s"] / peer["sentences_per_s"]
+            cells += (
+                f"; {what} {peer['sentences_per_s']:.2f} sentences/s on {peer['sentences']} "
+                f"(F1 {100 * peer['f1']:.2f} on those): best **{result[f'speedup_{key}']:.1f}×**"
+            )
     result["row"] = [f"decode the test split, adapter {a.adapter}", cells]
     return result
 
 
-def peer_pipeline(adapter: str, n: int) -> dict:
+def _device():
+    import torch
+
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _test_sentences():
+    from qloraner.conll import read_split, resolve_data_dir
+
+    return read_split(resolve_data_dir(None, ROOT), "test")
+
+
+def _lengths(path: str) -> list[int]:
+    """Tokens each response of a responses.jsonl(.gz) took, its stopping EOS included."""
+    import gzip
+
+    opener = gzip.open if path.endswith(".gz") else open
+    with opener(path, "rt") as f:
+        return [json.loads(line)["generated_tokens"] + 1 for line in f]
+
+
+def decode_shape(a: argparse.Namespace, work: Path) -> dict:
+    """Our engine on a random-weight model of --shape over the whole test split, each row decoding exactly the
+    length a real fine-tuned run's response took (--lengths; random weights never stop by themselves): NF4 with
+    an unmerged random LoRA on q/v (r=64), then bf16 (what a merged adapter decodes with). Peers on the first
+    --peer-sentences sentences of the NF4 model: generate with a static cache and torch.compile, each batch run to
+    its longest length, and `pipeline` (batch 8, 150 new tokens)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from qloraner.data import build_prompt
+    from qloraner.decode import auto_batch_size, generate_greedy
+    from qloraner.model import load_base, load_tokenizer
+
+    path, device = shape_model(a.shape), _device()
+    sentences = _test_sentences()
+    lengths = _lengths(a.lengths)[: len(sentences)]
+    sentences = sentences[: len(lengths)]
+    tok = load_tokenizer(path, padding_side="left")
+    prompts = [tok(build_prompt(s.tokens, "simple"))["input_ids"] for s in sentences]
+    result: dict = {"ours": {}, "sentences": len(prompts), "generated_tokens": sum(lengths)}
+    loaders = {
+        "nf4-lora": lambda: get_peft_model(
+            load_base(path, device), LoraConfig(r=64, lora_alpha=16, target_modules=["q_proj", "v_proj"])
+        ),
+        "bf16": lambda: AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).to(device),
+    }
+    for name, load in loaders.items():
+        model = load().eval()
+        batch = auto_batch_size(model, max(len(p) + n for p, n in zip(prompts, lengths)))
+        for graphs in (True, False) if a.also_eager else (True,):
+            _sync()
+            start = time.perf_counter()
+            gen = generate_greedy(model, tok, prompts, lengths, batch, graphs=graphs, stop=False)
+            _sync()
+            seconds = time.perf_counter() - start
+            assert [len(t) for t in gen.tokens] == lengths
+            result["ours"][name + ("" if graphs else "-eager")] = {
+                "seconds": seconds,
+                "sentences_per_s": len(prompts) / seconds,
+                "tokens_per_s": sum(lengths) / seconds,
+                "batch_size": batch,
+                "engine": gen.stats,
+            }
+            print(f"bench: {name}{'' if graphs else ' eager'}: {seconds:.1f} s at batch {batch}", flush=True)
+        if name == "nf4-lora" and a.peer_sentences:
+            few = sentences[: a.peer_sentences]
+            result["peer_static"] = peer_generate(model, tok, few, {"prompt": "simple"}, lengths[: len(few)])
+            result["peer"] = peer_pipeline(model, tok, few[: max(8, len(few) // 8)], {"prompt": "simple"})
+        del model
+        torch.cuda.empty_cache() if device.type == "cuda" else None
+    cells = ", ".join(f"{k}: **{v['seconds']:.1f} s** (batch {v['batch_size']})" for k, v in result["ours"].items())
+    for key, what in (("peer_static", "generate static+compile"), ("peer", "pipeline")):
+        if result.get(key):
+            peer = result[key]
+            ratio = result["ours"]["nf4-lora"]["sentences_per_s"] / peer["sentences_per_s"]
+            result[f"speedup_{key}"] = ratio
+            cells += (
+                f"; {what} {peer['sentences_per_s']:.2f} sentences/s on {peer['sentences']} (NF4 ours {ratio:.1f}×)"
+            )
+    result["row"] = [f"{a.shape} shape, {len(prompts)} test prompts, response lengths of {Path(a.lengths).name}", cells]
+    return result
+
+
+def _sync() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def _score(sentences, texts: list[str]) -> float:
+    from qloraner.bio import entities_to_bio
+    from qloraner.metrics import score
+    from qloraner.parse import parse_response
+
+    pred = [entities_to_bio(s.tokens, parse_response(t)) for s, t in zip(sentences, texts)]
+    return score([list(s.tags) for s in sentences], pred)["f1"]
+
+
+def peer_generate(model, tok, sentences, prompting: dict, lengths: list[int] | None, batch: int = 64) -> dict:
+    """transformers' generate as its docs recommend for speed: a static cache, the forward compiled by generate
+    itself, prompts padded to one length (one compiled shape). A batch ends when every row wrote EOS or after
+    its longest budget (`lengths`, rows of a random model never stop; else 256 tokens)."""
+    from qloraner.data import build_prompt
+
+    texts = [build_prompt(s.tokens, prompting["prompt"], prompting.get("response_format", "lines")) for s in sentences]
+    width = max(len(tok(t)["input_ids"]) for t in texts)
+    out, start = [], time.perf_counter()
+    for b in range(0, len(texts), batch):
+        enc = tok(texts[b : b + batch], return_tensors="pt", padding="max_length", max_length=width).to(model.device)
+        new = max(lengths[b : b + batch]) if lengths else 256
+        ids = model.generate(
+            **enc,
+            max_new_tokens=new,
+            min_new_tokens=new if lengths else 0,
+            do_sample=False,
+            cache_implementation="static",
+            pad_token_id=tok.eos_token_id,
+        )
+        out += tok.batch_decode(ids[:, width:], skip_special_tokens=True)
+        if b == 0:
+            first = time.perf_counter() - start
+    _sync()
+    seconds = time.perf_counter() - start
+    n = len(sentences)
+    return {
+        "sentences": n,
+        "seconds": seconds,
+        "first_batch_s": first,
+        "sentences_per_s": n / seconds,
+        "f1": _score(sentences, out),
+        "batch_size": batch,
+        "compiled": hasattr(model, "_compiled_call"),
+    }
+
+
+def peer_pipeline(model, tok, sentences, prompting: dict) -> dict:
     """The original's evaluator: transformers' text-generation pipeline, batch 8, 150 new tokens, no stop rule."""
     import torch
     from transformers import pipeline
 
-    from qloraner.bio import entities_to_bio
-    from qloraner.config import EvalConfig
-    from qloraner.conll import read_split, resolve_data_dir
     from qloraner.data import build_prompt
-    from qloraner.evaluate import load_for_eval
-    from qloraner.metrics import score
-    from qloraner.parse import parse_response
 
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model, tok, prompting, _ = load_for_eval(EvalConfig(adapter=adapter), device)
-    if device.type == "cuda":
+    if torch.cuda.is_available():
         torch.backends.cuda.enable_cudnn_sdp(True)  # the original ran with PyTorch's default kernels
     pipe = pipeline(
         "text-generation",
@@ -291,13 +436,17 @@ def peer_pipeline(adapter: str, n: int) -> dict:
         do_sample=False,
         return_full_text=False,
     )
-    sentences = read_split(resolve_data_dir(None, ROOT), "test")[:n]
     start = time.perf_counter()
-    out = pipe([build_prompt(s.tokens, prompting["prompt"], prompting["response_format"]) for s in sentences])
+    texts = [build_prompt(s.tokens, prompting["prompt"], prompting.get("response_format", "lines")) for s in sentences]
+    out = pipe(texts)
     seconds = time.perf_counter() - start
-    pred = [entities_to_bio(s.tokens, parse_response(o[0]["generated_text"])) for s, o in zip(sentences, out)]
-    f1 = score([list(s.tags) for s in sentences], pred)["f1"]
-    return {"sentences": n, "seconds": seconds, "sentences_per_s": n / seconds, "f1": f1}
+    n = len(sentences)
+    return {
+        "sentences": n,
+        "seconds": seconds,
+        "sentences_per_s": n / seconds,
+        "f1": _score(sentences, [o[0]["generated_text"] for o in out]),
+    }
 
 
 def accuracy(a: argparse.Namespace, work: Path) -> dict:
@@ -364,10 +513,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--peer", action=argparse.BooleanOptionalAction, default=True)
     p = sub.add_parser("eval-speed")
     p.set_defaults(measure=eval_speed)
-    p.add_argument("--adapter", required=True)
+    p.add_argument("--adapter", help="the fine-tuned adapter (without --shape)")
     p.add_argument("--batch-sizes", default="auto")
-    p.add_argument("--merge", action="store_true", help="also each batch size with --merge")
+    p.add_argument("--merge", action="store_true", help="also the first batch size with --merge")
     p.add_argument("--peer-sentences", type=int, default=200)
+    p.add_argument("--shape", default="none", choices=SHAPES, help="a random-weight model of this shape instead")
+    p.add_argument("--lengths", help="with --shape: the responses.jsonl(.gz) whose response lengths each row decodes")
+    p.add_argument("--also-eager", action="store_true", help="also without CUDA graphs (the first batch size)")
     p = sub.add_parser("accuracy")
     p.set_defaults(measure=accuracy)
     p.add_argument("--recipe", default="smollm2-135m")

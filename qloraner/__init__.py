@@ -10,6 +10,11 @@ class QloranerError(Exception):
     """An error the user can fix; entry points print it on one line, without a traceback."""
 
 
+def first_line(err: Exception) -> str:
+    """An exception's first line, cut to a readable length (its type where it has no message)."""
+    return str(err).splitlines()[0][:160] if str(err).strip() else type(err).__name__
+
+
 def make_dir(path, flag: str = "--output-dir"):
     """Create the folder `path` (with its parents), or say in one line why it cannot be."""
     from pathlib import Path

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError
 
-from qloraner import QloranerError, dist
+from qloraner import QloranerError, dist, first_line
 from qloraner.config import TrainConfig, as_dict
 
 STEP_DIR = re.compile(r"^step-(\d{6})$")
@@ -74,11 +74,6 @@ def write_failure(err: Exception, folder: Path) -> str:
     except OSError:
         pass
     return first_line(err)
-
-
-def first_line(err: Exception) -> str:
-    """An exception's first line, cut to a readable length (its type where it has no message)."""
-    return str(err).splitlines()[0][:160] if str(err).strip() else type(err).__name__
 
 
 def _save(path: Path, tmp: Path, model, optimizer, state: dict, config: TrainConfig, rank: int) -> Path:

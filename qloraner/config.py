@@ -150,6 +150,7 @@ class EvalConfig:
     )
     compare_base: bool = opt(False, "also evaluate the base model and write a side-by-side table")
     merge: bool = opt(False, "merge the adapter into the NF4 base dequantized to bf16 (the weights it was trained on)")
+    cuda_graphs: bool = opt(True, "replay the decode step as CUDA graphs on a GPU (--no-cuda-graphs: run it eagerly)")
     output_dir: str | None = opt(None, "where metrics and responses go; default <adapter>/../eval or outputs/eval")
     experiment: str = opt("qloraner", "MLflow experiment name")
 

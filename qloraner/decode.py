@@ -1,11 +1,24 @@
-"""The generation engine: batched greedy decoding with a KV cache, a stop rule, and the batch size it fits."""
+"""The generation engine: greedy decoding of many prompts over a static KV cache.
+
+- The prompts' common prefix (the instruction) is computed once and copied into every row's cache.
+- Continuous batching: a pool of rows; a row that stops frees its slot, and waiting prompts are prefilled into the
+  free slots; with none waiting, the live rows move to a smaller pool, so a long answer does not keep a big batch
+  busy.
+- The decode step reads and writes only device tensors (next position, valid positions, last token), so on a GPU it
+  is captured once as a CUDA graph per pool and attention width and replayed.
+- The stop rule runs on the host every SYNC_EVERY steps, and only on rows that wrote an EOS or a newline.
+
+It runs the model's own modules (LoRA layers included, NF4 or merged) in the LLaMA layout: embed, per layer
+RMSNorm → q/k/v → RoPE → attention → o → RMSNorm → MLP, norm, LM head.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
+from qloraner import QloranerError, first_line
 from qloraner.parse import is_explicit_empty, parse_response
 
 STOP_TEXT = "\n\n"  # our responses hold no blank line: one after the answer ends it
@@ -13,12 +26,18 @@ _TAIL = 4  # tokens decoded to look for STOP_TEXT; it never spans more
 CPU_BATCH = 64  # `auto` on a CPU: batching past this gains nothing there
 MAX_AUTO_BATCH = 1024  # `auto` on a GPU: larger batches decoded the test split no faster (RESULTS.md)
 KV_MEMORY_SHARE = 0.5  # of the free accelerator memory, what `auto` gives the KV cache; the rest: activations
+SYNC_EVERY = 8  # decode steps between host checks; a stopped row runs at most this many steps more (discarded)
+REFILL_SHARE = 0.25  # free share of the pool's slots at which waiting prompts are prefilled into them
+SHRINK_SHARE = 0.25  # with no prompt waiting, the live share of the slots under which rows move to a smaller pool
+KEY_BLOCK = 64  # attention reads the cache up to a multiple of this: few widths, so few CUDA graphs
+PREFILL_TOKENS = 1 << 16  # prompt tokens per prefill pass: bounds its activations
 
 
 @dataclass
 class Generation:
     tokens: list[list[int]]  # per prompt, in input order, without the stopping EOS
     forward_passes: int
+    stats: dict = field(default_factory=dict)  # prefills, pools and CUDA graphs the engine used
 
 
 def response_budget(tokenizer, tokens: tuple[str, ...] | list[str], cap: int) -> int:
@@ -45,70 +64,294 @@ def auto_batch_size(model, row_tokens: int) -> int:
     return max(1, min(MAX_AUTO_BATCH, int(free * KV_MEMORY_SHARE // per_row)))
 
 
-def _stopped(tokenizer, row: list[int], eos: int, newline: dict[int, bool]) -> bool:
+def newline_table(tokenizer, vocab: int) -> list[bool]:
+    """Per token id: its text holds a newline (ids past the tokenizer's, padding of the embedding, hold none)."""
+    n = min(vocab, len(tokenizer))
+    return ["\n" in t for t in tokenizer.batch_decode([[i] for i in range(n)])] + [False] * (vocab - n)
+
+
+def _stopped(tokenizer, row: list[int], eos: int, newline: list[bool]) -> bool:
     """EOS, or a blank line just written after an answer (not after a preamble like 'The entities are:')."""
     if row[-1] == eos:
         return True
-    if row[-1] not in newline:  # most tokens hold no newline: decode only when one was just written
-        newline[row[-1]] = "\n" in tokenizer.decode(row[-1:])
     if not newline[row[-1]] or STOP_TEXT not in tokenizer.decode(row[-_TAIL:]):
         return False
     text = tokenizer.decode(row)
     return bool(parse_response(text)) or is_explicit_empty(text)
 
 
+def _attention(q, k, v, mask, scale: float):
+    """q [B, H, S, D]; k, v [B, KV, L, D]; mask [B, S, L] (True: attend) → [B, S, H·D].
+
+    The query heads of a group share one key head (grouped-query attention): folding them into the query rows
+    lets one matmul serve them without copying the keys per head."""
+    b, h, s, d = q.shape
+    kv = k.shape[1]
+    scores = torch.matmul(q.reshape(b, kv, h // kv * s, d), k.transpose(-1, -2)).float() * scale
+    scores = scores.view(b, kv, h // kv, s, -1).masked_fill(~mask[:, None, None], float("-inf"))
+    probs = scores.softmax(-1).to(v.dtype).view(b, kv, h // kv * s, -1)
+    return torch.matmul(probs, v).view(b, h, s, d).transpose(1, 2).reshape(b, s, h * d)
+
+
+class _Llama:
+    """The modules of a LLaMA-architecture causal LM (under PEFT or merged), run over keys and values that the
+    caller keeps: `hidden(ids, positions, attend)` calls `attend(layer, q, k, v, scale)` for each layer."""
+
+    def __init__(self, model):
+        from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+        lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+        core = getattr(lm, "model", None)
+        if not all(hasattr(core, a) for a in ("embed_tokens", "layers", "norm", "rotary_emb")):
+            raise QloranerError(f"decoding needs a LLaMA-architecture model; got {type(lm).__name__}")
+        self.core, self.head, self.rope = core, lm.get_output_embeddings(), apply_rotary_pos_emb
+        attn = core.layers[0].self_attn
+        self.kv_heads = attn.k_proj.out_features // attn.head_dim
+        self.head_dim = attn.head_dim
+        self.layers = len(core.layers)
+        self.vocab = self.head.out_features
+        self.device, self.dtype = core.embed_tokens.weight.device, core.embed_tokens.weight.dtype
+
+    def hidden(self, ids, positions, attend):
+        h = self.core.embed_tokens(ids)
+        cos, sin = self.core.rotary_emb(h, positions)
+        for i, layer in enumerate(self.core.layers):
+            a = layer.self_attn
+            x = layer.input_layernorm(h)
+            shape = (*x.shape[:-1], -1, a.head_dim)
+            q, k = self.rope(a.q_proj(x).view(shape).transpose(1, 2), a.k_proj(x).view(shape).transpose(1, 2), cos, sin)
+            h = h + a.o_proj(attend(i, q, k, a.v_proj(x).view(shape).transpose(1, 2), a.scaling))
+            h = h + layer.mlp(layer.post_attention_layernorm(h))
+        return self.core.norm(h)
+
+    def next_token(self, h):
+        return self.head(h).argmax(-1)
+
+
+class _Pool:
+    """`rows` decoding slots of `length` cache positions, all state on the device: keys and values per layer,
+    which positions a row may attend to, its next position (= its last token's position), its last token, and the
+    tokens it generated. A slot's layout: prompt at 0..len-1, then its answer."""
+
+    def __init__(self, net: _Llama, rows: int, length: int, out_len: int):
+        dev = net.device
+        shape = (rows, net.kv_heads, length, net.head_dim)
+        self.k = [torch.zeros(shape, dtype=net.dtype, device=dev) for _ in range(net.layers)]
+        self.v = [torch.zeros(shape, dtype=net.dtype, device=dev) for _ in range(net.layers)]
+        self.valid = torch.zeros((rows, length), dtype=torch.bool, device=dev)
+        self.cur = torch.zeros(rows, dtype=torch.long, device=dev)
+        self.tok = torch.zeros(rows, dtype=torch.long, device=dev)
+        self.out = torch.zeros((rows, out_len), dtype=torch.long, device=dev)
+        self.n = torch.zeros(rows, dtype=torch.long, device=dev)  # tokens generated, the first from the prefill
+        self.ones = torch.ones(rows, dtype=torch.bool, device=dev)
+        self.slots = torch.arange(rows, device=dev)
+        self.rows, self.length, self.out_len = rows, length, out_len
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.memory = torch.cuda.graph_pool_handle() if dev.type == "cuda" else None
+
+    def moved(self, net: _Llama, keep: list[int], rows: int) -> _Pool:
+        """A pool of `rows` slots holding the rows `keep` of this one, in that order."""
+        new = _Pool(net, rows, self.length, self.out_len)
+        idx = torch.tensor(keep, device=self.slots.device)
+        for mine, theirs in zip(self._state(), new._state()):
+            theirs[: len(keep)] = mine.index_select(0, idx)
+        return new
+
+    def _state(self) -> list[torch.Tensor]:
+        return [*self.k, *self.v, self.valid, self.cur, self.tok, self.out, self.n]
+
+    def _step(self, net: _Llama, width: int) -> None:
+        """One token for every row, attention over the first `width` positions; device tensors only (capturable)."""
+        cur = self.cur.clamp(max=self.length - 1)  # a stopped row idles until refilled: keep its writes in bounds
+        self.valid.index_put_((self.slots, cur), self.ones)
+        mask = self.valid[:, None, :width]
+
+        def attend(i, q, k, v, scale):
+            # each row's [kv, head_dim] at its own position (index_put_ indexes leading dims: position goes second)
+            self.k[i].transpose(1, 2).index_put_((self.slots, cur), k[:, :, 0])
+            self.v[i].transpose(1, 2).index_put_((self.slots, cur), v[:, :, 0])
+            return _attention(q, self.k[i][:, :, :width], self.v[i][:, :, :width], mask, scale)
+
+        nxt = net.next_token(net.hidden(self.tok[:, None], cur[:, None], attend)[:, -1])
+        self.out.index_put_((self.slots, self.n.clamp(max=self.out_len - 1)), nxt)
+        self.tok.copy_(nxt)
+        self.cur.add_(1)
+        self.n.add_(1)
+
+    def decode(self, net: _Llama, steps: int, width: int, graphs: bool) -> int:
+        """`steps` decode steps; on a GPU through the CUDA graph of this width, captured on first use after one
+        eager step (the warm-up torch.cuda.graph asks for). Returns 1 if it captured a graph, -1 if capturing
+        failed (the steps then ran eagerly; the caller stops asking for graphs), else 0."""
+        if graphs and width not in self.graphs:
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                self._step(net, width)  # a real step, and the warm-up
+            torch.cuda.current_stream().wait_stream(side)
+            steps -= 1
+            graph = torch.cuda.CUDAGraph()
+            try:
+                with torch.cuda.graph(graph, pool=self.memory):
+                    self._step(net, width)  # recorded, not run
+            except RuntimeError as err:
+                print(f"qloraner: CUDA graph capture failed, decoding eagerly ({first_line(err)})", flush=True)
+                self.decode(net, steps, width, graphs=False)
+                return -1
+            self.graphs[width] = graph
+            self.decode(net, steps, width, graphs)
+            return 1
+        for _ in range(steps):
+            self.graphs[width].replay() if graphs else self._step(net, width)
+        return 0
+
+
+def _prefix_cache(net: _Llama, prefix: list[int]) -> tuple[list, list]:
+    """Keys and values of the shared prefix, [1, kv, P, head_dim] per layer."""
+    ks, vs = [], []
+    ids = torch.tensor([prefix], device=net.device)
+    mask = torch.ones((1, len(prefix), len(prefix)), dtype=torch.bool, device=net.device).tril()
+
+    def attend(i, q, k, v, scale):
+        ks.append(k)
+        vs.append(v)
+        return _attention(q, k, v, mask, scale)
+
+    if prefix:
+        net.hidden(ids, torch.arange(len(prefix), device=net.device)[None], attend)
+    else:
+        empty = torch.zeros((1, net.kv_heads, 0, net.head_dim), dtype=net.dtype, device=net.device)
+        ks, vs = [empty] * net.layers, [empty] * net.layers
+    return ks, vs
+
+
+def _prefill(net: _Llama, pool: _Pool, slots: list[int], suffixes: list[list[int]], shared: tuple) -> None:
+    """Write the prompts (shared prefix + `suffixes`) into `slots`: keys, values, valid positions; and each
+    row's first generated token. Suffixes are right-padded: every row's prompt starts at position 0."""
+    pk, pv = shared
+    p, dev = pk[0].shape[2], net.device
+    r, s = len(suffixes), max(len(x) for x in suffixes)
+    ids = torch.zeros((r, s), dtype=torch.long)
+    for row, x in enumerate(suffixes):
+        ids[row, : len(x)] = torch.tensor(x)
+    ids, lens = ids.to(dev), torch.tensor([len(x) for x in suffixes], device=dev)
+    at = torch.arange(s, device=dev)
+    real = at[None] < lens[:, None]  # [r, s]
+    # a suffix token sees the prefix, and the real suffix tokens up to itself; a padding one sees itself (no NaN)
+    sees = (at[None, :, None] >= at[None, None, :]) & real[:, None, :] | torch.eye(s, dtype=torch.bool, device=dev)
+    mask = torch.cat([torch.ones((r, s, p), dtype=torch.bool, device=dev), sees], dim=2)
+    idx = torch.tensor(slots, device=dev)
+
+    def attend(i, q, k, v, scale):
+        keys, values = torch.cat([pk[i].expand(r, -1, -1, -1), k], 2), torch.cat([pv[i].expand(r, -1, -1, -1), v], 2)
+        pool.k[i][idx, :, : p + s] = keys
+        pool.v[i][idx, :, : p + s] = values
+        return _attention(q, keys, values, mask, scale)
+
+    h = net.hidden(ids, p + at[None].expand(r, -1), attend)
+    first = net.next_token(h[torch.arange(r, device=dev), lens - 1])
+    pool.valid[idx] = False
+    pool.valid[idx, : p + s] = torch.cat([torch.ones((r, p), dtype=torch.bool, device=dev), real], 1)
+    pool.cur[idx] = p + lens
+    pool.tok[idx] = first
+    pool.out[idx, 0] = first
+    pool.n[idx] = 1
+
+
+def _common_prefix(prompts: list[list[int]]) -> int:
+    """Tokens every prompt starts with, leaving each at least one of its own (its last logits come from it)."""
+    first, shortest = prompts[0], min(len(p) for p in prompts)
+    n = 0
+    while n < shortest - 1 and all(p[n] == first[n] for p in prompts):
+        n += 1
+    return n
+
+
+def _round_up(n: int, block: int) -> int:
+    return -(-n // block) * block
+
+
 @torch.no_grad()
 def generate_greedy(
-    model, tokenizer, prompts: list[list[int]], budgets: list[int], batch_size: int, progress=None
+    model,
+    tokenizer,
+    prompts: list[list[int]],
+    budgets: list[int],
+    batch_size: int,
+    progress=None,
+    graphs: bool = True,
+    stop: bool = True,
 ) -> Generation:
-    """Greedy decoding in batches of similar length: left padding, an attention mask, a KV cache.
+    """Greedy decoding of `prompts` with at most `batch_size` rows at a time; row i stops at EOS, at a blank line
+    after an answer (`stop`), or after budgets[i] tokens, and what it generated after that is dropped.
 
-    A row stops at EOS or at a blank line and never grows after; a batch ends when all its
-    rows have stopped or reached their budget.
+    graphs: capture the decode step as CUDA graphs (on a GPU). stop=False decodes exactly budgets[i] tokens.
     """
-    device = next(model.parameters()).device
-    eos = tokenizer.eos_token_id
-    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))  # longest first: memory peaks early
+    if not prompts:
+        return Generation([], 0)
+    net = _Llama(model)
+    graphs = graphs and net.device.type == "cuda"
+    eos = tokenizer.eos_token_id if stop else -1
+    newline = newline_table(tokenizer, net.vocab) if stop else [False] * net.vocab
+    is_event = torch.tensor(newline)
+    p = _common_prefix(prompts)
+    shared = _prefix_cache(net, prompts[0][:p])
+    waiting = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))  # longest first: memory peaks early
+    longest = max(len(x) + b for x, b in zip(prompts, budgets))
+    pool = _Pool(net, min(batch_size, len(prompts)), _round_up(longest + SYNC_EVERY, KEY_BLOCK), max(budgets) + 1)
+    live: dict[int, int] = {}  # slot -> prompt index
+    made = [0] * pool.rows  # per slot: tokens generated so far (host mirror of pool.n)
+    checked = [0] * pool.rows  # per slot: tokens the stop rule has seen
     out: list[list[int]] = [[] for _ in prompts]
-    passes = 0
-    newline: dict[int, bool] = {}  # token id -> its text holds a newline
-    for b in range(0, len(order), batch_size):
-        idx = order[b : b + batch_size]
-        width = max(len(prompts[i]) for i in idx)
-        ids = torch.full((len(idx), width), eos, dtype=torch.long)
-        mask = torch.zeros((len(idx), width), dtype=torch.long)
-        for row, i in enumerate(idx):
-            ids[row, width - len(prompts[i]) :] = torch.tensor(prompts[i])
-            mask[row, width - len(prompts[i]) :] = 1
-        ids, mask = ids.to(device), mask.to(device)
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        done = torch.zeros(len(idx), dtype=torch.bool)
-        cache = None
-        for _ in range(max(budgets[i] for i in idx)):
-            step = model(
-                input_ids=ids,
-                attention_mask=mask,
-                position_ids=positions,
-                past_key_values=cache,
-                use_cache=True,
-                logits_to_keep=1,
-            )  # the LM head on the last position only
-            passes += 1
-            cache = step.past_key_values
-            nxt = step.logits[:, -1].argmax(-1).cpu()
-            for row, i in enumerate(idx):
-                if not done[row]:
-                    out[i].append(int(nxt[row]))
-                    done[row] = _stopped(tokenizer, out[i], eos, newline) or len(out[i]) >= budgets[i]
-            if done.all():
-                break
-            nxt[done] = eos  # finished rows idle on EOS; their outputs are ignored
-            ids = nxt[:, None].to(device)
-            mask = torch.cat([mask, torch.ones((len(idx), 1), dtype=mask.dtype, device=device)], dim=1)
-            positions = positions[:, -1:] + 1
-        if progress is not None:
-            progress.update(len(idx))
+    stats = {"prefill_passes": 1 if p else 0, "decode_steps": 0, "pools": 1, "cuda_graphs": 0, "shared_prefix": p}
+    while waiting or live:
+        free = [slot for slot in range(pool.rows) if slot not in live]
+        if waiting and (not live or len(free) >= REFILL_SHARE * pool.rows):
+            take, waiting = waiting[: len(free)], waiting[len(free) :]
+            per_pass = max(1, PREFILL_TOKENS // max(len(prompts[take[0]]) - p, 1))
+            for at in range(0, len(take), per_pass):
+                part = take[at : at + per_pass]
+                _prefill(net, pool, free[at : at + len(part)], [prompts[i][p:] for i in part], shared)
+                stats["prefill_passes"] += 1
+            for slot, i in zip(free, take):
+                live[slot], made[slot], checked[slot] = i, 1, 0
+        elif not waiting and len(live) <= SHRINK_SHARE * pool.rows and pool.rows > 1:
+            keep = sorted(live)
+            pool = pool.moved(net, keep, 1 << (len(keep) - 1).bit_length())
+            live = {new: live[old] for new, old in enumerate(keep)}
+            made = [made[old] for old in keep] + [0] * (pool.rows - len(keep))
+            checked = [checked[old] for old in keep] + [0] * (pool.rows - len(keep))
+            stats["pools"] += 1
+        # attention reads up to the furthest live row's position after this chunk
+        reach = max(len(prompts[i]) + made[slot] for slot, i in live.items()) + SYNC_EVERY
+        captured = pool.decode(net, SYNC_EVERY, min(_round_up(reach, KEY_BLOCK), pool.length), graphs)
+        graphs = graphs and captured >= 0
+        stats["cuda_graphs"] += max(captured, 0)
+        stats["decode_steps"] += SYNC_EVERY
+        for slot in live:
+            made[slot] += SYNC_EVERY
+        # the stop rule, on the host: Python only where a row wrote an EOS or a newline, or reached its budget
+        slots = sorted(live)
+        tokens = pool.out.cpu()
+        lo = torch.tensor([checked[slot] for slot in slots])
+        hi = torch.tensor([min(made[slot], budgets[live[slot]]) for slot in slots])
+        cols = torch.arange(pool.out_len)
+        hits = ((tokens[slots] == eos) | is_event[tokens[slots]]) & (cols >= lo[:, None]) & (cols < hi[:, None])
+        ended = hi >= torch.tensor([budgets[live[slot]] for slot in slots])
+        done = []
+        for k in (hits.any(1) | ended).nonzero().flatten().tolist():
+            slot, row = slots[k], tokens[slots[k], : hi[k]].tolist()
+            marks = hits[k].nonzero().flatten().tolist()
+            length = next((j + 1 for j in marks if _stopped(tokenizer, row[: j + 1], eos, newline)), None)
+            if length is not None or ended[k]:
+                out[live[slot]] = row[: length or len(row)]
+                done.append(slot)
+        for slot, upto in zip(slots, hi.tolist()):
+            checked[slot] = upto
+        for slot in done:
+            del live[slot]
+        if progress is not None and done:
+            progress.update(len(done))
     for row in out:
         if row and row[-1] == eos:
             row.pop()
-    return Generation(out, passes)
+    return Generation(out, stats["prefill_passes"] + stats["decode_steps"], stats)

@@ -65,7 +65,9 @@ def respond(
     start = time.perf_counter()
     progress = Progress(len(sentences), f"eval {label}", "sentences", enabled=show)
     try:
-        gen = generate_greedy(model, tokenizer, prompt_ids, budgets, batch_size, progress=progress)
+        gen = generate_greedy(
+            model, tokenizer, prompt_ids, budgets, batch_size, progress=progress, graphs=config.cuda_graphs
+        )
     finally:
         progress.close()
     stats = {
@@ -73,6 +75,7 @@ def respond(
         "forward_passes": gen.forward_passes,
         "truncated_sentences": truncated,
         "batch_size": batch_size,
+        "engine": gen.stats,
     }
     rows = []
     for s, k, toks in zip(sentences, kept, gen.tokens):

@@ -11,67 +11,13 @@ from qloraner.bio import entities_to_bio
 from qloraner.config import EvalConfig
 from qloraner.conll import read_split
 from qloraner.data import build_prompt
-from qloraner.decode import CPU_BATCH, _stopped, generate_greedy, kv_bytes_per_token
+from qloraner.decode import CPU_BATCH, generate_greedy
 from qloraner.evaluate import ARTIFACTS, evaluate_model, load_for_eval
 from qloraner.metrics import score
-from qloraner.model import load_base, load_tokenizer
 from qloraner.parse import parse_response
 from tests.conftest import fill, last_line, run_entry
 
 CPU = torch.device("cpu")
-
-
-def _prompt_ids(tok, conll_dir, n, template="simple"):
-    sentences = read_split(conll_dir, "valid")[:n]
-    return [tok(build_prompt(s.tokens, template))["input_ids"] for s in sentences]
-
-
-def test_batched_generation_equals_one_at_a_time(tiny_model, conll_dir):
-    """24 prompts of mixed length give the same greedy tokens at batch sizes 1, 5 and 24 (fp32)."""
-    tok = load_tokenizer(tiny_model, padding_side="left")
-    model = load_base(tiny_model, CPU).eval()
-    prompts = _prompt_ids(tok, conll_dir, 24)
-    assert len({len(p) for p in prompts}) > 10
-    budgets = [6 + i % 5 for i in range(24)]
-    outputs = {bs: generate_greedy(model, tok, prompts, budgets, bs).tokens for bs in (1, 5, 24)}
-    assert outputs[1] == outputs[5] == outputs[24]
-    assert [len(o) for o in outputs[1]] == [b for b in budgets]  # a random model never stops: budgets bind
-
-
-def test_finished_rows_never_grow_and_generation_ends_early(tiny_adapter, tiny_model, conll_dir):
-    """A trained adapter stops by itself: no row grows past its stop, and passes < max_new_tokens."""
-    model, tok, prompting, _ = load_for_eval(EvalConfig(model=str(tiny_model), adapter=str(tiny_adapter)), CPU)
-    prompts = [
-        tok(build_prompt(s.tokens, prompting["prompt"], prompting["response_format"]))["input_ids"]
-        for s in read_split(conll_dir, "train")[:8]
-    ]
-    gen = generate_greedy(model, tok, prompts, [64] * 8, batch_size=8)
-    assert gen.forward_passes < 64
-    for row in gen.tokens:
-        full = row + [tok.eos_token_id]  # the EOS that stopped it was stripped
-        assert not any(_stopped(tok, full[:k], tok.eos_token_id, {}) for k in range(1, len(full)))
-
-
-@pytest.mark.parametrize(
-    "answer, rest",
-    [
-        ("[PER] John\n[LOC] Paris\n\n", "Note: these are all."),
-        ("The entities are:\n\n[PER] John\n[LOC] Paris\n\n", "I hope this helps."),  # a preamble's blank line goes on
-        ("[NONE]\n\n", "Explanation: none."),
-        ("Entities:\n\n[NONE]\n\n", "Explanation: none."),
-        ("[ORG] U.N.\n\n", "\n\n"),
-    ],
-)
-@pytest.mark.parametrize("which", ["smol", "llama2"])
-def test_stop_rule_fires_first_at_the_blank_line_after_the_answer(
-    answer, rest, which, smol_checkpoint, llama2_tokenizer_dir
-):
-    """Decoding token by token, the first stop is the first prefix that holds the whole answer and its blank line."""
-    tok = load_tokenizer(smol_checkpoint if which == "smol" else llama2_tokenizer_dir)
-    ids = tok(answer + rest, add_special_tokens=False)["input_ids"]
-    newline: dict[int, bool] = {}
-    first = next(k for k in range(1, len(ids) + 1) if _stopped(tok, ids[:k], tok.eos_token_id, newline))
-    assert tok.decode(ids[:first]).rstrip("\n") == answer.rstrip("\n")
 
 
 RECORDED = [  # (tokens, gold tags, raw response) as a model produced them
@@ -274,16 +220,6 @@ def test_auto_batch_size_gives_the_results_of_an_explicit_one(tmp_path, tiny_mod
     assert runs["auto"][0]["batch_size"] == CPU_BATCH and runs[3][0]["batch_size"] == 3
     assert [r["raw_response"] for r in runs["auto"][1]] == [r["raw_response"] for r in runs[3][1]]
     assert runs["auto"][0]["f1"] == runs[3][0]["f1"]
-
-
-def test_kv_cache_bytes_follow_the_model_shape():
-    """KV bytes per token: keys and values, every layer, every KV head, in the cache dtype (LLaMA-2-7B: 0.5 MiB)."""
-    from transformers import LlamaConfig
-
-    config = LlamaConfig(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32)
-    assert kv_bytes_per_token(config, torch.bfloat16) == 2**19
-    grouped = LlamaConfig(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8)
-    assert kv_bytes_per_token(grouped, torch.float32) == 2**18  # a quarter of the heads, twice the bytes
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,145 @@
+"""The generation engine (qloraner/decode.py) against one-prompt-at-a-time decoding with the model's own forward."""
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from qloraner.config import EvalConfig
+from qloraner.conll import read_split
+from qloraner.data import build_prompt
+from qloraner.decode import _attention, _common_prefix, _stopped, generate_greedy, kv_bytes_per_token, newline_table
+from qloraner.evaluate import load_for_eval
+from qloraner.model import load_base, load_tokenizer
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def grouped_model(tmp_path_factory, tiny_model) -> str:
+    """A random 2-layer LLaMA with grouped-query attention (4 query heads on 2 key heads) and biased projections."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(1)
+    base = LlamaConfig.from_pretrained(tiny_model)
+    config = LlamaConfig(**{**base.to_dict(), "num_key_value_heads": 2, "attention_bias": True})
+    path = tmp_path_factory.mktemp("grouped-llama")
+    LlamaForCausalLM(config).save_pretrained(path)
+    load_tokenizer(tiny_model).save_pretrained(path)
+    return str(path)
+
+
+def _prompt_ids(tok, conll_dir, n, template="simple"):
+    sentences = read_split(conll_dir, "valid")[:n]
+    return [tok(build_prompt(s.tokens, template))["input_ids"] for s in sentences]
+
+
+def _one_at_a_time(model, prompt: list[int], budget: int, eos: int) -> list[int]:
+    """The reference: the model's full forward over the whole text for every new token, no cache, no batch."""
+    ids: list[int] = list(prompt)
+    with torch.no_grad():
+        for _ in range(budget):
+            ids.append(int(model(input_ids=torch.tensor([ids])).logits[0, -1].argmax()))
+            if ids[-1] == eos:
+                return ids[len(prompt) : -1]
+    return ids[len(prompt) :]
+
+
+@pytest.mark.parametrize("which", ["tiny", "grouped"])
+def test_greedy_equals_one_prompt_at_a_time(which, tiny_model, grouped_model, conll_dir):
+    """24 prompts of mixed length, with budgets from 4 to 26 tokens, decode to exactly the tokens of one prompt at a
+    time with no cache (fp32, NF4 weights) at batch sizes 1, 5 and 24: the shared prefix, the slots refilled as rows
+    end, the move to a smaller pool and the masks change nothing. Both pool paths are taken."""
+    path = tiny_model if which == "tiny" else grouped_model
+    tok = load_tokenizer(path, padding_side="left")
+    model = load_base(path, CPU).eval()
+    prompts = _prompt_ids(tok, conll_dir, 24)
+    assert len({len(p) for p in prompts}) > 10
+    budgets = [4 + (7 * i) % 23 for i in range(24)]
+    expected = [_one_at_a_time(model, p, b, tok.eos_token_id) for p, b in zip(prompts, budgets)]
+    runs = {bs: generate_greedy(model, tok, prompts, budgets, bs) for bs in (1, 5, 24)}
+    for bs, gen in runs.items():
+        assert gen.tokens == expected, f"batch size {bs}"
+    assert runs[5].stats["prefill_passes"] > 24 / 5 + 1  # slots were refilled as rows ended
+    assert runs[24].stats["pools"] > 1  # the last rows moved to a smaller pool
+    assert runs[24].stats["shared_prefix"] > 20  # the instruction was computed once
+
+
+def test_finished_rows_never_grow_and_generation_ends_early(tiny_adapter, tiny_model, conll_dir):
+    """A trained adapter stops by itself: no row grows past its stop, and passes < max_new_tokens; without the stop
+    rule every row is exactly its budget long and begins with what the stopped row holds."""
+    model, tok, prompting, _ = load_for_eval(EvalConfig(model=str(tiny_model), adapter=str(tiny_adapter)), CPU)
+    prompts = [
+        tok(build_prompt(s.tokens, prompting["prompt"], prompting["response_format"]))["input_ids"]
+        for s in read_split(conll_dir, "train")[:8]
+    ]
+    gen = generate_greedy(model, tok, prompts, [64] * 8, batch_size=8)
+    assert gen.forward_passes < 64
+    newline = newline_table(tok, len(tok))
+    for row in gen.tokens:
+        full = row + [tok.eos_token_id]  # the EOS that stopped it was stripped
+        assert not any(_stopped(tok, full[:k], tok.eos_token_id, newline) for k in range(1, len(full)))
+    budgets = [20 + i for i in range(8)]
+    forced = generate_greedy(model, tok, prompts, budgets, batch_size=3, stop=False).tokens
+    assert [len(row) for row in forced] == budgets
+    assert all(f[: len(g)] == g for f, g in zip(forced, gen.tokens))
+
+
+@pytest.mark.parametrize(
+    "answer, rest",
+    [
+        ("[PER] John\n[LOC] Paris\n\n", "Note: these are all."),
+        ("The entities are:\n\n[PER] John\n[LOC] Paris\n\n", "I hope this helps."),  # a preamble's blank line goes on
+        ("[NONE]\n\n", "Explanation: none."),
+        ("Entities:\n\n[NONE]\n\n", "Explanation: none."),
+        ("[ORG] U.N.\n\n", "\n\n"),
+    ],
+)
+@pytest.mark.parametrize("which", ["smol", "llama2"])
+def test_stop_rule_fires_first_at_the_blank_line_after_the_answer(
+    answer, rest, which, smol_checkpoint, llama2_tokenizer_dir
+):
+    """Decoding token by token, the first stop is the first prefix that holds the whole answer and its blank line."""
+    tok = load_tokenizer(smol_checkpoint if which == "smol" else llama2_tokenizer_dir)
+    ids = tok(answer + rest, add_special_tokens=False)["input_ids"]
+    newline = newline_table(tok, len(tok))
+    first = next(k for k in range(1, len(ids) + 1) if _stopped(tok, ids[:k], tok.eos_token_id, newline))
+    assert tok.decode(ids[:first]).rstrip("\n") == answer.rstrip("\n")
+
+
+@settings(max_examples=50, deadline=None)
+@given(
+    st.integers(1, 3), st.integers(1, 3), st.sampled_from([1, 2, 4]), st.integers(1, 5), st.integers(1, 9), st.data()
+)
+def test_grouped_attention_equals_pytorch_sdpa(batch, kv, group, queries, keys, data):
+    """Our attention (query heads folded per key head) equals PyTorch's SDPA with enable_gqa, for any mask that
+    leaves every query at least one key."""
+    gen = torch.Generator().manual_seed(data.draw(st.integers(0, 2**16)))
+    q = torch.randn(batch, kv * group, queries, 8, generator=gen)
+    k, v = (torch.randn(batch, kv, keys, 8, generator=gen) for _ in range(2))
+    mask = torch.rand(batch, queries, keys, generator=gen) < 0.5
+    mask[..., data.draw(st.integers(0, keys - 1))] = True
+    expected = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None], enable_gqa=True)
+    ours = _attention(q, k, v, mask, 8**-0.5)
+    torch.testing.assert_close(ours, expected.transpose(1, 2).reshape(batch, queries, -1), atol=1e-5, rtol=1e-5)
+
+
+@given(
+    st.lists(st.integers(0, 3), max_size=6), st.lists(st.lists(st.integers(0, 3), min_size=1, max_size=8), min_size=1)
+)
+def test_common_prefix_is_the_longest_shared_one_that_leaves_every_prompt_a_token(head, tails):
+    """Every prompt starts with the first n tokens, each keeps at least one of its own, and n can't grow."""
+    prompts = [head + t for t in tails]
+    n = _common_prefix(prompts)
+    assert all(p[:n] == prompts[0][:n] and len(p) > n for p in prompts)
+    assert n == min(len(p) for p in prompts) - 1 or len({tuple(p[: n + 1]) for p in prompts}) > 1
+
+
+def test_kv_cache_bytes_follow_the_model_shape():
+    """KV bytes per token: keys and values, every layer, every KV head, in the cache dtype (LLaMA-2-7B: 0.5 MiB)."""
+    from transformers import LlamaConfig
+
+    config = LlamaConfig(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32)
+    assert kv_bytes_per_token(config, torch.bfloat16) == 2**19
+    grouped = LlamaConfig(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8)
+    assert kv_bytes_per_token(grouped, torch.float32) == 2**18  # a quarter of the heads, twice the bytes

@@ -263,6 +263,10 @@ def eval_speed(a: argparse.Namespace, work: Path) -> dict:
         sentences = _test_sentences()[: a.peer_sentences]
         result["peer"] = peer_pipeline(model, tok, sentences, prompting)
         result["peer_static"] = peer_generate(model, tok, sentences, prompting, None)
+        for name in result["ours"]:  # ours on the peers' sentences, from its responses
+            rows = [json.loads(x) for x in (work / name / "responses.jsonl").read_text().splitlines()]
+            raw = [r["raw_response"] for r in rows[: len(sentences)]]
+            result["ours"][name]["f1_on_peer_sentences"] = _score(sentences, raw)
     best = max(result["ours"].items(), key=lambda kv: kv[1]["sentences_per_s"])
     cells = ", ".join(
         f"{k}: {v['seconds']:.1f} s, {v['sentences_per_s']:.1f} sentences/s, F1 {100 * v['f1']:.2f}"
@@ -414,7 +418,7 @@ def peer_generate(model, tok, sentences, prompting: dict, lengths: list[int] | N
         "sentences_per_s": n / seconds,
         "f1": _score(sentences, out),
         "batch_size": batch,
-        "compiled": hasattr(model, "_compiled_call"),
+        "compiled": hasattr(getattr(model, "get_base_model", lambda: model)(), "_compiled_call"),
     }
 
 
@@ -533,7 +537,8 @@ def main(argv: list[str] | None = None) -> None:
     a = parser.parse_args(argv)
     a.flags = flags
     stamp = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d")
-    work = Path(a.out) / f"{a.question}-{stamp}-{revision()}"
+    what = f"-{a.shape}" if getattr(a, "shape", "none") != "none" else ""
+    work = Path(a.out) / f"{a.question}{what}-{stamp}-{revision()}"
     work.mkdir(parents=True, exist_ok=True)
     command = "python3 benchmarks/bench.py " + " ".join(shlex.quote(x) for x in sys.argv[1:])
     result = a.measure(a, work)

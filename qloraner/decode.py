@@ -14,6 +14,7 @@ RMSNorm → q/k/v → RoPE → attention → o → RMSNorm → MLP, norm, LM hea
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -145,6 +146,8 @@ class _Pool:
         self.n = torch.zeros(rows, dtype=torch.long, device=dev)  # tokens generated, the first from the prefill
         self.ones = torch.ones(rows, dtype=torch.bool, device=dev)
         self.slots = torch.arange(rows, device=dev)
+        # where each row's key head starts in the flattened cache: a decode step writes one position per (row, head)
+        self.heads_at = (self.slots[:, None] * net.kv_heads + torch.arange(net.kv_heads, device=dev)) * length
         self.rows, self.length, self.out_len = rows, length, out_len
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.memory = torch.cuda.graph_pool_handle() if dev.type == "cuda" else None
@@ -165,11 +168,12 @@ class _Pool:
         cur = self.cur.clamp(max=self.length - 1)  # a stopped row idles until refilled: keep its writes in bounds
         self.valid.index_put_((self.slots, cur), self.ones)
         mask = self.valid[:, None, :width]
+        at = (self.heads_at + cur[:, None]).flatten()
 
         def attend(i, q, k, v, scale):
-            # each row's [kv, head_dim] at its own position (index_put_ indexes leading dims: position goes second)
-            self.k[i].transpose(1, 2).index_put_((self.slots, cur), k[:, :, 0])
-            self.v[i].transpose(1, 2).index_put_((self.slots, cur), v[:, :, 0])
+            d = k.shape[-1]
+            self.k[i].view(-1, d).index_copy_(0, at, k.reshape(-1, d))  # each row's keys at its own position
+            self.v[i].view(-1, d).index_copy_(0, at, v.reshape(-1, d))
             return _attention(q, self.k[i][:, :, :width], self.v[i][:, :, :width], mask, scale)
 
         nxt = net.next_token(net.hidden(self.tok[:, None], cur[:, None], attend)[:, -1])
@@ -257,6 +261,20 @@ def _prefill(net: _Llama, pool: _Pool, slots: list[int], suffixes: list[list[int
     pool.n[idx] = 1
 
 
+class _Clock:
+    """Wall seconds per phase, into stats; a lap waits for the device first, so each phase gets its own time."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.last = device, time.perf_counter()
+
+    def lap(self, stats: dict, key: str) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        now = time.perf_counter()
+        stats[key] = round(stats.get(key, 0.0) + now - self.last, 3)
+        self.last = now
+
+
 def _common_prefix(prompts: list[list[int]]) -> int:
     """Tokens every prompt starts with, leaving each at least one of its own (its last logits come from it)."""
     first, shortest = prompts[0], min(len(p) for p in prompts)
@@ -303,6 +321,8 @@ def generate_greedy(
     checked = [0] * pool.rows  # per slot: tokens the stop rule has seen
     out: list[list[int]] = [[] for _ in prompts]
     stats = {"prefill_passes": 1 if p else 0, "decode_steps": 0, "pools": 1, "cuda_graphs": 0, "shared_prefix": p}
+    stats |= {"rows": pool.rows, "length": pool.length, "row_steps": 0, "live_row_steps": 0, "key_reads": 0}
+    clock = _Clock(net.device)
     while waiting or live:
         free = [slot for slot in range(pool.rows) if slot not in live]
         if waiting and (not live or len(free) >= REFILL_SHARE * pool.rows):
@@ -312,6 +332,7 @@ def generate_greedy(
                 part = take[at : at + per_pass]
                 _prefill(net, pool, free[at : at + len(part)], [prompts[i][p:] for i in part], shared)
                 stats["prefill_passes"] += 1
+            clock.lap(stats, "prefill_s")
             for slot, i in zip(free, take):
                 live[slot], made[slot], checked[slot] = i, 1, 0
         elif not waiting and len(live) <= SHRINK_SHARE * pool.rows and pool.rows > 1:
@@ -321,17 +342,22 @@ def generate_greedy(
             made = [made[old] for old in keep] + [0] * (pool.rows - len(keep))
             checked = [checked[old] for old in keep] + [0] * (pool.rows - len(keep))
             stats["pools"] += 1
+            clock.lap(stats, "move_s")
         # attention reads up to the furthest live row's position after this chunk
         reach = max(len(prompts[i]) + made[slot] for slot, i in live.items()) + SYNC_EVERY
         captured = pool.decode(net, SYNC_EVERY, min(_round_up(reach, KEY_BLOCK), pool.length), graphs)
         graphs = graphs and captured >= 0
         stats["cuda_graphs"] += max(captured, 0)
         stats["decode_steps"] += SYNC_EVERY
+        stats["row_steps"] += SYNC_EVERY * pool.rows  # rows decoded, live or not
+        stats["live_row_steps"] += SYNC_EVERY * len(live)
+        stats["key_reads"] += SYNC_EVERY * pool.rows * min(_round_up(reach, KEY_BLOCK), pool.length)
         for slot in live:
             made[slot] += SYNC_EVERY
         # the stop rule, on the host: Python only where a row wrote an EOS or a newline, or reached its budget
         slots = sorted(live)
-        tokens = pool.out.cpu()
+        tokens = pool.out.cpu()  # waits for the chunk
+        clock.lap(stats, "decode_s")
         lo = torch.tensor([checked[slot] for slot in slots])
         hi = torch.tensor([min(made[slot], budgets[live[slot]]) for slot in slots])
         cols = torch.arange(pool.out_len)
@@ -351,6 +377,7 @@ def generate_greedy(
             del live[slot]
         if progress is not None and done:
             progress.update(len(done))
+        clock.lap(stats, "host_s")
     for row in out:
         if row and row[-1] == eos:
             row.pop()

@@ -129,6 +129,7 @@ def _merge_shards(shards: list[tuple[list[int], list[dict], dict]], n: int) -> t
         for i, row in zip(indices, shard_rows):
             rows[i] = row
     stats = {
+        "engine": shards[0][2].get("engine"),  # rank 0's
         "seconds": max(s["seconds"] for _, _, s in shards),
         "forward_passes": sum(s["forward_passes"] for _, _, s in shards),
         "truncated_sentences": sum(s["truncated_sentences"] for _, _, s in shards),
@@ -302,13 +303,15 @@ def write_artifacts(out: Path, metrics: dict, responses: dict[str, list[dict]], 
 
 def output_dirs(config: EvalConfig) -> tuple[Path, Path]:
     """(where the files go, where a local MLflow store goes). Files: --output-dir, else eval/ beside a final/ adapter
-    and eval-step-NNNNNN/ beside a step checkpoint, so that neither overwrites the other. MLflow: the adapter's run
+    and eval-step-NNNNNN/ beside a step checkpoint (eval-valid/, eval-step-NNNNNN-valid/ for another split than
+    test), so that none overwrites another. MLflow: the adapter's run
     folder, beside its training run; without an adapter, the files' folder."""
     if not config.adapter:
         out = Path(config.output_dir or ROOT / "outputs" / "eval")
         return out, out
     adapter = Path(config.adapter)
-    default = adapter.parent / ("eval" if adapter.name == "final" else f"eval-{adapter.name}")
+    split = "" if config.split == "test" else f"-{config.split}"
+    default = adapter.parent / (f"eval{split}" if adapter.name == "final" else f"eval-{adapter.name}{split}")
     return Path(config.output_dir or default), adapter.parent
 
 

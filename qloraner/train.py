@@ -509,7 +509,8 @@ def main(argv: list[str] | None = None) -> int:
             m = results["fine-tuned"]
             print(
                 f"qloraner: done: F1 {100 * m['f1']:.2f} (P {100 * m['precision']:.2f}, R {100 * m['recall']:.2f}) on "
-                f"{m['sentences']} {config.eval_split} sentences; trained {result.seconds or 0:.0f} s, evaluated {m['seconds']:.0f} s "
+                f"{m['sentences']} {config.eval_split} sentences; trained {result.seconds or 0:.0f} s, "
+                f"evaluated {m['seconds']:.0f} s "
                 f"({m['sentences_per_s']:.1f} sentences/s); recipe {config.recipe or 'none'}",
                 flush=True,
             )

@@ -17,6 +17,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from qloraner import QloranerError, first_line
@@ -31,7 +32,9 @@ SYNC_EVERY = 8  # decode steps between host checks; a stopped row runs at most t
 REFILL_SHARE = 0.25  # free share of the pool's slots at which waiting prompts are prefilled into them
 SHRINK_SHARE = 0.25  # with no prompt waiting, the live share of the slots under which rows move to a smaller pool
 KEY_BLOCK = 64  # attention reads the cache up to a multiple of this: few widths, so few CUDA graphs
+FAR_ROWS = 16  # rows a decode step lets read past the width that serves the rest
 PREFILL_TOKENS = 1 << 16  # prompt tokens per prefill pass: bounds its activations
+PREFILL_SHARE = 0.75  # a prefill pass takes rows down to this share of its longest: padding stays under a third
 
 
 @dataclass
@@ -94,6 +97,41 @@ def _attention(q, k, v, mask, scale: float):
     return torch.matmul(probs, v).view(b, h, s, d).transpose(1, 2).reshape(b, s, h * d)
 
 
+def _decode_attention(q, k, v, valid, scale: float, near: int, far: int, far_rows, far_real):
+    """One query per row: q [B, H, 1, D] over the cached k, v [B, KV, L, D] where `valid` [B, L]; every row reads
+    positions [0, near), and only the rows `far_rows` (where `far_real`) read [near, far) too. Most answers are
+    short: a few long rows need not make every row read the whole width. The two parts' softmax shares one max.
+    → [B, 1, H·D]"""
+    b, h, _, d = q.shape
+    kv = k.shape[1]
+    qg = q.reshape(b, kv, h // kv, d)
+    near_scores = (qg @ k[:, :, :near].transpose(-1, -2)).float() * scale
+    near_scores = near_scores.masked_fill(~valid[:, None, None, :near], float("-inf"))
+    top = near_scores.amax(-1, keepdim=True)
+    if far > near:
+        kf, vf = k[:, :, near:far].index_select(0, far_rows), v[:, :, near:far].index_select(0, far_rows)
+        far_scores = (qg.index_select(0, far_rows) @ kf.transpose(-1, -2)).float() * scale
+        seen = valid[:, near:far].index_select(0, far_rows) & far_real[:, None]
+        far_scores = far_scores.masked_fill(~seen[:, None, None], float("-inf"))
+        top = top.index_copy(0, far_rows, torch.maximum(top.index_select(0, far_rows), far_scores.amax(-1, True)))
+    weights = (near_scores - top).exp()
+    total = weights.sum(-1, keepdim=True)
+    out = (weights.to(v.dtype) @ v[:, :, :near]).float()
+    if far > near:
+        far_weights = (far_scores - top.index_select(0, far_rows)).exp()
+        total = total.index_add(0, far_rows, far_weights.sum(-1, keepdim=True))
+        out = out.index_add(0, far_rows, (far_weights.to(v.dtype) @ vf).float())
+    return (out / total).to(v.dtype).reshape(b, 1, h * d)
+
+
+def split_width(reach: list[int], far_rows: int, length: int) -> tuple[int, int]:
+    """(near, far): positions every row reads and the furthest any reads, in KEY_BLOCKs, given each live row's
+    furthest position `reach`: near is the least width beyond which at most `far_rows` rows reach."""
+    far = min(_round_up(max(reach), KEY_BLOCK), length)
+    near = next((w for w in range(KEY_BLOCK, far, KEY_BLOCK) if sum(r > w for r in reach) <= far_rows), far)
+    return near, far
+
+
 class _Llama:
     """The modules of a LLaMA-architecture causal LM (under PEFT or merged), run over keys and values that the
     caller keeps: `hidden(ids, positions, attend)` calls `attend(layer, q, k, v, scale)` for each layer."""
@@ -146,10 +184,12 @@ class _Pool:
         self.n = torch.zeros(rows, dtype=torch.long, device=dev)  # tokens generated, the first from the prefill
         self.ones = torch.ones(rows, dtype=torch.bool, device=dev)
         self.slots = torch.arange(rows, device=dev)
+        self.far_rows = torch.zeros(FAR_ROWS, dtype=torch.long, device=dev)  # rows that read past `near`, and
+        self.far_real = torch.zeros(FAR_ROWS, dtype=torch.bool, device=dev)  # which entries are rows, not filler
         # where each row's key head starts in the flattened cache: a decode step writes one position per (row, head)
         self.heads_at = (self.slots[:, None] * net.kv_heads + torch.arange(net.kv_heads, device=dev)) * length
         self.rows, self.length, self.out_len = rows, length, out_len
-        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
         self.memory = torch.cuda.graph_pool_handle() if dev.type == "cuda" else None
 
     def moved(self, net: _Llama, keep: list[int], rows: int) -> _Pool:
@@ -163,18 +203,25 @@ class _Pool:
     def _state(self) -> list[torch.Tensor]:
         return [*self.k, *self.v, self.valid, self.cur, self.tok, self.out, self.n]
 
-    def _step(self, net: _Llama, width: int) -> None:
-        """One token for every row, attention over the first `width` positions; device tensors only (capturable)."""
+    def set_far_rows(self, far_rows: list[int]) -> None:
+        """Name the rows that read past `near` in the next steps; filler entries repeat a row that does not."""
+        spare = next((r for r in range(self.rows) if r not in far_rows), 0)
+        rows = far_rows + [spare] * (FAR_ROWS - len(far_rows))
+        self.far_rows.copy_(torch.tensor(rows))
+        self.far_real.copy_(torch.tensor([True] * len(far_rows) + [False] * (FAR_ROWS - len(far_rows))))
+
+    def _step(self, net: _Llama, width: tuple[int, int]) -> None:
+        """One token for every row, attention over (near, far) positions (see _decode_attention); device tensors
+        only, so a CUDA graph can capture it."""
         cur = self.cur.clamp(max=self.length - 1)  # a stopped row idles until refilled: keep its writes in bounds
         self.valid.index_put_((self.slots, cur), self.ones)
-        mask = self.valid[:, None, :width]
         at = (self.heads_at + cur[:, None]).flatten()
 
         def attend(i, q, k, v, scale):
             d = k.shape[-1]
             self.k[i].view(-1, d).index_copy_(0, at, k.reshape(-1, d))  # each row's keys at its own position
             self.v[i].view(-1, d).index_copy_(0, at, v.reshape(-1, d))
-            return _attention(q, self.k[i][:, :, :width], self.v[i][:, :, :width], mask, scale)
+            return _decode_attention(q, self.k[i], self.v[i], self.valid, scale, *width, self.far_rows, self.far_real)
 
         nxt = net.next_token(net.hidden(self.tok[:, None], cur[:, None], attend)[:, -1])
         self.out.index_put_((self.slots, self.n.clamp(max=self.out_len - 1)), nxt)
@@ -182,8 +229,9 @@ class _Pool:
         self.cur.add_(1)
         self.n.add_(1)
 
-    def decode(self, net: _Llama, steps: int, width: int, graphs: bool) -> int:
-        """`steps` decode steps; on a GPU through the CUDA graph of this width, captured on first use after one
+    def decode(self, net: _Llama, steps: int, width: tuple[int, int], graphs: bool) -> int:
+        """`steps` decode steps; on a GPU through the CUDA graph of this (near, far) width, captured on first use after
+        one
         eager step (the warm-up torch.cuda.graph asks for). Returns 1 if it captured a graph, -1 if capturing
         failed (the steps then ran eagerly; the caller stops asking for graphs), else 0."""
         if graphs and width not in self.graphs:
@@ -275,6 +323,17 @@ class _Clock:
         self.last = now
 
 
+def _prefill_passes(lengths: list[int]) -> list[int]:
+    """Rows per prefill pass over suffixes sorted longest first: a pass pads its rows to its first (longest), so
+    it takes rows down to PREFILL_SHARE of that length, and at most PREFILL_TOKENS padded tokens."""
+    passes, start = [], 0
+    for i, n in enumerate(lengths):
+        if i > start and (n < PREFILL_SHARE * lengths[start] or (i - start + 1) * lengths[start] > PREFILL_TOKENS):
+            passes.append(i - start)
+            start = i
+    return passes + [len(lengths) - start]
+
+
 def _common_prefix(prompts: list[list[int]]) -> int:
     """Tokens every prompt starts with, leaving each at least one of its own (its last logits come from it)."""
     first, shortest = prompts[0], min(len(p) for p in prompts)
@@ -310,7 +369,7 @@ def generate_greedy(
     graphs = graphs and net.device.type == "cuda"
     eos = tokenizer.eos_token_id if stop else -1
     newline = newline_table(tokenizer, net.vocab) if stop else [False] * net.vocab
-    is_event = torch.tensor(newline)
+    is_event = np.array(newline)
     p = _common_prefix(prompts)
     shared = _prefix_cache(net, prompts[0][:p])
     waiting = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))  # longest first: memory peaks early
@@ -321,17 +380,24 @@ def generate_greedy(
     checked = [0] * pool.rows  # per slot: tokens the stop rule has seen
     out: list[list[int]] = [[] for _ in prompts]
     stats = {"prefill_passes": 1 if p else 0, "decode_steps": 0, "pools": 1, "cuda_graphs": 0, "shared_prefix": p}
-    stats |= {"rows": pool.rows, "length": pool.length, "row_steps": 0, "live_row_steps": 0, "key_reads": 0}
+    stats |= {
+        "rows": pool.rows,
+        "length": pool.length,
+        "row_steps": 0,
+        "live_row_steps": 0,
+        "key_reads": 0,
+        "split_steps": 0,
+    }
     clock = _Clock(net.device)
     while waiting or live:
         free = [slot for slot in range(pool.rows) if slot not in live]
         if waiting and (not live or len(free) >= REFILL_SHARE * pool.rows):
             take, waiting = waiting[: len(free)], waiting[len(free) :]
-            per_pass = max(1, PREFILL_TOKENS // max(len(prompts[take[0]]) - p, 1))
-            for at in range(0, len(take), per_pass):
-                part = take[at : at + per_pass]
-                _prefill(net, pool, free[at : at + len(part)], [prompts[i][p:] for i in part], shared)
+            at = 0
+            for part in _prefill_passes([len(prompts[i]) - p for i in take]):
+                _prefill(net, pool, free[at : at + part], [prompts[i][p:] for i in take[at : at + part]], shared)
                 stats["prefill_passes"] += 1
+                at += part
             clock.lap(stats, "prefill_s")
             for slot, i in zip(free, take):
                 live[slot], made[slot], checked[slot] = i, 1, 0
@@ -343,30 +409,34 @@ def generate_greedy(
             checked = [checked[old] for old in keep] + [0] * (pool.rows - len(keep))
             stats["pools"] += 1
             clock.lap(stats, "move_s")
-        # attention reads up to the furthest live row's position after this chunk
-        reach = max(len(prompts[i]) + made[slot] for slot, i in live.items()) + SYNC_EVERY
-        captured = pool.decode(net, SYNC_EVERY, min(_round_up(reach, KEY_BLOCK), pool.length), graphs)
+        # every row reads `near` positions, the few rows that reach further read up to `far`
+        reach = {slot: len(prompts[i]) + made[slot] + SYNC_EVERY for slot, i in live.items()}
+        near, far = split_width(list(reach.values()), FAR_ROWS if pool.rows > FAR_ROWS else 0, pool.length)
+        pool.set_far_rows([slot for slot, r in reach.items() if r > near])
+        captured = pool.decode(net, SYNC_EVERY, (near, far), graphs)
         graphs = graphs and captured >= 0
         stats["cuda_graphs"] += max(captured, 0)
         stats["decode_steps"] += SYNC_EVERY
         stats["row_steps"] += SYNC_EVERY * pool.rows  # rows decoded, live or not
         stats["live_row_steps"] += SYNC_EVERY * len(live)
-        stats["key_reads"] += SYNC_EVERY * pool.rows * min(_round_up(reach, KEY_BLOCK), pool.length)
+        stats["key_reads"] += SYNC_EVERY * (pool.rows * near + FAR_ROWS * (far - near))
+        stats["split_steps"] += SYNC_EVERY * (near < far)
         for slot in live:
             made[slot] += SYNC_EVERY
         # the stop rule, on the host: Python only where a row wrote an EOS or a newline, or reached its budget
+        # (NumPy: small single-threaded arrays; torch's CPU thread pool costs more than the work here)
         slots = sorted(live)
-        tokens = pool.out.cpu()  # waits for the chunk
+        tokens = pool.out.cpu().numpy()[slots]  # waits for the chunk
         clock.lap(stats, "decode_s")
-        lo = torch.tensor([checked[slot] for slot in slots])
-        hi = torch.tensor([min(made[slot], budgets[live[slot]]) for slot in slots])
-        cols = torch.arange(pool.out_len)
-        hits = ((tokens[slots] == eos) | is_event[tokens[slots]]) & (cols >= lo[:, None]) & (cols < hi[:, None])
-        ended = hi >= torch.tensor([budgets[live[slot]] for slot in slots])
+        lo = np.array([checked[slot] for slot in slots])
+        hi = np.array([min(made[slot], budgets[live[slot]]) for slot in slots])
+        cols = np.arange(pool.out_len)
+        hits = ((tokens == eos) | is_event[tokens]) & (cols >= lo[:, None]) & (cols < hi[:, None])
+        ended = hi >= np.array([budgets[live[slot]] for slot in slots])
         done = []
-        for k in (hits.any(1) | ended).nonzero().flatten().tolist():
-            slot, row = slots[k], tokens[slots[k], : hi[k]].tolist()
-            marks = hits[k].nonzero().flatten().tolist()
+        for k in np.flatnonzero(hits.any(1) | ended).tolist():
+            slot, row = slots[k], tokens[k, : hi[k]].tolist()
+            marks = np.flatnonzero(hits[k]).tolist()
             length = next((j + 1 for j in marks if _stopped(tokenizer, row[: j + 1], eos, newline)), None)
             if length is not None or ended[k]:
                 out[live[slot]] = row[: length or len(row)]

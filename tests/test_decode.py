@@ -8,7 +8,19 @@ from hypothesis import strategies as st
 from qloraner.config import EvalConfig
 from qloraner.conll import read_split
 from qloraner.data import build_prompt
-from qloraner.decode import _attention, _common_prefix, _stopped, generate_greedy, kv_bytes_per_token, newline_table
+from qloraner.decode import (
+    PREFILL_SHARE,
+    PREFILL_TOKENS,
+    _attention,
+    _common_prefix,
+    _decode_attention,
+    _prefill_passes,
+    _stopped,
+    generate_greedy,
+    kv_bytes_per_token,
+    newline_table,
+    split_width,
+)
 from qloraner.evaluate import load_for_eval
 from qloraner.model import load_base, load_tokenizer
 
@@ -49,7 +61,7 @@ def _one_at_a_time(model, prompt: list[int], budget: int, eos: int) -> list[int]
 def test_greedy_equals_one_prompt_at_a_time(which, tiny_model, grouped_model, conll_dir):
     """24 prompts of mixed length, with budgets from 4 to 26 tokens, decode to exactly the tokens of one prompt at a
     time with no cache (fp32, NF4 weights) at batch sizes 1, 5 and 24: the shared prefix, the slots refilled as rows
-    end, the move to a smaller pool and the masks change nothing. Both pool paths are taken."""
+    end, the move to a smaller pool, the far rows' split attention and the masks change nothing. Each path is taken."""
     path = tiny_model if which == "tiny" else grouped_model
     tok = load_tokenizer(path, padding_side="left")
     model = load_base(path, CPU).eval()
@@ -62,6 +74,7 @@ def test_greedy_equals_one_prompt_at_a_time(which, tiny_model, grouped_model, co
         assert gen.tokens == expected, f"batch size {bs}"
     assert runs[5].stats["prefill_passes"] > 24 / 5 + 1  # slots were refilled as rows ended
     assert runs[24].stats["pools"] > 1  # the last rows moved to a smaller pool
+    assert runs[24].stats["split_steps"] > 0  # a few far rows read past the width the others read
     assert runs[24].stats["shared_prefix"] > 20  # the instruction was computed once
 
 
@@ -143,3 +156,56 @@ def test_kv_cache_bytes_follow_the_model_shape():
     assert kv_bytes_per_token(config, torch.bfloat16) == 2**19
     grouped = LlamaConfig(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8)
     assert kv_bytes_per_token(grouped, torch.float32) == 2**18  # a quarter of the heads, twice the bytes
+
+
+@given(st.lists(st.integers(1, 4000), min_size=1, max_size=300).map(lambda xs: sorted(xs, reverse=True)))
+def test_prefill_passes_cover_every_row_once_with_bounded_padding(lengths):
+    """Passes split the rows (sorted longest first) in order, each row once; in a pass every row is at least
+    PREFILL_SHARE of the first, and the padded tokens stay within PREFILL_TOKENS unless one row alone exceeds it."""
+    passes = _prefill_passes(lengths)
+    assert sum(passes) == len(lengths) and min(passes) >= 1
+    start = 0
+    for n in passes:
+        part = lengths[start : start + n]
+        assert part[-1] >= PREFILL_SHARE * part[0]
+        assert n == 1 or n * part[0] <= PREFILL_TOKENS
+        start += n
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.integers(2, 6), st.integers(1, 2), st.sampled_from([1, 3]), st.integers(2, 12), st.data())
+def test_decode_attention_split_at_near_equals_pytorch_sdpa(batch, kv, group, keys, data):
+    """Every row reading [0, near) and the named far rows also [near, far) (filler entries repeating a row that is
+    not far) equals PyTorch's SDPA over each row's keys up to near, or up to far for a far row."""
+    gen = torch.Generator().manual_seed(data.draw(st.integers(0, 2**16)))
+    near = data.draw(st.integers(1, keys))
+    far_set = data.draw(st.sets(st.integers(0, batch - 1), max_size=batch - 1)) if near < keys else set()
+    spare = next(r for r in range(batch) if r not in far_set)
+    rows = sorted(far_set) + [spare] * 2
+    q = torch.randn(batch, kv * group, 1, 8, generator=gen)
+    k, v = (torch.randn(batch, kv, keys + 3, 8, generator=gen) for _ in range(2))  # 3 positions past far: unread
+    valid = torch.rand(batch, keys + 3, generator=gen) < 0.6
+    valid[:, 0] = True
+    reads = valid.clone()
+    reads[:, keys:] = False
+    reads[[r for r in range(batch) if r not in far_set], near:] = False
+    expected = torch.nn.functional.scaled_dot_product_attention(
+        q, k, v, attn_mask=reads[:, None, None], enable_gqa=True
+    )
+    ours = _decode_attention(
+        q, k, v, valid, 8**-0.5, near, keys, torch.tensor(rows), torch.tensor([True] * len(far_set) + [False] * 2)
+    )
+    torch.testing.assert_close(ours, expected.transpose(1, 2).reshape(batch, 1, -1), atol=1e-5, rtol=1e-5)
+
+
+@given(st.lists(st.integers(1, 1000), min_size=1, max_size=80), st.integers(0, 20), st.integers(1, 20))
+def test_split_width_leaves_at_most_the_far_rows_beyond_near(reach, far_rows, blocks):
+    """far covers every reach (up to the cache length); near is a whole number of blocks, and at most `far_rows`
+    rows reach past it, and one block less would leave more (or near is the first block)."""
+    from qloraner.decode import KEY_BLOCK
+
+    length = blocks * KEY_BLOCK
+    near, far = split_width(reach, far_rows, length)
+    assert far == min(length, -(-max(reach) // KEY_BLOCK) * KEY_BLOCK) and near % KEY_BLOCK == 0 and near <= far
+    assert near == far or sum(r > near for r in reach) <= far_rows
+    assert near == KEY_BLOCK or sum(r > near - KEY_BLOCK for r in reach) > far_rows

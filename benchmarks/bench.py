@@ -418,7 +418,6 @@ def peer_generate(model, tok, sentences, prompting: dict, lengths: list[int] | N
         "sentences_per_s": n / seconds,
         "f1": _score(sentences, out),
         "batch_size": batch,
-        "compiled": hasattr(getattr(model, "get_base_model", lambda: model)(), "_compiled_call"),
     }
 
 

@@ -27,3 +27,30 @@ def test_train_speed_runs_the_product_beside_the_peer(tmp_path, conll_dir, llama
     row = proc.stdout.strip().splitlines()[-1]
     assert row.startswith("| tiny shape, recipe smollm2-135m, 4 steps | cpu |") and str(raw) in row
     assert "python3 benchmarks/bench.py" in row and "×**" in row
+
+
+@pytest.mark.slow
+def test_eval_speed_on_a_shape_decodes_each_row_its_recorded_length(tmp_path, conll_dir, llama2_tokenizer_dir):
+    """bench.py eval-speed --shape tiny (CPU): every prompt decodes exactly the length its response took in the
+    given responses file (+1 for its EOS), NF4 + LoRA and bf16, with and without CUDA graphs (eager on a CPU), the
+    `generate` and `pipeline` peers run on the first sentences, and the row names the command and the raw JSON."""
+    env = {**os.environ, "CONLL_DIR": str(conll_dir), "LLAMA2_TOKENIZER": str(llama2_tokenizer_dir)}
+    lengths = [3, 9, 1, 14, 6, 2, 11, 5]
+    responses = tmp_path / "responses.jsonl"
+    responses.write_text("".join(json.dumps({"generated_tokens": n}) + "\n" for n in lengths))
+    args = ["--out", str(tmp_path), "eval-speed", "--shape", "tiny", "--lengths", str(responses)]
+    proc = subprocess.run(
+        [sys.executable, "benchmarks/bench.py", *args, "--peer-sentences", "4", "--also-eager"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    (raw,) = tmp_path.glob("eval-speed-tiny-*/result.json")
+    result = json.loads(raw.read_text())
+    assert result["sentences"] == len(lengths) and result["generated_tokens"] == sum(lengths) + len(lengths)
+    assert set(result["ours"]) == {"nf4-lora", "nf4-lora-eager", "bf16", "bf16-eager"}
+    assert result["peer_static"]["sentences"] == result["peer"]["sentences"] == 4
+    row = proc.stdout.strip().splitlines()[-1]
+    assert row.startswith("| tiny shape, 8 test prompts") and str(raw) in row and "python3 benchmarks/bench.py" in row

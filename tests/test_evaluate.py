@@ -288,3 +288,16 @@ def test_a_full_disk_while_writing_the_evaluation_leaves_no_cut_file(small_disk,
     ):
         evaluate_model(config, CPU)
     assert list(out.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    ("adapter", "split", "folder"),
+    [("final", "test", "eval"), ("final", "valid", "eval-valid"), ("step-000040", "valid", "eval-step-000040-valid")],
+)
+def test_each_split_and_checkpoint_gets_its_own_evaluation_folder(tmp_path, adapter, split, folder):
+    """Without --output-dir, an adapter's files go beside it, in a folder named by the checkpoint and, for another
+    split than test, by the split: a valid score never overwrites the test one. MLflow: the run folder."""
+    from qloraner.evaluate import output_dirs
+
+    config = EvalConfig(adapter=str(tmp_path / "run" / adapter), split=split)
+    assert output_dirs(config) == (tmp_path / "run" / folder, tmp_path / "run")

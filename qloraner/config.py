@@ -82,7 +82,9 @@ class TrainConfig:
     output_dir: str = opt("outputs/run", "where checkpoints, the final adapter and the MLflow store go")
     prompt: str = opt("simple", "prompt template", choices=tuple(TEMPLATES))
     response_format: str = opt(
-        "lines", "answer the model learns: [TYPE] mention lines, or one JSON object", choices=tuple(RENDERERS)
+        "lines",
+        "answer the model learns: [TYPE] mention lines, one JSON object, or the sentence with [TYPE mention] inline",
+        choices=tuple(RENDERERS),
     )
     epochs: float = opt(1.0, "passes over the training data (ignored when --max-steps is set)", ge=0)
     max_steps: int = opt(0, "optimizer steps to run; 0 derives them from --epochs", ge=0)

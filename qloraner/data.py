@@ -10,7 +10,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from qloraner import QloranerError
-from qloraner.bio import Entities, bio_to_entities
 from qloraner.conll import Sentence, read_split
 from qloraner.parse import RENDERERS, render_response
 
@@ -21,15 +20,17 @@ FORMAT_RULES = {
     "LOC, MISC, ORG, PER. If there are none, answer [NONE].",
     "json": "Answer with one JSON object that maps each type (LOC, MISC, ORG, PER) to the list of its mentions, "
     "in the order they occur; leave out types without mentions. If there are none, answer {}.",
+    "inline": "Rewrite the sentence with each entity in brackets as [TYPE mention], with TYPE one of LOC, MISC, ORG, "
+    "PER. If there are none, answer [NONE].",
 }  # one per parse.RENDERERS format
 _TYPE_MEANINGS = (
     "Types: LOC = locations (countries, cities, regions, rivers); ORG = organisations (companies, "
     "teams, institutions, agencies); PER = people; MISC = other names (nationalities, events, "
     "languages, products, works)."
 )
+_EXAMPLE = ("EU rejects German call to boycott British lamb .".split(), "B-ORG O B-MISC O O O B-MISC O O".split())
 _EXAMPLES = {  # the few-shot example, its answer in each response format
-    fmt: "Example sentence: EU rejects German call to boycott British lamb .\nExample answer:\n"
-    + render_response(Entities([("ORG", "EU"), ("MISC", "German"), ("MISC", "British")]), fmt)
+    fmt: f"Example sentence: {' '.join(_EXAMPLE[0])}\nExample answer:\n" + render_response(*_EXAMPLE, fmt)
     for fmt in RENDERERS
 }
 # The prompt ends in a newline, so no tokenizer merges its last token with the response's first.
@@ -59,7 +60,7 @@ def build_prompt(tokens: tuple[str, ...] | list[str], template: str, response_fo
 def build_record(sentence: Sentence, template: str, response_format: str = "lines") -> dict:
     """One training example: the single `text` (prompt + response) and its parts."""
     prompt = build_prompt(sentence.tokens, template, response_format)
-    response = render_response(bio_to_entities(sentence.tokens, sentence.tags), response_format)
+    response = render_response(sentence.tokens, sentence.tags, response_format)
     return {
         "text": prompt + response,
         "prompt": prompt,

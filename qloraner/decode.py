@@ -5,7 +5,8 @@
   free slots; with none waiting, the live rows move to a smaller pool, so a long answer does not keep a big batch
   busy.
 - The decode step reads and writes only device tensors (next position, valid positions, last token), so on a GPU it
-  is captured once as a CUDA graph per pool and attention width and replayed.
+  is captured once as a CUDA graph per pool and attention width and replayed. Attention reads the width most rows
+  need; at most FAR_ROWS rows that reach further read the rest (most answers are short, a few are long).
 - The stop rule runs on the host every SYNC_EVERY steps, and only on rows that wrote an EOS or a newline.
 
 It runs the model's own modules (LoRA layers included, NF4 or merged) in the LLaMA layout: embed, per layer
@@ -230,10 +231,9 @@ class _Pool:
         self.n.add_(1)
 
     def decode(self, net: _Llama, steps: int, width: tuple[int, int], graphs: bool) -> int:
-        """`steps` decode steps; on a GPU through the CUDA graph of this (near, far) width, captured on first use after
-        one
-        eager step (the warm-up torch.cuda.graph asks for). Returns 1 if it captured a graph, -1 if capturing
-        failed (the steps then ran eagerly; the caller stops asking for graphs), else 0."""
+        """`steps` decode steps; on a GPU through the CUDA graph of this (near, far) width, captured on first use
+        after one eager step (the warm-up torch.cuda.graph asks for). Returns 1 if it captured a graph, -1 if
+        capturing failed (the steps then ran eagerly; the caller stops asking for graphs), else 0."""
         if graphs and width not in self.graphs:
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())

@@ -1,11 +1,11 @@
 """Model responses -> entities. `parse_response` is pure and total: it never raises.
 
-Accepted: our canonical `[TYPE] mention` lines (tried first when the answer starts with one);
-a JSON object or Python dict repr (the first `{...}` in the text), a value a list or one comma-joined string; lines
-of the forms `TYPE: a, b` (several such groups on a line, split by `;` or `|`), `TYPE - a`, `mention (TYPE)`. A
-type is LOC/MISC/ORG/PER or a full-word name for one (`Person`, `organisations`, `Location names`) in any case.
-Line parsing stops at the first blank line after an entity line, so chatter after the answer
-is ignored.
+Accepted: our canonical `[TYPE] mention` lines (tried first when the answer starts with one); the sentence
+rewritten inline with `[TYPE mention]` brackets (up to the first blank line); a JSON object or Python dict repr (the
+first `{...}` in the text), a value a list or one comma-joined string; lines of the forms `TYPE: a, b` (several such
+groups on a line, split by `;` or `|`), `TYPE - a`, `mention (TYPE)`. A type is LOC/MISC/ORG/PER or a full-word name
+for one (`Person`, `organisations`, `Location names`) in any case. Line parsing stops at the first blank line after an
+entity line, so chatter after the answer is ignored.
 """
 
 from __future__ import annotations
@@ -13,9 +13,10 @@ from __future__ import annotations
 import ast
 import json
 import re
+from collections.abc import Callable, Sequence
 
 from qloraner import ENTITY_TYPES
-from qloraner.bio import Entities
+from qloraner.bio import Entities, bio_to_entities, spans
 
 MAX_CHARS = 20_000  # responses are bounded by max_new_tokens; this bounds pathological input
 EMPTY_ANSWER = "[NONE]"
@@ -44,6 +45,7 @@ _LABEL = r"[A-Za-z*\"'][A-Za-z*\"' ]{0,30}?"  # a type name, maybe of a few word
 _TYPE_FIRST = re.compile(rf"^\s*({_LABEL})\s*(?::|\s-|=)\s*(.*?)\s*$")
 _GROUPS = re.compile(rf"\s*[;|]\s*(?=(?:{_LABEL})\s*:)")  # `PER: a; LOC: b | ORG: c`: where a new group starts
 _LABEL_TAIL = re.compile(r"\s+(?:NAMES?|ENTIT(?:Y|IES))$")  # "Person names", "ORG entities"
+_INLINE = re.compile(r"\[([A-Za-z]+) ([^\n]+?)\](?=\s|$)")  # `[PER Peter Blackburn]`, the `]` ending a word
 _TYPE_LAST = re.compile(r"^\s*(.+?)\s*\(\s*([A-Za-z]+)\s*\)\s*[.,;]?\s*$")
 
 
@@ -155,13 +157,20 @@ def parse_response(text: str) -> Entities:
 
     >>> dict(parse_response("[ORG] EU\n[MISC] German\n[MISC] British\n\nThese are all."))
     {'ORG': ['EU'], 'MISC': ['German', 'British']}
+    >>> dict(parse_response("[ORG EU] rejects [MISC German] call to boycott [MISC British] lamb ."))
+    {'ORG': ['EU'], 'MISC': ['German', 'British']}
     """
     out = Entities()
     if not isinstance(text, str):
         return out
     text = text[:MAX_CHARS]
     first_line = next((line for line in text.splitlines() if line.strip()), "")
-    if not _CANONICAL.match(first_line):  # our own format wins over braces inside a mention
+    if not _CANONICAL.match(first_line):  # our own formats win over braces inside a mention
+        for type_, mention in _INLINE.findall(text.strip().split("\n\n")[0]):
+            if (canonical := canonical_type(type_)) is not None and mention.strip():
+                out.add(canonical, mention.strip())
+        if out:
+            return out
         braced = _first_braced(text)
         if braced is not None and isinstance(structure := _literal(braced), (dict, list)):
             _from_structure(structure, out)
@@ -191,21 +200,38 @@ def is_explicit_empty(text: str) -> bool:
     return head.upper() == EMPTY_ANSWER or head.strip(".").casefold() in NULLS | {"{}"}
 
 
-def _render_lines(entities: Entities) -> str:
+def render_lines(entities: Entities) -> str:
+    """`[TYPE] mention` per line, in listed order; EMPTY_ANSWER when there are none."""
     return "\n".join(f"[{t}] {m}" for t, m in entities.listed) or EMPTY_ANSWER
 
 
-def _render_json(entities: Entities) -> str:
-    return json.dumps(dict(entities), ensure_ascii=False)  # types in order of first mention; {} when none
+def render_json(entities: Entities) -> str:
+    """{"TYPE": [mentions in order], ...}, types in order of first mention; {} when there are none."""
+    return json.dumps(dict(entities), ensure_ascii=False)
 
 
-# Response formats a model can be trained to give; parse_response reads both.
-RENDERERS = {
-    "lines": _render_lines,  # `[TYPE] mention` per line, in sentence order (canonical)
-    "json": _render_json,  # {"TYPE": [mentions in order], ...}: grouped by type, so order across types is lost
+def render_inline(tokens: Sequence[str], tags: Sequence[str]) -> str:
+    """The sentence with each entity bracketed as `[TYPE mention]`; EMPTY_ANSWER when there are none.
+
+    >>> render_inline("EU rejects German call".split(), ["B-ORG", "O", "B-MISC", "O"])
+    '[ORG EU] rejects [MISC German] call'
+    """
+    words = list(tokens)
+    found = spans(tags)
+    for type_, start, end in found:
+        words[start] = f"[{type_} {words[start]}"
+        words[end - 1] += "]"
+    return " ".join(words) if found else EMPTY_ANSWER
+
+
+# Response formats a model can be trained to give, from a sentence's tokens and gold tags; parse_response reads all.
+RENDERERS: dict[str, Callable[[Sequence[str], Sequence[str]], str]] = {
+    "lines": lambda tokens, tags: render_lines(bio_to_entities(tokens, tags)),  # canonical: sentence order
+    "json": lambda tokens, tags: render_json(bio_to_entities(tokens, tags)),  # grouped by type: order across lost
+    "inline": render_inline,  # the sentence itself, every mention aligned to its tokens
 }
 
 
-def render_response(entities: Entities, response_format: str = "lines") -> str:
-    """The training target for `entities` in one of RENDERERS' formats."""
-    return RENDERERS[response_format](entities)
+def render_response(tokens: Sequence[str], tags: Sequence[str], response_format: str = "lines") -> str:
+    """The training target for a sentence with gold `tags` in one of RENDERERS' formats."""
+    return RENDERERS[response_format](tokens, tags)

@@ -11,16 +11,18 @@ from qloraner import ENTITY_TYPES
 # No digits here: only entity heads carry digits, so no other token can equal a head.
 WORD_CHARS = string.ascii_letters + string.punctuation + "éüßØ“”’"
 word = st.text(alphabet=WORD_CHARS, min_size=1, max_size=6)
+inline_word = st.text(alphabet=WORD_CHARS.replace("[", "").replace("]", ""), min_size=1, max_size=6)
 entity_type = st.sampled_from(ENTITY_TYPES)
 
 
 @st.composite
-def tagged_sentence(draw) -> tuple[list[str], list[str]]:
+def tagged_sentence(draw, word=word) -> tuple[list[str], list[str]]:
     """Tokens with valid IOB2 tags whose mentions the canonical round trip must recover.
 
     Each distinct mention starts with a head token (letters + its own number) that appears
     nowhere else, so every mention text occurs only where that mention is tagged. Mentions
-    repeat, one text may carry several types, and entities may touch (adjacent, same type).
+    repeat, one text may carry several types, and entities may touch (adjacent, same type). `word`: the strategy
+    of one token.
     """
     n_mentions = draw(st.integers(1, 5))
     mentions = [[f"{draw(word)}{i}", *draw(st.lists(word, max_size=3))] for i in range(n_mentions)]

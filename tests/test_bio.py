@@ -1,19 +1,35 @@
+import re
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from qloraner import ENTITY_TYPES
-from qloraner.bio import Entities, bio_to_entities, entities_to_bio, is_valid_iob2, spans, to_iob2
-from qloraner.parse import parse_response, render_response
-from tests.strategies import json_like, tag_sequence, tagged_sentence, word
+from qloraner.bio import Entities, entities_to_bio, is_valid_iob2, spans, to_iob2
+from qloraner.parse import EMPTY_ANSWER, parse_response, render_response
+from tests.strategies import inline_word, json_like, tag_sequence, tagged_sentence, word
 
 
 @given(tagged_sentence())
 def test_render_parse_tag_round_trip(sentence):
     """render -> parse -> tag reproduces any tag sequence the strategy builds."""
     tokens, tags = sentence
-    text = render_response(bio_to_entities(tokens, tags))
+    text = render_response(tokens, tags)
     assert entities_to_bio(tokens, parse_response(text)) == tags
+
+
+@given(tagged_sentence(inline_word))
+def test_inline_render_parse_tag_round_trip(sentence):
+    """The sentence rewritten with `[TYPE mention]` brackets -> parse -> tag reproduces the tags, and without its
+    brackets the answer is the sentence itself (words without brackets: a `]` ending a word inside a mention would
+    end that mention early)."""
+    tokens, tags = sentence
+    text = render_response(tokens, tags, "inline")
+    assert entities_to_bio(tokens, parse_response(text)) == tags
+    if any(t != "O" for t in tags):
+        assert re.sub(r"\[(?:LOC|MISC|ORG|PER) ", "", text).replace("]", "") == " ".join(tokens)
+    else:
+        assert text == EMPTY_ANSWER
 
 
 @given(
@@ -116,10 +132,7 @@ def test_oracle_round_trip_on_all_splits(conll_dir):
     for split in ("train", "valid", "test"):
         sentences = read_split(conll_dir, split)
         gold = [list(s.tags) for s in sentences]
-        pred = [
-            entities_to_bio(s.tokens, parse_response(render_response(bio_to_entities(s.tokens, s.tags))))
-            for s in sentences
-        ]
+        pred = [entities_to_bio(s.tokens, parse_response(render_response(s.tokens, s.tags))) for s in sentences]
         assert pred == gold, split
         assert score(gold, pred)["f1"] == 1.0
 
@@ -134,8 +147,17 @@ def test_json_format_oracle_ceiling(conll_dir):
     for split in ("valid", "test"):
         sentences = read_split(conll_dir, split)
         gold = [list(s.tags) for s in sentences]
-        pred = [
-            entities_to_bio(s.tokens, parse_response(render_response(bio_to_entities(s.tokens, s.tags), "json")))
-            for s in sentences
-        ]
+        pred = [entities_to_bio(s.tokens, parse_response(render_response(s.tokens, s.tags, "json"))) for s in sentences]
         assert score(gold, pred)["f1"] >= 0.999, split
+
+
+def test_inline_format_oracle_on_all_splits(conll_dir):
+    """Gold -> inline answer -> parse -> tag reproduces every gold tag of train, valid and test."""
+    from qloraner.conll import read_split
+
+    for split in ("train", "valid", "test"):
+        sentences = read_split(conll_dir, split)
+        pred = [
+            entities_to_bio(s.tokens, parse_response(render_response(s.tokens, s.tags, "inline"))) for s in sentences
+        ]
+        assert pred == [list(s.tags) for s in sentences], split

@@ -6,7 +6,7 @@ from hypothesis import strategies as st
 
 from qloraner import ENTITY_TYPES
 from qloraner.bio import Entities
-from qloraner.parse import RENDERERS, is_explicit_empty, parse_response, render_response
+from qloraner.parse import RENDERERS, is_explicit_empty, parse_response, render_json, render_response
 from tests.strategies import json_like, mention, type_name
 
 text_with_structure = st.lists(
@@ -52,7 +52,7 @@ def test_json_objects_parse_to_themselves(entities):
 def test_json_format_round_trip(pairs):
     """Our JSON response format parses back to the same mentions per type, each type's in listed order."""
     entities = Entities(pairs)
-    assert dict(parse_response(render_response(entities, "json"))) == dict(entities)
+    assert dict(parse_response(render_json(entities))) == dict(entities)
 
 
 typed_groups = st.dictionaries(st.sampled_from(ENTITY_TYPES), st.lists(mention, min_size=1, max_size=3), min_size=1)
@@ -78,7 +78,7 @@ def test_dict_values_may_be_one_comma_joined_string(entities):
 @pytest.mark.parametrize("response_format", RENDERERS)
 def test_empty_answer_is_explicit_in_every_format(response_format):
     """No entities renders, in each format, as an answer the parser counts as an explicit empty (no parse failure)."""
-    text = render_response(Entities(), response_format)
+    text = render_response(["EU", "rejects", "it"], ["O", "O", "O"], response_format)
     assert is_explicit_empty(text) and parse_response(text) == {}
 
 

@@ -87,8 +87,8 @@ def test_split_step_partitions_evenly_by_length(case):
 
 @pytest.mark.parametrize("which", ["smollm2", "llama2"])
 def test_masks_on_every_train_sentence_and_template(which, conll_dir, smol_checkpoint, llama2_tokenizer_dir):
-    """For all 14,041 train sentences, 3 templates and the JSON and inline formats: the prompt's ids prefix the full ids, and
-    the labels are exactly the response's ids plus a final EOS (so EOS is learned although pad = eos)."""
+    """For all 14,041 train sentences, 3 templates and the JSON and inline formats: the prompt's ids prefix the full
+    ids, and the labels are exactly the response's ids plus a final EOS (so EOS is learned although pad = eos)."""
     tok = load_tokenizer(smol_checkpoint if which == "smollm2" else llama2_tokenizer_dir)
     sentences = read_split(conll_dir, "train")
     assert len(sentences) == 14041

@@ -54,3 +54,26 @@ def test_eval_speed_on_a_shape_decodes_each_row_its_recorded_length(tmp_path, co
     assert result["peer_static"]["sentences"] == result["peer"]["sentences"] == 4
     row = proc.stdout.strip().splitlines()[-1]
     assert row.startswith("| tiny shape, 8 test prompts") and str(raw) in row and "python3 benchmarks/bench.py" in row
+
+
+@pytest.mark.slow
+def test_eval_speed_on_an_adapter_runs_each_variant_and_both_peers(tmp_path, tiny_adapter, conll_dir):
+    """bench.py eval-speed on a trained adapter (CPU): ./run_eval.sh once per variant (batch sizes, --merge,
+    --no-cuda-graphs), the pipeline and generate peers on the first sentences, ours scored on those same sentences,
+    and the speed-ups computed from the figures it records."""
+    env = {**os.environ, "CONLL_DIR": str(conll_dir)}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    args = ["--out", str(tmp_path), "eval-speed", "--adapter", str(tiny_adapter), "--batch-sizes", "4,2", "--merge"]
+    args += ["--also-eager", "--peer-sentences", "3", "--", "--limit", "6", "--max-new-tokens", "12"]
+    proc = subprocess.run(
+        [sys.executable, "benchmarks/bench.py", *args], cwd=ROOT, capture_output=True, text=True, env=env
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    (raw,) = tmp_path.glob("eval-speed-2*/result.json")
+    result = json.loads(raw.read_text())
+    assert list(result["ours"]) == ["b4", "b4-merged", "b4-eager", "b2"]
+    assert all(v["sentences"] == 6 and 0 <= v["f1_on_peer_sentences"] <= 1 for v in result["ours"].values())
+    best = max(v["sentences_per_s"] for v in result["ours"].values())
+    for key in ("peer", "peer_static"):
+        assert result[key]["sentences"] == 3
+        assert result[f"speedup_{key}"] == pytest.approx(best / result[key]["sentences_per_s"])

@@ -315,7 +315,6 @@ def decode_shape(a: argparse.Namespace, work: Path) -> dict:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from qloraner.data import build_prompt
     from qloraner.decode import auto_batch_size, generate_greedy
     from qloraner.model import load_base, load_tokenizer
 
@@ -324,7 +323,7 @@ def decode_shape(a: argparse.Namespace, work: Path) -> dict:
     lengths = _lengths(a.lengths)[: len(sentences)]
     sentences = sentences[: len(lengths)]
     tok = load_tokenizer(path, padding_side="left")
-    prompts = [tok(build_prompt(s.tokens, "simple"))["input_ids"] for s in sentences]
+    prompts = [tok(t)["input_ids"] for t in _prompt_texts(sentences, {"prompt": "simple"})]
     result: dict = {"ours": {}, "sentences": len(prompts), "generated_tokens": sum(lengths)}
     loaders = {
         "nf4-lora": lambda: get_peft_model(
@@ -355,7 +354,8 @@ def decode_shape(a: argparse.Namespace, work: Path) -> dict:
             result["peer_static"] = peer_generate(model, tok, few, {"prompt": "simple"}, lengths[: len(few)])
             result["peer"] = peer_pipeline(model, tok, few[: max(8, len(few) // 8)], {"prompt": "simple"})
         del model
-        torch.cuda.empty_cache() if device.type == "cuda" else None
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
     cells = ", ".join(f"{k}: **{v['seconds']:.1f} s** (batch {v['batch_size']})" for k, v in result["ours"].items())
     for key, what in (("peer_static", "generate static+compile"), ("peer", "pipeline")):
         if result.get(key):
@@ -385,13 +385,18 @@ def _score(sentences, texts: list[str]) -> float:
     return score([list(s.tags) for s in sentences], pred)["f1"]
 
 
+def _prompt_texts(sentences, prompting: dict) -> list[str]:
+    """The prompts the peers are given: the adapter's template and response format, as ours decodes them."""
+    from qloraner.data import build_prompt
+
+    return [build_prompt(s.tokens, prompting["prompt"], prompting.get("response_format", "lines")) for s in sentences]
+
+
 def peer_generate(model, tok, sentences, prompting: dict, lengths: list[int] | None, batch: int = 64) -> dict:
     """transformers' generate as its docs recommend for speed: a static cache, the forward compiled by generate
     itself, prompts padded to one length (one compiled shape). A batch ends when every row wrote EOS or after
     its longest budget (`lengths`, rows of a random model never stop; else 256 tokens)."""
-    from qloraner.data import build_prompt
-
-    texts = [build_prompt(s.tokens, prompting["prompt"], prompting.get("response_format", "lines")) for s in sentences]
+    texts = _prompt_texts(sentences, prompting)
     width = max(len(tok(t)["input_ids"]) for t in texts)
     out, start = [], time.perf_counter()
     for b in range(0, len(texts), batch):
@@ -426,8 +431,6 @@ def peer_pipeline(model, tok, sentences, prompting: dict) -> dict:
     import torch
     from transformers import pipeline
 
-    from qloraner.data import build_prompt
-
     if torch.cuda.is_available():
         torch.backends.cuda.enable_cudnn_sdp(True)  # the original ran with PyTorch's default kernels
     pipe = pipeline(
@@ -440,8 +443,7 @@ def peer_pipeline(model, tok, sentences, prompting: dict) -> dict:
         return_full_text=False,
     )
     start = time.perf_counter()
-    texts = [build_prompt(s.tokens, prompting["prompt"], prompting.get("response_format", "lines")) for s in sentences]
-    out = pipe(texts)
+    out = pipe(_prompt_texts(sentences, prompting))
     seconds = time.perf_counter() - start
     n = len(sentences)
     return {

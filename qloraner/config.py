@@ -113,7 +113,7 @@ class TrainConfig:
     save_every: int = opt(200, "save a checkpoint every N optimizer steps (0 = only at the end)", ge=0)
     log_every: int = opt(1, "log metrics to MLflow every N steps", gt=0)
     resume: bool | None = opt(None, "resume from the newest complete checkpoint; default: when one exists")
-    eval_after: bool = opt(True, "evaluate the final adapter on the test split after training", flag="eval")
+    eval_after: bool = opt(True, "evaluate the final adapter after training (on --eval-split)", flag="eval")
     eval_limit: int = opt(0, "sentences of the split evaluated after training (0 = all)", ge=0)
     eval_split: str = opt(
         "test", "split evaluated after training (choose settings on valid)", choices=("train", "valid", "test")

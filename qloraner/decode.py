@@ -379,8 +379,12 @@ def generate_greedy(
     made = [0] * pool.rows  # per slot: tokens generated so far (host mirror of pool.n)
     checked = [0] * pool.rows  # per slot: tokens the stop rule has seen
     out: list[list[int]] = [[] for _ in prompts]
-    stats = {"prefill_passes": 1 if p else 0, "decode_steps": 0, "pools": 1, "cuda_graphs": 0, "shared_prefix": p}
-    stats |= {
+    stats = {
+        "prefill_passes": 1 if p else 0,
+        "decode_steps": 0,
+        "pools": 1,
+        "cuda_graphs": 0,
+        "shared_prefix": p,
         "rows": pool.rows,
         "length": pool.length,
         "row_steps": 0,
@@ -429,10 +433,11 @@ def generate_greedy(
         tokens = pool.out.cpu().numpy()[slots]  # waits for the chunk
         clock.lap(stats, "decode_s")
         lo = np.array([checked[slot] for slot in slots])
-        hi = np.array([min(made[slot], budgets[live[slot]]) for slot in slots])
+        budget = np.array([budgets[live[slot]] for slot in slots])
+        hi = np.minimum(np.array([made[slot] for slot in slots]), budget)
         cols = np.arange(pool.out_len)
         hits = ((tokens == eos) | is_event[tokens]) & (cols >= lo[:, None]) & (cols < hi[:, None])
-        ended = hi >= np.array([budgets[live[slot]] for slot in slots])
+        ended = hi >= budget
         done = []
         for k in np.flatnonzero(hits.any(1) | ended).tolist():
             slot, row = slots[k], tokens[k, : hi[k]].tolist()

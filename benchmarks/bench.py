@@ -308,7 +308,8 @@ def _lengths(path: str) -> list[int]:
 def decode_shape(a: argparse.Namespace, work: Path) -> dict:
     """Our engine on a random-weight model of --shape over the whole test split, each row decoding exactly the
     length a real fine-tuned run's response took (--lengths; random weights never stop by themselves): NF4 with
-    an unmerged random LoRA on q/v (r=64), then bf16 (what a merged adapter decodes with). Peers on the first
+    an unmerged random LoRA on q/v (r=64), also with bitsandbytes' 4-bit kernels at every step, then bf16 (what a
+    merged adapter decodes with). Peers on the first
     --peer-sentences sentences of the NF4 model: generate with a static cache and torch.compile, each batch run to
     its longest length, and `pipeline` (batch 8, 150 new tokens)."""
     import torch
@@ -334,21 +335,25 @@ def decode_shape(a: argparse.Namespace, work: Path) -> dict:
     for name, load in loaders.items():
         model = load().eval()
         batch = auto_batch_size(model, max(len(p) + n for p, n in zip(prompts, lengths)))
-        for graphs in (True, False) if a.also_eager else (True,):
+        # the default; without CUDA graphs; and (NF4) with bitsandbytes' 4-bit kernels at every step instead of
+        # weights dequantized once
+        variants = {"": (True, None)} | ({"-eager": (False, None)} if a.also_eager else {})
+        variants |= {"-4bit-each-step": (True, False)} if name == "nf4-lora" else {}
+        for suffix, (graphs, dequantize) in variants.items():
             _sync()
             start = time.perf_counter()
-            gen = generate_greedy(model, tok, prompts, lengths, batch, graphs=graphs, stop=False)
+            gen = generate_greedy(model, tok, prompts, lengths, batch, graphs=graphs, stop=False, dequantize=dequantize)
             _sync()
             seconds = time.perf_counter() - start
             assert [len(t) for t in gen.tokens] == lengths
-            result["ours"][name + ("" if graphs else "-eager")] = {
+            result["ours"][name + suffix] = {
                 "seconds": seconds,
                 "sentences_per_s": len(prompts) / seconds,
                 "tokens_per_s": sum(lengths) / seconds,
                 "batch_size": batch,
                 "engine": gen.stats,
             }
-            print(f"bench: {name}{'' if graphs else ' eager'}: {seconds:.1f} s at batch {batch}", flush=True)
+            print(f"bench: {name}{suffix}: {seconds:.1f} s at batch {batch}", flush=True)
         if name == "nf4-lora" and a.peer_sentences:
             few = sentences[: a.peer_sentences]
             result["peer_static"] = peer_generate(model, tok, few, {"prompt": "simple"}, lengths[: len(few)])

@@ -8,6 +8,8 @@
   is captured once as a CUDA graph per pool and attention width and replayed. Attention reads the width most rows
   need; at most FAR_ROWS rows that reach further read the rest (most answers are short, a few are long).
 - The stop rule runs on the host every SYNC_EVERY steps, and only on rows that wrote an EOS or a newline.
+- On a GPU the 4-bit weights are dequantized once for the run when the copies fit (bitsandbytes dequantizes the
+  whole weight at every call for all but tiny batches); attention is PyTorch's fused SDPA.
 
 It runs the model's own modules (LoRA layers included, NF4 or merged) in the LLaMA layout: embed, per layer
 RMSNorm → q/k/v → RoPE → attention → o → RMSNorm → MLP, norm, LM head.
@@ -16,10 +18,12 @@ RMSNorm → q/k/v → RoPE → attention → o → RMSNorm → MLP, norm, LM hea
 from __future__ import annotations
 
 import time
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from qloraner import QloranerError, first_line
 from qloraner.parse import is_explicit_empty, parse_response
@@ -35,6 +39,7 @@ SHRINK_SHARE = 0.25  # with no prompt waiting, the live share of the slots under
 KEY_BLOCK = 64  # attention reads the cache up to a multiple of this: few widths, so few CUDA graphs
 FAR_ROWS = 16  # rows a decode step lets read past the width that serves the rest
 PREFILL_TOKENS = 1 << 16  # prompt tokens per prefill pass: bounds its activations
+DEQUANT_SHARE = 0.25  # of the free accelerator memory, what dequantized copies of the 4-bit weights may take
 PREFILL_SHARE = 0.75  # a prefill pass takes rows down to this share of its longest: padding stays under a third
 
 
@@ -89,40 +94,40 @@ def _attention(q, k, v, mask, scale: float):
     """q [B, H, S, D]; k, v [B, KV, L, D]; mask [B, S, L] (True: attend) → [B, S, H·D].
 
     The query heads of a group share one key head (grouped-query attention): folding them into the query rows
-    lets one matmul serve them without copying the keys per head."""
+    lets one fused attention call (PyTorch's SDPA) serve them without copying the keys per head."""
     b, h, s, d = q.shape
     kv = k.shape[1]
-    scores = torch.matmul(q.reshape(b, kv, h // kv * s, d), k.transpose(-1, -2)).float() * scale
-    scores = scores.view(b, kv, h // kv, s, -1).masked_fill(~mask[:, None, None], float("-inf"))
-    probs = scores.softmax(-1).to(v.dtype).view(b, kv, h // kv * s, -1)
-    return torch.matmul(probs, v).view(b, h, s, d).transpose(1, 2).reshape(b, s, h * d)
+    g = h // kv
+    rows = mask[:, None, None].expand(b, 1, g, s, -1).reshape(b, 1, g * s, -1)
+    out = F.scaled_dot_product_attention(q.reshape(b, kv, g * s, d), k, v, attn_mask=rows, scale=scale)
+    return out.view(b, h, s, d).transpose(1, 2).reshape(b, s, h * d)
 
 
 def _decode_attention(q, k, v, valid, scale: float, near: int, far: int, far_rows, far_real):
     """One query per row: q [B, H, 1, D] over the cached k, v [B, KV, L, D] where `valid` [B, L]; every row reads
-    positions [0, near), and only the rows `far_rows` (where `far_real`) read [near, far) too. Most answers are
-    short: a few long rows need not make every row read the whole width. The two parts' softmax shares one max.
-    → [B, 1, H·D]"""
+    positions [0, near), and only the rows `far_rows` (where `far_real`) read [0, far) instead. Most answers are
+    short: a few long rows need not make every row read the whole width. Both parts are fused attention calls
+    (SDPA) with a group's query heads as one key head's queries. → [B, 1, H·D]"""
     b, h, _, d = q.shape
     kv = k.shape[1]
     qg = q.reshape(b, kv, h // kv, d)
-    near_scores = (qg @ k[:, :, :near].transpose(-1, -2)).float() * scale
-    near_scores = near_scores.masked_fill(~valid[:, None, None, :near], float("-inf"))
-    top = near_scores.amax(-1, keepdim=True)
+    out = F.scaled_dot_product_attention(
+        qg, k[:, :, :near], v[:, :, :near], attn_mask=valid[:, None, None, :near], scale=scale
+    )
     if far > near:
-        kf, vf = k[:, :, near:far].index_select(0, far_rows), v[:, :, near:far].index_select(0, far_rows)
-        far_scores = (qg.index_select(0, far_rows) @ kf.transpose(-1, -2)).float() * scale
-        seen = valid[:, near:far].index_select(0, far_rows) & far_real[:, None]
-        far_scores = far_scores.masked_fill(~seen[:, None, None], float("-inf"))
-        top = top.index_copy(0, far_rows, torch.maximum(top.index_select(0, far_rows), far_scores.amax(-1, True)))
-    weights = (near_scores - top).exp()
-    total = weights.sum(-1, keepdim=True)
-    out = (weights.to(v.dtype) @ v[:, :, :near]).float()
-    if far > near:
-        far_weights = (far_scores - top.index_select(0, far_rows)).exp()
-        total = total.index_add(0, far_rows, far_weights.sum(-1, keepdim=True))
-        out = out.index_add(0, far_rows, (far_weights.to(v.dtype) @ vf).float())
-    return (out / total).to(v.dtype).reshape(b, 1, h * d)
+        reads = valid[:, :far].index_select(0, far_rows)
+        reads[:, near:] &= far_real[:, None]  # a filler entry reads what it read above: its row keeps its output
+        wide = F.scaled_dot_product_attention(
+            qg.index_select(0, far_rows),
+            k[:, :, :far].index_select(0, far_rows),
+            v[:, :, :far].index_select(0, far_rows),
+            attn_mask=reads[:, None, None],
+            scale=scale,
+        )
+        out = out.index_copy(
+            0, far_rows, torch.where(far_real[:, None, None, None], wide, out.index_select(0, far_rows))
+        )
+    return out.reshape(b, 1, h * d)
 
 
 def split_width(reach: list[int], far_rows: int, length: int) -> tuple[int, int]:
@@ -131,6 +136,46 @@ def split_width(reach: list[int], far_rows: int, length: int) -> tuple[int, int]
     far = min(_round_up(max(reach), KEY_BLOCK), length)
     near = next((w for w in range(KEY_BLOCK, far, KEY_BLOCK) if sum(r > w for r in reach) <= far_rows), far)
     return near, far
+
+
+def _four_bit_layers(model) -> list[tuple[torch.nn.Module, str, torch.nn.Module]]:
+    """(parent, name, layer) for every bitsandbytes 4-bit linear layer of the model."""
+    import bitsandbytes as bnb
+
+    return [
+        (parent, name, child)
+        for parent in model.modules()
+        for name, child in parent.named_children()
+        if isinstance(child, bnb.nn.Linear4bit)
+    ]
+
+
+def dequantized_bytes(model, dtype: torch.dtype) -> int:
+    """Bytes that copies of the model's 4-bit weights take once dequantized to `dtype`."""
+    return sum(layer.in_features * layer.out_features for _, _, layer in _four_bit_layers(model)) * dtype.itemsize
+
+
+@contextmanager
+def _dequantized(model, dtype: torch.dtype):
+    """Each 4-bit linear layer replaced, while decoding, by a plain one holding its weight dequantized once.
+    For batches past a few rows bitsandbytes dequantizes the whole weight at every call and multiplies in the
+    compute dtype (its fused kernel serves only small batches), so this computes the same products without
+    redoing that at every step. A LoRA adapter stays unmerged on top; the 4-bit layers are back on exit."""
+    import bitsandbytes as bnb
+
+    swapped = _four_bit_layers(model)
+    for parent, name, layer in swapped:
+        plain = torch.nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, device="meta")
+        weight = bnb.functional.dequantize_4bit(layer.weight.data, layer.weight.quant_state).to(dtype)
+        plain.weight = torch.nn.Parameter(weight, requires_grad=False)
+        if layer.bias is not None:
+            plain.bias = torch.nn.Parameter(layer.bias.detach().to(dtype), requires_grad=False)
+        setattr(parent, name, plain)
+    try:
+        yield
+    finally:
+        for parent, name, layer in swapped:
+            setattr(parent, name, layer)
 
 
 class _Llama:
@@ -357,15 +402,29 @@ def generate_greedy(
     progress=None,
     graphs: bool = True,
     stop: bool = True,
+    dequantize: bool | None = None,
 ) -> Generation:
     """Greedy decoding of `prompts` with at most `batch_size` rows at a time; row i stops at EOS, at a blank line
     after an answer (`stop`), or after budgets[i] tokens, and what it generated after that is dropped.
 
     graphs: capture the decode step as CUDA graphs (on a GPU). stop=False decodes exactly budgets[i] tokens.
+    dequantize: decode with the 4-bit weights dequantized once (see _dequantized); default: on a GPU when the
+    copies fit DEQUANT_SHARE of its free memory.
     """
     if not prompts:
         return Generation([], 0)
     net = _Llama(model)
+    size = dequantized_bytes(model, net.dtype)
+    if dequantize is None:
+        dequantize = net.device.type == "cuda" and size <= DEQUANT_SHARE * torch.cuda.mem_get_info(net.device)[0]
+    with _dequantized(model, net.dtype) if dequantize and size else nullcontext():
+        gen = _generate(net, tokenizer, prompts, budgets, batch_size, progress, graphs, stop)
+    gen.stats["dequantized_bytes"] = size if dequantize else 0
+    return gen
+
+
+def _generate(net: _Llama, tokenizer, prompts, budgets, batch_size, progress, graphs, stop) -> Generation:
+    """generate_greedy's loop: prefill into free slots, decode SYNC_EVERY steps, apply the stop rule, repeat."""
     graphs = graphs and net.device.type == "cuda"
     eos = tokenizer.eos_token_id if stop else -1
     newline = newline_table(tokenizer, net.vocab) if stop else [False] * net.vocab

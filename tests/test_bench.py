@@ -32,8 +32,9 @@ def test_train_speed_runs_the_product_beside_the_peer(tmp_path, conll_dir, llama
 @pytest.mark.slow
 def test_eval_speed_on_a_shape_decodes_each_row_its_recorded_length(tmp_path, conll_dir, llama2_tokenizer_dir):
     """bench.py eval-speed --shape tiny (CPU): every prompt decodes exactly the length its response took in the
-    given responses file (+1 for its EOS), NF4 + LoRA and bf16, with and without CUDA graphs (eager on a CPU), the
-    `generate` and `pipeline` peers run on the first sentences, and the row names the command and the raw JSON."""
+    given responses file (+1 for its EOS), NF4 + LoRA and bf16, with and without CUDA graphs (eager on a CPU), NF4
+    also with its 4-bit kernels at each step, the `generate` and `pipeline` peers run on the first sentences, and the
+    row names the command and the raw JSON."""
     env = {**os.environ, "CONLL_DIR": str(conll_dir), "LLAMA2_TOKENIZER": str(llama2_tokenizer_dir)}
     lengths = [3, 9, 1, 14, 6, 2, 11, 5]
     responses = tmp_path / "responses.jsonl"
@@ -50,7 +51,8 @@ def test_eval_speed_on_a_shape_decodes_each_row_its_recorded_length(tmp_path, co
     (raw,) = tmp_path.glob("eval-speed-tiny-*/result.json")
     result = json.loads(raw.read_text())
     assert result["sentences"] == len(lengths) and result["generated_tokens"] == sum(lengths) + len(lengths)
-    assert set(result["ours"]) == {"nf4-lora", "nf4-lora-eager", "bf16", "bf16-eager"}
+    assert set(result["ours"]) == {"nf4-lora", "nf4-lora-eager", "nf4-lora-4bit-each-step", "bf16", "bf16-eager"}
+    assert result["ours"]["nf4-lora-4bit-each-step"]["engine"]["dequantized_bytes"] == 0
     assert result["peer_static"]["sentences"] == result["peer"]["sentences"] == 4
     row = proc.stdout.strip().splitlines()[-1]
     assert row.startswith("| tiny shape, 8 test prompts") and str(raw) in row and "python3 benchmarks/bench.py" in row

@@ -1,5 +1,6 @@
 """The generation engine (qloraner/decode.py) against one-prompt-at-a-time decoding with the model's own forward."""
 
+import bitsandbytes as bnb
 import pytest
 import torch
 from hypothesis import given, settings
@@ -60,8 +61,10 @@ def _one_at_a_time(model, prompt: list[int], budget: int, eos: int) -> list[int]
 @pytest.mark.parametrize("which", ["tiny", "grouped"])
 def test_greedy_equals_one_prompt_at_a_time(which, tiny_model, grouped_model, conll_dir):
     """24 prompts of mixed length, with budgets from 4 to 26 tokens, decode to exactly the tokens of one prompt at a
-    time with no cache (fp32, NF4 weights) at batch sizes 1, 5 and 24: the shared prefix, the slots refilled as rows
-    end, the move to a smaller pool, the far rows' split attention and the masks change nothing. Each path is taken."""
+    time with no cache (fp32, NF4 weights) at batch sizes 1, 5 and 24, and at 5 with the 4-bit weights dequantized
+    once: the shared prefix, the slots refilled as rows end, the move to a smaller pool, the far rows' split attention,
+    the masks and the dequantized copies change nothing, and the 4-bit layers are back afterwards. Each path is
+    taken."""
     path = tiny_model if which == "tiny" else grouped_model
     tok = load_tokenizer(path, padding_side="left")
     model = load_base(path, CPU).eval()
@@ -69,9 +72,13 @@ def test_greedy_equals_one_prompt_at_a_time(which, tiny_model, grouped_model, co
     assert len({len(p) for p in prompts}) > 10
     budgets = [4 + (7 * i) % 23 for i in range(24)]
     expected = [_one_at_a_time(model, p, b, tok.eos_token_id) for p, b in zip(prompts, budgets)]
+    four_bit = [name for name, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit)]
     runs = {bs: generate_greedy(model, tok, prompts, budgets, bs) for bs in (1, 5, 24)}
+    runs["5, dequantized"] = generate_greedy(model, tok, prompts, budgets, 5, dequantize=True)
     for bs, gen in runs.items():
         assert gen.tokens == expected, f"batch size {bs}"
+    assert runs["5, dequantized"].stats["dequantized_bytes"] > 0 == runs[5].stats["dequantized_bytes"]
+    assert [name for name, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit)] == four_bit != []
     assert runs[5].stats["prefill_passes"] > 24 / 5 + 1  # slots were refilled as rows ended
     assert runs[24].stats["pools"] > 1  # the last rows moved to a smaller pool
     assert runs[24].stats["split_steps"] > 0  # a few far rows read past the width the others read
@@ -80,7 +87,8 @@ def test_greedy_equals_one_prompt_at_a_time(which, tiny_model, grouped_model, co
 
 def test_finished_rows_never_grow_and_generation_ends_early(tiny_adapter, tiny_model, conll_dir):
     """A trained adapter stops by itself: no row grows past its stop, and passes < max_new_tokens; without the stop
-    rule every row is exactly its budget long and begins with what the stopped row holds."""
+    rule every row is exactly its budget long and begins with what the stopped row holds. The unmerged adapter on
+    dequantized copies of the 4-bit weights answers the same."""
     model, tok, prompting, _ = load_for_eval(EvalConfig(model=str(tiny_model), adapter=str(tiny_adapter)), CPU)
     prompts = [
         tok(build_prompt(s.tokens, prompting["prompt"], prompting["response_format"]))["input_ids"]
@@ -96,6 +104,7 @@ def test_finished_rows_never_grow_and_generation_ends_early(tiny_adapter, tiny_m
     forced = generate_greedy(model, tok, prompts, budgets, batch_size=3, stop=False).tokens
     assert [len(row) for row in forced] == budgets
     assert all(f[: len(g)] == g for f, g in zip(forced, gen.tokens))
+    assert generate_greedy(model, tok, prompts, [64] * 8, batch_size=8, dequantize=True).tokens == gen.tokens
 
 
 @pytest.mark.parametrize(
@@ -175,8 +184,8 @@ def test_prefill_passes_cover_every_row_once_with_bounded_padding(lengths):
 @settings(max_examples=50, deadline=None)
 @given(st.integers(2, 6), st.integers(1, 2), st.sampled_from([1, 3]), st.integers(2, 12), st.data())
 def test_decode_attention_split_at_near_equals_pytorch_sdpa(batch, kv, group, keys, data):
-    """Every row reading [0, near) and the named far rows also [near, far) (filler entries repeating a row that is
-    not far) equals PyTorch's SDPA over each row's keys up to near, or up to far for a far row."""
+    """Every row reading [0, near) and the named far rows [0, far) instead (filler entries repeating a row that is
+    not far keep its output) equals PyTorch's SDPA over each row's keys up to near, or up to far for a far row."""
     gen = torch.Generator().manual_seed(data.draw(st.integers(0, 2**16)))
     near = data.draw(st.integers(1, keys))
     far_set = data.draw(st.sets(st.integers(0, batch - 1), max_size=batch - 1)) if near < keys else set()

@@ -118,6 +118,7 @@ class TrainConfig:
     eval_split: str = opt(
         "test", "split evaluated after training (choose settings on valid)", choices=("train", "valid", "test")
     )
+    compare_base: bool = opt(False, "also evaluate the base model after training: a side-by-side table")
     experiment: str = opt("qloraner", "MLflow experiment name")
 
     def __post_init__(self) -> None:

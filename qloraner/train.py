@@ -501,6 +501,7 @@ def main(argv: list[str] | None = None) -> int:
                 experiment=config.experiment,
                 limit=config.eval_limit,
                 split=config.eval_split,
+                compare_base=config.compare_base,
             )
         )
         if results is None:
@@ -511,7 +512,8 @@ def main(argv: list[str] | None = None) -> int:
                 f"qloraner: done: F1 {100 * m['f1']:.2f} (P {100 * m['precision']:.2f}, R {100 * m['recall']:.2f}) on "
                 f"{m['sentences']} {config.eval_split} sentences; trained {result.seconds or 0:.0f} s, "
                 f"evaluated {m['seconds']:.0f} s "
-                f"({m['sentences_per_s']:.1f} sentences/s); recipe {config.recipe or 'none'}",
+                f"({m['sentences_per_s']:.1f} sentences/s); recipe {config.recipe or 'none'}"
+                + (f"; base model F1 {100 * results['base']['f1']:.2f}" if "base" in results else ""),
                 flush=True,
             )
         return 0

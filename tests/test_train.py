@@ -314,7 +314,7 @@ def test_ctrl_c_saves_a_checkpoint_and_exits_75(tmp_path, tiny_model, conll_dir)
 
 def test_sigterm_during_the_evaluation_then_a_rerun_only_evaluates(tmp_path, tiny_model, conll_dir):
     """SIGTERM while ./run_train.sh evaluates its adapter exits 75; the same command again does not train again:
-    it evaluates final/ and ends with the F1 line."""
+    it evaluates final/ and ends with the F1 line, which with --compare-base names the base model's F1 too."""
     out = tmp_path / "run"
     args = tiny_args(tiny_model, conll_dir, out, "--max-steps", "2", "--eval-limit", "400")
     proc = start_entry(str(ROOT / "run_train.sh"), *args)
@@ -323,11 +323,11 @@ def test_sigterm_during_the_evaluation_then_a_rerun_only_evaluates(tmp_path, tin
     rest = proc.stdout.read()
     assert proc.wait() == 75 and "Traceback" not in rest, rest[-2000:]
     assert last_line(rest) == f"qloraner: stopped while evaluating {out / 'final'}; run again to evaluate it"
-    rerun = start_entry(str(ROOT / "run_train.sh"), *args[:-2], "--eval-limit", "4")
+    rerun = start_entry(str(ROOT / "run_train.sh"), *args[:-2], "--eval-limit", "4", "--compare-base")
     log = rerun.communicate()[0]
     assert rerun.returncode == 0, log[-2000:]
     assert f"{out / 'final'} already holds this run's adapter (step 2); not training again" in log
-    assert "train 1/" not in log and last_line(log).startswith("qloraner: done: F1 ")
+    assert "train 1/" not in log and re.fullmatch(r"qloraner: done: F1 .*; base model F1 \d+\.\d\d", last_line(log))
 
 
 def test_resume_refuses_other_data_and_a_changed_lr(tmp_path, tiny_model, conll_dir):

@@ -9,7 +9,7 @@
   need; at most FAR_ROWS rows that reach further read the rest (most answers are short, a few are long).
 - The stop rule runs on the host every SYNC_EVERY steps, and only on rows that wrote an EOS or a newline.
 - On a GPU the 4-bit weights are dequantized once for the run when the copies fit (bitsandbytes dequantizes the
-  whole weight at every call for all but tiny batches); attention is PyTorch's fused SDPA.
+  whole weight at every call for all but tiny batches).
 
 It runs the model's own modules (LoRA layers included, NF4 or merged) in the LLaMA layout: embed, per layer
 RMSNorm → q/k/v → RoPE → attention → o → RMSNorm → MLP, norm, LM head.
@@ -23,7 +23,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from qloraner import QloranerError, first_line
 from qloraner.parse import is_explicit_empty, parse_response
@@ -94,40 +93,40 @@ def _attention(q, k, v, mask, scale: float):
     """q [B, H, S, D]; k, v [B, KV, L, D]; mask [B, S, L] (True: attend) → [B, S, H·D].
 
     The query heads of a group share one key head (grouped-query attention): folding them into the query rows
-    lets one fused attention call (PyTorch's SDPA) serve them without copying the keys per head."""
+    lets one matmul serve them without copying the keys per head."""
     b, h, s, d = q.shape
     kv = k.shape[1]
-    g = h // kv
-    rows = mask[:, None, None].expand(b, 1, g, s, -1).reshape(b, 1, g * s, -1)
-    out = F.scaled_dot_product_attention(q.reshape(b, kv, g * s, d), k, v, attn_mask=rows, scale=scale)
-    return out.view(b, h, s, d).transpose(1, 2).reshape(b, s, h * d)
+    scores = torch.matmul(q.reshape(b, kv, h // kv * s, d), k.transpose(-1, -2)).float() * scale
+    scores = scores.view(b, kv, h // kv, s, -1).masked_fill(~mask[:, None, None], float("-inf"))
+    probs = scores.softmax(-1).to(v.dtype).view(b, kv, h // kv * s, -1)
+    return torch.matmul(probs, v).view(b, h, s, d).transpose(1, 2).reshape(b, s, h * d)
 
 
 def _decode_attention(q, k, v, valid, scale: float, near: int, far: int, far_rows, far_real):
     """One query per row: q [B, H, 1, D] over the cached k, v [B, KV, L, D] where `valid` [B, L]; every row reads
-    positions [0, near), and only the rows `far_rows` (where `far_real`) read [0, far) instead. Most answers are
-    short: a few long rows need not make every row read the whole width. Both parts are fused attention calls
-    (SDPA) with a group's query heads as one key head's queries. → [B, 1, H·D]"""
+    positions [0, near), and only the rows `far_rows` (where `far_real`) read [near, far) too. Most answers are
+    short: a few long rows need not make every row read the whole width. The two parts' softmax shares one max.
+    → [B, 1, H·D]"""
     b, h, _, d = q.shape
     kv = k.shape[1]
     qg = q.reshape(b, kv, h // kv, d)
-    out = F.scaled_dot_product_attention(
-        qg, k[:, :, :near], v[:, :, :near], attn_mask=valid[:, None, None, :near], scale=scale
-    )
+    near_scores = (qg @ k[:, :, :near].transpose(-1, -2)).float() * scale
+    near_scores = near_scores.masked_fill(~valid[:, None, None, :near], float("-inf"))
+    top = near_scores.amax(-1, keepdim=True)
     if far > near:
-        reads = valid[:, :far].index_select(0, far_rows)
-        reads[:, near:] &= far_real[:, None]  # a filler entry reads what it read above: its row keeps its output
-        wide = F.scaled_dot_product_attention(
-            qg.index_select(0, far_rows),
-            k[:, :, :far].index_select(0, far_rows),
-            v[:, :, :far].index_select(0, far_rows),
-            attn_mask=reads[:, None, None],
-            scale=scale,
-        )
-        out = out.index_copy(
-            0, far_rows, torch.where(far_real[:, None, None, None], wide, out.index_select(0, far_rows))
-        )
-    return out.reshape(b, 1, h * d)
+        kf, vf = k[:, :, near:far].index_select(0, far_rows), v[:, :, near:far].index_select(0, far_rows)
+        far_scores = (qg.index_select(0, far_rows) @ kf.transpose(-1, -2)).float() * scale
+        seen = valid[:, near:far].index_select(0, far_rows) & far_real[:, None]
+        far_scores = far_scores.masked_fill(~seen[:, None, None], float("-inf"))
+        top = top.index_copy(0, far_rows, torch.maximum(top.index_select(0, far_rows), far_scores.amax(-1, True)))
+    weights = (near_scores - top).exp()
+    total = weights.sum(-1, keepdim=True)
+    out = (weights.to(v.dtype) @ v[:, :, :near]).float()
+    if far > near:
+        far_weights = (far_scores - top.index_select(0, far_rows)).exp()
+        total = total.index_add(0, far_rows, far_weights.sum(-1, keepdim=True))
+        out = out.index_add(0, far_rows, (far_weights.to(v.dtype) @ vf).float())
+    return (out / total).to(v.dtype).reshape(b, 1, h * d)
 
 
 def split_width(reach: list[int], far_rows: int, length: int) -> tuple[int, int]:

@@ -184,8 +184,8 @@ def test_prefill_passes_cover_every_row_once_with_bounded_padding(lengths):
 @settings(max_examples=50, deadline=None)
 @given(st.integers(2, 6), st.integers(1, 2), st.sampled_from([1, 3]), st.integers(2, 12), st.data())
 def test_decode_attention_split_at_near_equals_pytorch_sdpa(batch, kv, group, keys, data):
-    """Every row reading [0, near) and the named far rows [0, far) instead (filler entries repeating a row that is
-    not far keep its output) equals PyTorch's SDPA over each row's keys up to near, or up to far for a far row."""
+    """Every row reading [0, near) and the named far rows also [near, far) (filler entries repeating a row that is
+    not far) equals PyTorch's SDPA over each row's keys up to near, or up to far for a far row."""
     gen = torch.Generator().manual_seed(data.draw(st.integers(0, 2**16)))
     near = data.draw(st.integers(1, keys))
     far_set = data.draw(st.sets(st.integers(0, batch - 1), max_size=batch - 1)) if near < keys else set()

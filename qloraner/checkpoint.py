@@ -37,6 +37,7 @@ COMPATIBLE_KEYS = (
     "max_grad_norm",
     "lora_dropout",
     "max_length",
+    "train_split",
 )  # epochs and max_steps may change: a run can be extended
 # What a damaged file raises when loaded: a cut or emptied tensor file, a broken pickle, broken JSON.
 DAMAGE = (OSError, EOFError, ValueError, RuntimeError, KeyError, pickle.UnpicklingError, SafetensorError)

@@ -118,6 +118,11 @@ class TrainConfig:
     eval_split: str = opt(
         "test", "split evaluated after training (choose settings on valid)", choices=("train", "valid", "test")
     )
+    train_split: str = opt(
+        "train",
+        "what the adapter learns from: train, or train+valid for a final run once settings are chosen on valid",
+        choices=("train", "train+valid"),
+    )
     compare_base: bool = opt(False, "also evaluate the base model after training: a side-by-side table")
     experiment: str = opt("qloraner", "MLflow experiment name")
 
@@ -127,7 +132,15 @@ class TrainConfig:
             errors.append("--epochs or --max-steps: one must be > 0")
         if not self.target_module_list:
             errors.append("--target-modules: name at least one module")
+        if self.eval_after and self.eval_split in self.train_splits[1:]:
+            errors.append(
+                f"--eval-split {self.eval_split}: the adapter learns from it (--train-split {self.train_split})"
+            )
         _raise_if(errors)
+
+    @property
+    def train_splits(self) -> tuple[str, ...]:
+        return tuple(self.train_split.split("+"))
 
     @property
     def target_module_list(self) -> list[str] | str:

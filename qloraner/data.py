@@ -74,6 +74,12 @@ def sha256_of(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+def data_sha256(data_dir: Path, splits: tuple[str, ...]) -> str:
+    """What a run's checkpoints are tied to: train.txt's checksum, or one over each split file's, in order."""
+    shas = [sha256_of(Path(data_dir) / f"{split}.txt") for split in splits]
+    return shas[0] if len(shas) == 1 else hashlib.sha256(" ".join(shas).encode()).hexdigest()
+
+
 def instruction_data(
     data_dir: Path, template: str, out_path: Path, limit: int | None = None, response_format: str = "lines"
 ) -> tuple[list[dict], dict]:

@@ -19,14 +19,15 @@ from torch.utils.data import DistributedSampler
 
 from qloraner import QloranerError, checkpoint, dist, make_dir, run_main
 from qloraner.config import EvalConfig, TrainConfig, as_dict, from_args
-from qloraner.conll import resolve_data_dir
+from qloraner.conll import read_split, resolve_data_dir
 from qloraner.data import (
     IGNORE_INDEX,
     Encoded,
+    build_record,
+    data_sha256,
     encode,
     instruction_data,
     length_grouped_batches,
-    sha256_of,
     split_step,
 )
 from qloraner.model import add_lora, compile_layers, compile_unavailable, load_base, load_tokenizer, resolve_model
@@ -221,8 +222,12 @@ def _examples(config: TrainConfig, tokenizer) -> tuple[list[Encoded], dict]:
     """The training examples as token ids and labels, and the instruction data's manifest."""
     data_dir = resolve_data_dir(config.data_dir, ROOT)
     records, manifest = instruction_data(
-        data_dir, config.prompt, ROOT / "datasets" / "ner_instruct_data.json", config.limit, config.response_format
+        data_dir, config.prompt, ROOT / "datasets" / "ner_instruct_data.json", None, config.response_format
     )
+    for split in config.train_splits[1:]:  # a final run learns from valid too, once settings were chosen there
+        records += [build_record(s, config.prompt, config.response_format) for s in read_split(data_dir, split)]
+    records = records[: config.limit or None]
+    manifest |= {"splits": list(config.train_splits), "data_sha256": data_sha256(data_dir, config.train_splits)}
     examples = encode(tokenizer, [r["prompt"] for r in records], [r["response"] for r in records], config.max_length)
     empty = sum(e.n_supervised == 0 for e in examples)
     if empty:
@@ -263,7 +268,7 @@ def _load(config: TrainConfig, device: torch.device, rank: int, world: int, lock
     optimizer = bnb.optim.PagedAdamW(list(_trainable(model).values()), lr=config.lr, weight_decay=config.weight_decay)
     accum = math.ceil(config.batch_size / (world * micro))
     net = dist.wrap_lora(SupervisedLoss(model), device)
-    state = {"step": 0, "run_id": None, "data_sha256": manifest["source_sha256"]}
+    state = {"step": 0, "run_id": None, "data_sha256": manifest["data_sha256"]}
     run = Run(config, device, rank, world, tokenizer, examples, total, micro, accum, model, net, optimizer, state, None)
     run.lock = lock
     restored = (
@@ -272,8 +277,9 @@ def _load(config: TrainConfig, device: torch.device, rank: int, world: int, lock
     if restored:
         run.last_good, run.state = restored
         if run.state.setdefault("data_sha256", state["data_sha256"]) != state["data_sha256"]:
+            what = manifest["source"] + "".join(f" + {split}.txt" for split in config.train_splits[1:])
             raise QloranerError(
-                f"{run.last_good}: trained on other data than {manifest['source']} (its checksum "
+                f"{run.last_good}: trained on other data than {what} (its checksum "
                 "differs); give the data it was trained on, another --output-dir, or --no-resume"
             )
     if run.main:
@@ -387,8 +393,9 @@ class _StopFlag:
 def _already_trained(config: TrainConfig) -> TrainResult | None:
     """The finished run in --output-dir when final/ holds an adapter of these settings and data (a rerun after a
     stop during evaluation goes straight to evaluating it)."""
-    train_file = resolve_data_dir(config.data_dir, ROOT) / "train.txt"
-    data_sha = sha256_of(train_file) if train_file.is_file() else None  # missing: prepare() says so
+    data_dir = resolve_data_dir(config.data_dir, ROOT)
+    present = all((data_dir / f"{split}.txt").is_file() for split in config.train_splits)
+    data_sha = data_sha256(data_dir, config.train_splits) if present else None  # missing: prepare() says so
     final = checkpoint.finished(Path(config.output_dir), config, data_sha) if config.resume is not False else None
     if not (data_sha and final):
         return None

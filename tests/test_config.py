@@ -25,6 +25,8 @@ from qloraner.config import DEFAULT_RECIPE, RECIPES, EvalConfig, TrainConfig, fr
         (EvalConfig, {"batch_size": 0}, "--batch-size: must be > 0"),
         (TrainConfig, {"epochs": float("inf")}, "--epochs: must be a finite number"),
         (TrainConfig, {"lr": float("nan")}, "--lr: must be a finite number"),
+        (TrainConfig, {"train_split": "train+valid", "eval_split": "valid"}, "--eval-split valid: the adapter learns"),
+        (TrainConfig, {"train_split": "valid"}, "--train-split: 'valid' is not one of train, train+valid"),
     ],
 )
 def test_invalid_setting_is_named(cls, settings, message):

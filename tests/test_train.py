@@ -348,3 +348,27 @@ def test_resume_refuses_other_data_and_a_changed_lr(tmp_path, tiny_model, conll_
         train_adapter(_config(tmp_path, tiny_model, other, "run", max_steps=4, save_every=2))
     with pytest.raises(QloranerError, match=r"step-000003: incompatible checkpoint, trained with lr=0.01 \(now 0.02\)"):
         train_adapter(_config(tmp_path, tiny_model, conll_dir, "run", max_steps=4, save_every=2, lr=2e-2))
+    with pytest.raises(
+        QloranerError, match=r"incompatible checkpoint, trained with train_split='train' \(now 'train\+valid'\)"
+    ):
+        train_adapter(
+            _config(tmp_path, tiny_model, conll_dir, "run", max_steps=4, save_every=2, train_split="train+valid")
+        )
+
+
+def test_a_final_run_learns_from_train_and_valid(tmp_path, tiny_model, conll_dir):
+    """--train-split train+valid: every train sentence, then every valid one, become examples (in that order), and
+    the run is tied to both files' checksums, not to train.txt's alone."""
+    from qloraner.conll import read_split
+    from qloraner.data import build_prompt, data_sha256
+    from qloraner.model import load_tokenizer
+    from qloraner.train import _examples
+
+    tok = load_tokenizer(tiny_model)
+    both, manifest = _examples(_config(tmp_path, tiny_model, conll_dir, "run", limit=0, train_split="train+valid"), tok)
+    train, valid = read_split(conll_dir, "train"), read_split(conll_dir, "valid")
+    assert len(both) == len(train) + len(valid) and manifest["splits"] == ["train", "valid"]
+    for example, sentence in ((both[len(train) - 1], train[-1]), (both[-1], valid[-1])):
+        prompt = tok(build_prompt(sentence.tokens, "simple"))["input_ids"]
+        assert example.input_ids[: len(prompt)] == prompt
+    assert manifest["data_sha256"] == data_sha256(conll_dir, ("train", "valid")) != data_sha256(conll_dir, ("train",))

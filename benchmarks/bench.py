@@ -394,7 +394,8 @@ def _prompt_texts(sentences, prompting: dict) -> list[str]:
     """The prompts the peers are given: the adapter's template and response format, as ours decodes them."""
     from qloraner.data import build_prompt
 
-    return [build_prompt(s.tokens, prompting["prompt"], prompting.get("response_format", "lines")) for s in sentences]
+    fmt = prompting.get("response_format", "lines")
+    return [build_prompt(s.tokens, prompting["prompt"], fmt, s.context) for s in sentences]
 
 
 def peer_generate(model, tok, sentences, prompting: dict, lengths: list[int] | None, batch: int = 64) -> dict:

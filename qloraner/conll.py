@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import subprocess
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from qloraner import ENTITY_TYPES, QloranerError
@@ -19,6 +19,7 @@ QUOTE_CHARS = 80  # of a bad line quoted in an error: enough to recognise it
 class Sentence:
     tokens: tuple[str, ...]
     tags: tuple[str, ...]  # IOB2
+    context: str = ""  # the sentence before it and the one after it in its document, one per line, as text
 
 
 def quote(text: str, limit: int = QUOTE_CHARS) -> str:
@@ -47,21 +48,25 @@ def read_conll(path: str | Path) -> list[Sentence]:
         line = path.read_bytes()[: err.start].count(b"\n") + 1
         raise QloranerError(f"{path}:{line}: not UTF-8 ({err.reason} at byte {err.start})") from None
     sentences: list[Sentence] = []
+    docs: list[int] = []  # per sentence: its document's number (-DOCSTART- lines divide them)
     tokens: list[str] = []
     tags: list[str] = []
 
     def flush() -> None:
         if tokens:
             sentences.append(Sentence(tuple(tokens), tuple(to_iob2(tags))))
+            docs.append(docs_seen)
             tokens.clear()
             tags.clear()
 
+    docs_seen = 0
     for lineno, line in enumerate(text.splitlines(), start=1):
         fields = line.split()
         if not fields:
             flush()
         elif fields[0] == "-DOCSTART-":
             flush()
+            docs_seen += 1
         elif len(fields) != 4:
             raise QloranerError(
                 f"{path}:{lineno}: expected 4 columns (token POS chunk NER), got {len(fields)}: {quote(line)}"
@@ -71,7 +76,13 @@ def read_conll(path: str | Path) -> list[Sentence]:
             tokens.append(fields[0])
             tags.append(fields[3])
     flush()
-    return sentences
+    return [replace(s, context=_context(sentences, docs, i)) for i, s in enumerate(sentences)]
+
+
+def _context(sentences: list[Sentence], docs: list[int], i: int) -> str:
+    """The text of sentence i's neighbours in its own document: the one before, then the one after."""
+    near = [j for j in (i - 1, i + 1) if 0 <= j < len(sentences) and docs[j] == docs[i]]
+    return "\n".join(" ".join(sentences[j].tokens) for j in near)
 
 
 def read_split(data_dir: str | Path, split: str) -> list[Sentence]:

@@ -40,11 +40,16 @@ TEMPLATES = {
     "simple": _ASK + _TAIL,
     "typed": _ASK + "\n{types}" + _TAIL,
     "fewshot": _ASK + "\n{types}\n{example}" + _TAIL,
+    # the neighbouring sentences of the same document, for the names they share with it; answer for the sentence
+    "context": _ASK + " Answer for the sentence only.\n\n### Context:\n{context}" + _TAIL,
 }
 
 
-def build_prompt(tokens: tuple[str, ...] | list[str], template: str, response_format: str = "lines") -> str:
-    """The prompt for one sentence; its rules (and the few-shot example's answer) ask for `response_format`."""
+def build_prompt(
+    tokens: tuple[str, ...] | list[str], template: str, response_format: str = "lines", context: str = ""
+) -> str:
+    """The prompt for one sentence; its rules (and the few-shot example's answer) ask for `response_format`.
+    `context` (its document's neighbouring sentences) shows only in the `context` template."""
     if template not in TEMPLATES:
         raise QloranerError(f"unknown prompt template {template!r}; choose one of {', '.join(TEMPLATES)}")
     if response_format not in RENDERERS:
@@ -54,12 +59,13 @@ def build_prompt(tokens: tuple[str, ...] | list[str], template: str, response_fo
         types=_TYPE_MEANINGS,
         example=_EXAMPLES[response_format],
         sentence=" ".join(tokens),
+        context=context or "(none)",
     )
 
 
 def build_record(sentence: Sentence, template: str, response_format: str = "lines") -> dict:
     """One training example: the single `text` (prompt + response) and its parts."""
-    prompt = build_prompt(sentence.tokens, template, response_format)
+    prompt = build_prompt(sentence.tokens, template, response_format, sentence.context)
     response = render_response(sentence.tokens, sentence.tags, response_format)
     return {
         "text": prompt + response,

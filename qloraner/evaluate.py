@@ -25,17 +25,25 @@ from qloraner.progress import Progress
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def _prompt_ids(tokenizer, tokens, prompting: dict, context: str) -> list[int]:
+    return tokenizer(build_prompt(tokens, prompting["prompt"], prompting["response_format"], context))["input_ids"]
+
+
 def _prompts(
     tokenizer, sentences: list[Sentence], prompting: dict, max_prompt_tokens: int
 ) -> tuple[list[list[int]], list[int]]:
-    """Prompt ids per sentence; over-long sentences are cut to fit (their cut tokens score as O)."""
+    """Prompt ids per sentence; an over-long prompt drops its document context first, then its sentence is cut to
+    fit (the cut tokens score as O)."""
     ids, kept = [], []
     for s in sentences:
-        n = len(s.tokens)
-        p = tokenizer(build_prompt(s.tokens, prompting["prompt"], prompting["response_format"]))["input_ids"]
+        n, context = len(s.tokens), s.context
+        p = _prompt_ids(tokenizer, s.tokens, prompting, context)
+        if len(p) > max_prompt_tokens and context:
+            context = ""
+            p = _prompt_ids(tokenizer, s.tokens, prompting, context)
         while len(p) > max_prompt_tokens and n > 0:
             n = max(0, min(n - 1, n * max_prompt_tokens // len(p)))
-            p = tokenizer(build_prompt(s.tokens[:n], prompting["prompt"], prompting["response_format"]))["input_ids"]
+            p = _prompt_ids(tokenizer, s.tokens[:n], prompting, context)
         ids.append(p)
         kept.append(n)
     return ids, kept

@@ -24,6 +24,45 @@ def test_iob1_is_normalised(tmp_path):
     assert s.tags == ("B-ORG", "O", "B-PER", "B-PER")
 
 
+def test_context_is_the_neighbours_in_the_same_document(tmp_path):
+    """A sentence's context is the sentence before it and the one after it, one per line, never from another
+    document; a document of one sentence gives none."""
+    docs = [["A a"], ["B b", "C c", "D d"], ["E e"], ["F f", "G g"]]
+    body = "".join(
+        "-DOCSTART- -X- -X- O\n\n" + "".join("".join(f"{w} NN O O\n" for w in text.split()) + "\n" for text in doc)
+        for doc in docs
+    )
+    (tmp_path / "x.txt").write_text(body)
+    contexts = {" ".join(s.tokens): s.context for s in read_conll(tmp_path / "x.txt")}
+    assert contexts == {
+        "A a": "",
+        "B b": "C c",
+        "C c": "B b\nD d",
+        "D d": "C c",
+        "E e": "",
+        "F f": "G g",
+        "G g": "F f",
+    }
+
+
+@pytest.mark.parametrize("split", README_COUNTS)
+def test_real_contexts_stop_at_each_document_boundary(conll_dir, split):
+    """On each real split, every context line is the text of the sentence just before or just after; exactly one
+    sentence per document (its first) has none before it, and one (its last) none after it."""
+    sentences = read_split(conll_dir, split)
+    texts = [" ".join(s.tokens) for s in sentences]
+    docs = (conll_dir / f"{split}.txt").read_text().count("-DOCSTART-")
+    no_before = no_after = 0
+    for i, s in enumerate(sentences):
+        lines = s.context.split("\n") if s.context else []
+        before = i > 0 and bool(lines) and lines[0] == texts[i - 1]
+        after = i + 1 < len(texts) and bool(lines) and lines[-1] == texts[i + 1] and (len(lines) == 2 or not before)
+        assert len(lines) == before + after
+        no_before += not before
+        no_after += not after
+    assert no_before == no_after == docs
+
+
 @pytest.mark.parametrize(
     "body,line,what",
     [

@@ -5,7 +5,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from qloraner.bio import entities_to_bio
-from qloraner.conll import read_split
+from qloraner.conll import Sentence, read_split
 from qloraner.data import (
     IGNORE_INDEX,
     TEMPLATES,
@@ -54,10 +54,15 @@ def test_json_records_tag_back_and_rebuild_the_file(conll_dir, tmp_path):
 
 
 def test_templates_differ_and_carry_the_sentence(conll_dir):
-    """The three templates give three prompts, each holding the sentence."""
-    s = read_split(conll_dir, "valid")[5]
-    prompts = {build_record(s, t)["prompt"] for t in TEMPLATES}
-    assert len(prompts) == 3 and all(" ".join(s.tokens) in p for p in prompts)
+    """The templates give as many prompts, each holding the sentence; only `context` holds its document's
+    neighbouring sentences, and says (none) for a sentence alone in its document."""
+    sentences = read_split(conll_dir, "valid")
+    s = sentences[5]
+    prompts = {t: build_record(s, t)["prompt"] for t in TEMPLATES}
+    assert len(set(prompts.values())) == len(TEMPLATES) and all(" ".join(s.tokens) in p for p in prompts.values())
+    assert s.context and [t for t, p in prompts.items() if s.context in p] == ["context"]
+    alone = Sentence(s.tokens, s.tags)  # no neighbours
+    assert "### Context:\n(none)\n" in build_record(alone, "context")["prompt"]
 
 
 @given(st.lists(st.integers(1, 200), max_size=300), st.integers(1, 17), st.integers(0, 5), st.integers(0, 3))
@@ -87,7 +92,7 @@ def test_split_step_partitions_evenly_by_length(case):
 
 @pytest.mark.parametrize("which", ["smollm2", "llama2"])
 def test_masks_on_every_train_sentence_and_template(which, conll_dir, smol_checkpoint, llama2_tokenizer_dir):
-    """For all 14,041 train sentences, 3 templates and the JSON and inline formats: the prompt's ids prefix the full
+    """For all 14,041 train sentences, every template and the JSON and inline formats: the prompt's ids prefix the full
     ids, and the labels are exactly the response's ids plus a final EOS (so EOS is learned although pad = eos)."""
     tok = load_tokenizer(smol_checkpoint if which == "smollm2" else llama2_tokenizer_dir)
     sentences = read_split(conll_dir, "train")

@@ -12,8 +12,9 @@ from qloraner.config import EvalConfig
 from qloraner.conll import read_split
 from qloraner.data import build_prompt
 from qloraner.decode import CPU_BATCH, generate_greedy
-from qloraner.evaluate import ARTIFACTS, evaluate_model, load_for_eval
+from qloraner.evaluate import ARTIFACTS, _prompt_ids, _prompts, evaluate_model, load_for_eval
 from qloraner.metrics import score
+from qloraner.model import load_tokenizer
 from qloraner.parse import parse_response
 from tests.conftest import fill, last_line, run_entry
 
@@ -301,3 +302,16 @@ def test_each_split_and_checkpoint_gets_its_own_evaluation_folder(tmp_path, adap
 
     config = EvalConfig(adapter=str(tmp_path / "run" / adapter), split=split)
     assert output_dirs(config) == (tmp_path / "run" / folder, tmp_path / "run")
+
+
+def test_an_overlong_prompt_drops_its_context_before_cutting_the_sentence(conll_dir, smol_checkpoint):
+    """With the context template, a limit under the prompt's length but over its length without the context keeps
+    the whole sentence and drops the context; a limit under that cuts the sentence to fit."""
+    tok = load_tokenizer(smol_checkpoint)
+    s = max(read_split(conll_dir, "valid")[:50], key=lambda x: len(x.context))
+    prompting = {"prompt": "context", "response_format": "lines"}
+    full, bare = (_prompt_ids(tok, s.tokens, prompting, c) for c in (s.context, ""))
+    assert len(bare) < len(full)
+    assert _prompts(tok, [s], prompting, len(full) - 1) == ([bare], [len(s.tokens)])
+    (ids,), (kept,) = _prompts(tok, [s], prompting, len(bare) - 1)
+    assert kept < len(s.tokens) and len(ids) <= len(bare) - 1

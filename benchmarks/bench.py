@@ -309,9 +309,8 @@ def decode_shape(a: argparse.Namespace, work: Path) -> dict:
     """Our engine on a random-weight model of --shape over the whole test split, each row decoding exactly the
     length a real fine-tuned run's response took (--lengths; random weights never stop by themselves): NF4 with
     an unmerged random LoRA on q/v (r=64), also with bitsandbytes' 4-bit kernels at every step, then bf16 (what a
-    merged adapter decodes with). Peers on the first
-    --peer-sentences sentences of the NF4 model: generate with a static cache and torch.compile, each batch run to
-    its longest length, and `pipeline` (batch 8, 150 new tokens)."""
+    merged adapter decodes with). Peers on the first --peer-sentences sentences of the NF4 model: generate with a
+    static cache and torch.compile, each batch run to its longest length, and `pipeline` (batch 8, 150 new tokens)."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM

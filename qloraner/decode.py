@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from qloraner import QloranerError, first_line
+from qloraner.model import dequantize_four_bit, dequantized_bytes
 from qloraner.parse import is_explicit_empty, parse_response
 
 STOP_TEXT = "\n\n"  # our responses hold no blank line: one after the answer ends it
@@ -137,39 +138,13 @@ def split_width(reach: list[int], far_rows: int, length: int) -> tuple[int, int]
     return near, far
 
 
-def _four_bit_layers(model) -> list[tuple[torch.nn.Module, str, torch.nn.Module]]:
-    """(parent, name, layer) for every bitsandbytes 4-bit linear layer of the model."""
-    import bitsandbytes as bnb
-
-    return [
-        (parent, name, child)
-        for parent in model.modules()
-        for name, child in parent.named_children()
-        if isinstance(child, bnb.nn.Linear4bit)
-    ]
-
-
-def dequantized_bytes(model, dtype: torch.dtype) -> int:
-    """Bytes that copies of the model's 4-bit weights take once dequantized to `dtype`."""
-    return sum(layer.in_features * layer.out_features for _, _, layer in _four_bit_layers(model)) * dtype.itemsize
-
-
 @contextmanager
 def _dequantized(model, dtype: torch.dtype):
     """Each 4-bit linear layer replaced, while decoding, by a plain one holding its weight dequantized once.
     For batches past a few rows bitsandbytes dequantizes the whole weight at every call and multiplies in the
     compute dtype (its fused kernel serves only small batches), so this computes the same products without
     redoing that at every step. A LoRA adapter stays unmerged on top; the 4-bit layers are back on exit."""
-    import bitsandbytes as bnb
-
-    swapped = _four_bit_layers(model)
-    for parent, name, layer in swapped:
-        plain = torch.nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, device="meta")
-        weight = bnb.functional.dequantize_4bit(layer.weight.data, layer.weight.quant_state).to(dtype)
-        plain.weight = torch.nn.Parameter(weight, requires_grad=False)
-        if layer.bias is not None:
-            plain.bias = torch.nn.Parameter(layer.bias.detach().to(dtype), requires_grad=False)
-        setattr(parent, name, plain)
+    swapped = dequantize_four_bit(model, dtype)
     try:
         yield
     finally:

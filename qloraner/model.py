@@ -170,6 +170,43 @@ def add_lora(base, *, r: int, alpha: int, dropout: float, target_modules: list[s
     return get_peft_model(base, config)
 
 
+def four_bit_layers(model) -> list[tuple[torch.nn.Module, str, torch.nn.Module]]:
+    """(parent, name, layer) for every bitsandbytes 4-bit linear layer of the model."""
+    import bitsandbytes as bnb
+
+    return [
+        (parent, name, child)
+        for parent in model.modules()
+        for name, child in parent.named_children()
+        if isinstance(child, bnb.nn.Linear4bit)
+    ]
+
+
+def dequantized_bytes(model, dtype: torch.dtype) -> int:
+    """Bytes that copies of the model's 4-bit weights take once dequantized to `dtype`."""
+    return sum(layer.in_features * layer.out_features for _, _, layer in four_bit_layers(model)) * dtype.itemsize
+
+
+def dequantize_four_bit(model, dtype: torch.dtype) -> list[tuple[torch.nn.Module, str, torch.nn.Module]]:
+    """Replace each 4-bit linear layer by a frozen plain one holding its NF4 weight dequantized once to `dtype`;
+    the replaced (parent, name, layer), to put back. LoRA layers around them stay as they are.
+
+    bitsandbytes multiplies a batch of more than a few rows by dequantizing the whole weight to the compute dtype
+    and calling a plain matmul (forward, and again for the input's gradient), so the copies give the same products
+    without redoing that dequantization at every call."""
+    import bitsandbytes as bnb
+
+    swapped = four_bit_layers(model)
+    for parent, name, layer in swapped:
+        plain = torch.nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, device="meta")
+        weight = bnb.functional.dequantize_4bit(layer.weight.data, layer.weight.quant_state).to(dtype)
+        plain.weight = torch.nn.Parameter(weight, requires_grad=False)
+        if layer.bias is not None:
+            plain.bias = torch.nn.Parameter(layer.bias.detach().to(dtype), requires_grad=False)
+        setattr(parent, name, plain)
+    return swapped
+
+
 def _is_linear(module) -> bool:
     import bitsandbytes as bnb
 
@@ -205,6 +242,9 @@ def compile_layers(model, *, recompute_in_graph: bool = False) -> None:
     """
     import torch._functorch.config as functorch_config
 
+    # Compiled kernels kept in the project folder (bind-mounted and writable in the container, shared by a
+    # cluster's nodes) rather than the node's /tmp: a later run of the same model loads them instead of compiling.
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(Path(__file__).resolve().parents[1] / ".cache" / "inductor"))
     layers = model.get_base_model().model.layers
     if recompute_in_graph:
         functorch_config.activation_memory_budget = RECOMPUTE_BUDGET

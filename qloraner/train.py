@@ -30,11 +30,23 @@ from qloraner.data import (
     length_grouped_batches,
     split_step,
 )
-from qloraner.model import add_lora, compile_layers, compile_unavailable, load_base, load_tokenizer, resolve_model
+from qloraner.model import (
+    add_lora,
+    compile_layers,
+    compile_unavailable,
+    compute_dtype,
+    dequantize_four_bit,
+    dequantized_bytes,
+    load_base,
+    load_tokenizer,
+    resolve_model,
+)
 from qloraner.progress import Progress
 
 ROOT = Path(__file__).resolve().parents[1]
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: a checkpoint was saved on SIGTERM/SIGUSR1; run again to resume
+FROZEN_COPIES_MAX_BYTES = 2**30  # --frozen-copies by default up to this size: a small model's launches and
+# dequantizations dominate its steps; a large one's 4-bit weights are what makes it fit
 RECOMPUTE_IN_GRAPH_ON = ("cuda",)  # with compile, checkpointing recomputes inside the compiled graphs (replayable RNG)
 
 
@@ -71,14 +83,16 @@ def collate(
     width = max(len(e.input_ids) for e in examples)
     if compiled:
         width = math.ceil((width + 1) / PAD_MULTIPLE) * PAD_MULTIPLE
-    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
-    mask = torch.zeros((len(examples), width), dtype=torch.long)
+    # pinned on GPUs: the copy then does not wait for the GPU to finish the previous step
+    host = torch.empty((3, len(examples), width), dtype=torch.long, pin_memory=device.type == "cuda")
+    ids, labels, mask = host
+    ids.fill_(pad_id), labels.fill_(IGNORE_INDEX), mask.zero_()
     for row, e in enumerate(examples):
         ids[row, : len(e.input_ids)] = torch.tensor(e.input_ids)
         labels[row, : len(e.labels)] = torch.tensor(e.labels)
         mask[row, : len(e.input_ids)] = 1
-    return {"input_ids": ids.to(device), "labels": labels.to(device), "attention_mask": mask.to(device)}
+    ids, labels, mask = host.to(device, non_blocking=True)
+    return {"input_ids": ids, "labels": labels, "attention_mask": mask}
 
 
 class SupervisedLoss(torch.nn.Module):
@@ -158,7 +172,8 @@ def _use_compile(config: TrainConfig, device: torch.device) -> bool:
 
 
 def _build_model(config: TrainConfig, model_path, device: torch.device, rank: int):
-    """The NF4 base with a fresh LoRA adapter (the same init on every rank), compiled when asked."""
+    """The NF4 base with a fresh LoRA adapter (the same init on every rank), compiled when asked; also whether its
+    frozen weights were dequantized once (--frozen-copies, resolved)."""
     torch.manual_seed(config.seed)
     random.seed(config.seed)
     in_graph = config.compile and config.gradient_checkpointing and device.type in RECOMPUTE_IN_GRAPH_ON
@@ -170,6 +185,11 @@ def _build_model(config: TrainConfig, model_path, device: torch.device, rank: in
         target_modules=config.target_module_list,
         checkpointing=config.gradient_checkpointing and not in_graph,
     )
+    copies = config.frozen_copies
+    if copies is None:  # the default: where measured to win (benchmarks/RESULTS.md, training speed)
+        copies = device.type == "cuda" and dequantized_bytes(model, compute_dtype(device)) <= FROZEN_COPIES_MAX_BYTES
+    if copies:
+        dequantize_four_bit(model, compute_dtype(device))
     if config.compile:
         # The first layer's input (the frozen embedding's output) must require grad like every later layer's, or
         # the first layer gets a graph of its own; HF's checkpoint already asks for this.
@@ -178,7 +198,7 @@ def _build_model(config: TrainConfig, model_path, device: torch.device, rank: in
     if rank:  # after the shared init, each rank its own dropout masks
         torch.manual_seed(config.seed + rank)
         random.seed(config.seed + rank)
-    return model
+    return model, copies
 
 
 def _claim_output_dir(config: TrainConfig):
@@ -262,7 +282,8 @@ def _load(config: TrainConfig, device: torch.device, rank: int, world: int, lock
     micro = config.micro_batch_size or math.ceil(config.batch_size / world)
     total = config.max_steps or math.ceil(config.epochs * math.ceil(len(examples) / config.batch_size))
 
-    model = _build_model(config, model_path, device, rank)
+    model, copies = _build_model(config, model_path, device, rank)
+    config = dataclasses.replace(config, frozen_copies=copies)  # train_config.json: what ran
     import bitsandbytes as bnb  # after the checks above: importing it prints a line about optional CPU kernels
 
     optimizer = bnb.optim.PagedAdamW(list(_trainable(model).values()), lr=config.lr, weight_decay=config.weight_decay)
@@ -317,7 +338,8 @@ def _start_tracking(run: Run, model_path, manifest: dict, resumed: Path | None) 
     print(
         f"qloraner: training {len(run.examples)} "
         f"sequences, {run.total} steps of {config.batch_size} (about {tokens / 1e6:.2f}M tokens) on {where}, "
-        f"compile {'on' if config.compile else 'off'}, recipe {config.recipe or 'none'}",
+        f"compile {'on' if config.compile else 'off'}, "
+        f"frozen weights {'dequantized once' if config.frozen_copies else 'NF4'}, recipe {config.recipe or 'none'}",
         flush=True,
     )
     if run.device.type == "cpu" and tokens > 1e6:
@@ -328,7 +350,8 @@ def _start_tracking(run: Run, model_path, manifest: dict, resumed: Path | None) 
 
 def train_step(run: Run, step: int) -> dict[str, float]:
     """One optimizer step: this rank's micro-batches forward and backward, weighted by the step's supervised
-    tokens over all ranks; a non-finite loss stops before the update; clip, update, zero the gradients."""
+    tokens over all ranks; clip; a non-finite loss or gradient norm stops before the update; update, zero the
+    gradients. One host sync a step (reading the loss and the norm)."""
     t0 = time.perf_counter()
     mine, batch = run.micro_batches(step)
     n_sup = sum(run.examples[i].n_supervised for i in batch)  # all ranks' supervised tokens: the weight
@@ -343,18 +366,20 @@ def train_step(run: Run, step: int) -> dict[str, float]:
                 loss = run.net(**batch_t) * weight
             (loss * (run.world / n_sup)).backward()  # DDP averages over ranks: undo it to get the token sum
         loss_sum += loss.detach().float()
-    if not torch.isfinite(dist.sum_(loss_sum)):  # NaN on any rank reaches every rank
-        raise QloranerError(
-            f"non-finite loss at step {step + 1}; stopped before the update. "
-            f"Last good checkpoint: {run.last_good or 'none'}"
-        )
+    # clip, then read the loss and the norm in one host sync: a non-finite one stops before the update
     params = [p for group in run.optimizer.param_groups for p in group["params"]]
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, run.config.max_grad_norm or float("inf")).item()
+    norm = torch.nn.utils.clip_grad_norm_(params, run.config.max_grad_norm or float("inf"))
+    loss_total, grad_norm = torch.stack([dist.sum_(loss_sum), norm.float()]).tolist()  # NaN on any rank: on all
+    if not (math.isfinite(loss_total) and math.isfinite(grad_norm)):
+        raise QloranerError(
+            f"non-finite {'loss' if not math.isfinite(loss_total) else 'gradient norm'} at step {step + 1}; stopped "
+            f"before the update. Last good checkpoint: {run.last_good or 'none'}"
+        )
     run.optimizer.step()
     run.optimizer.zero_grad(set_to_none=True)
     dt = time.perf_counter() - t0
     metrics = {
-        "loss": loss_sum.item() / n_sup,
+        "loss": loss_total / n_sup,
         "grad_norm": grad_norm,
         "tokens_per_s": n_tok / dt,
         "supervised_tokens_per_s": n_sup / dt,

@@ -4,6 +4,7 @@ import re
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,7 +16,7 @@ from qloraner import QloranerError
 from qloraner.checkpoint import latest as latest_checkpoint
 from qloraner.config import DEFAULT_RECIPE, TrainConfig
 from qloraner.data import IGNORE_INDEX, Encoded
-from qloraner.train import collate, get_lr, train_adapter
+from qloraner.train import collate, get_lr, prepare, train_adapter
 from tests.conftest import ROOT, last_line, run_entry, start_entry, tiny_args, tiny_config, wait_for
 
 schedule = st.fixed_dictionaries(
@@ -115,6 +116,31 @@ def test_compiled_layers_train_like_eager(tmp_path, tiny_model, conll_dir):
         runs.append(_norms_and_adapter(_config(tmp_path, tiny_model, conll_dir, name, max_steps=3, compile=compiled)))
         assert (counters["stats"]["unique_graphs"] > 0) == compiled  # it really ran compiled (or not)
     _assert_same_training(*runs, rel=1e-4)
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_frozen_copies_train_like_nf4(tmp_path, tiny_model, conll_dir, compiled):
+    """--frozen-copies (the NF4 weights dequantized once into plain frozen layers) gives the 4-bit layers' grad
+    norms and adapter to 1e-5, eager and compiled; the run really had no 4-bit layer left, and says so."""
+    import bitsandbytes as bnb
+    import mlflow
+
+    runs = []
+    for name, copies in [("nf4", False), ("copies", True)]:
+        config = _config(
+            tmp_path, tiny_model, conll_dir, f"{name}-{compiled}", max_steps=3, frozen_copies=copies, compile=compiled
+        )
+        runs.append(_norms_and_adapter(config))
+        saved = json.loads((Path(config.output_dir) / "final" / "train_config.json").read_text())
+        assert saved["frozen_copies"] is copies
+    _assert_same_training(*runs, rel=1e-5)
+    run = prepare(_config(tmp_path, tiny_model, conll_dir, "count", max_steps=1, frozen_copies=True))
+    try:
+        assert not any(isinstance(m, bnb.nn.Linear4bit) for m in run.model.modules())
+        assert any(isinstance(m, torch.nn.Linear) and not m.weight.requires_grad for m in run.model.modules())
+    finally:
+        mlflow.end_run()
+        run.lock.close()
 
 
 @given(lengths=st.lists(st.integers(1, 40), min_size=1, max_size=6), compiled=st.booleans())
@@ -236,7 +262,7 @@ def test_run_train_sh_end_to_end(trained_default):
     out = trained_default
     log = (out.parent / "stdout.log").read_text().splitlines()
     plan = [line for line in log if line.startswith("qloraner: training 32 sequences, 4 steps of 8")]
-    assert plan and plan[0].endswith(f"on CPU, compile off, recipe {DEFAULT_RECIPE}")
+    assert plan and plan[0].endswith(f"on CPU, compile off, frozen weights NF4, recipe {DEFAULT_RECIPE}")
     steps = [re.match(r"train (\d)/4 \(\d+\.\d%\) loss=\S+ tokens_per_s=\S+ .* ETA \S+$", line) for line in log]
     assert [int(m.group(1)) for m in steps if m] == [1, 2, 3, 4]
     assert sorted(p.name for p in out.iterdir() if p.name.startswith(("step-", "final"))) == ["final", "step-000002"]

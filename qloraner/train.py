@@ -23,6 +23,7 @@ from qloraner.conll import read_split, resolve_data_dir
 from qloraner.data import (
     IGNORE_INDEX,
     Encoded,
+    build_prompt,
     build_record,
     data_sha256,
     encode,
@@ -247,6 +248,11 @@ def _examples(config: TrainConfig, tokenizer) -> tuple[list[Encoded], dict]:
     for split in config.train_splits[1:]:  # a final run learns from valid too, once settings were chosen there
         records += [build_record(s, config.prompt, config.response_format) for s in read_split(data_dir, split)]
     records = records[: config.limit or None]
+    if config.prompt == "context":  # as in evaluation: an over-long example loses its document context, not its answer
+        full = tokenizer([r["text"] for r in records])["input_ids"]
+        for r in (r for r, ids in zip(records, full) if len(ids) + 1 > config.max_length):
+            r["prompt"] = build_prompt(r["tokens"], config.prompt, config.response_format)
+            r["text"] = r["prompt"] + r["response"]
     manifest |= {"splits": list(config.train_splits), "data_sha256": data_sha256(data_dir, config.train_splits)}
     examples = encode(tokenizer, [r["prompt"] for r in records], [r["response"] for r in records], config.max_length)
     empty = sum(e.n_supervised == 0 for e in examples)

@@ -118,6 +118,24 @@ def test_compiled_layers_train_like_eager(tmp_path, tiny_model, conll_dir):
     _assert_same_training(*runs, rel=1e-4)
 
 
+def test_an_over_long_context_example_keeps_its_answer(tmp_path, tiny_model, conll_dir):
+    """With the context template, an example over --max-length loses its document context, not its answer: every
+    example keeps all its response labels and its final EOS, and only over-long ones lose their context."""
+    from qloraner.model import load_tokenizer
+    from qloraner.train import _examples
+
+    tokenizer = load_tokenizer(tiny_model)
+    settings = dict(prompt="context", response_format="inline", limit=200)
+    roomy, _ = _examples(_config(tmp_path, tiny_model, conll_dir, "roomy", max_length=4096, **settings), tokenizer)
+    plain, _ = _examples(_config(tmp_path, tiny_model, conll_dir, "plain", prompt="simple", limit=200), tokenizer)
+    cap = max(len(e.input_ids) for e in plain) + 40  # room for every answer with a short context line
+    tight, _ = _examples(_config(tmp_path, tiny_model, conll_dir, "tight", max_length=cap, **settings), tokenizer)
+    assert all(len(t.input_ids) <= cap and t.n_supervised == r.n_supervised for t, r in zip(tight, roomy))
+    assert all(t.labels[-1] == tokenizer.eos_token_id for t in tight)
+    cut = [t.input_ids != r.input_ids for t, r in zip(tight, roomy)]
+    assert cut == [len(r.input_ids) > cap for r in roomy] and any(cut)
+
+
 @pytest.mark.parametrize("compiled", [False, True])
 def test_frozen_copies_train_like_nf4(tmp_path, tiny_model, conll_dir, compiled):
     """--frozen-copies (the NF4 weights dequantized once into plain frozen layers) gives the 4-bit layers' grad

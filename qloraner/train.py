@@ -187,7 +187,7 @@ def _build_model(config: TrainConfig, model_path, device: torch.device, rank: in
         checkpointing=config.gradient_checkpointing and not in_graph,
     )
     copies = config.frozen_copies
-    if copies is None:  # the default: where measured to win (benchmarks/RESULTS.md, training speed)
+    if copies is None:  # small models: their steps wait on kernel launches, dequantizations among them
         copies = device.type == "cuda" and dequantized_bytes(model, compute_dtype(device)) <= FROZEN_COPIES_MAX_BYTES
     if copies:
         dequantize_four_bit(model, compute_dtype(device))

@@ -107,13 +107,13 @@ def training_metrics(out: Path) -> dict[str, list[float]]:
 
     client = MlflowClient(f"sqlite:///{out / 'mlflow.db'}")
     run_id = json.loads((out / "final" / "trainer_state.json").read_text())["run_id"]
-    keys = ("loss", "tokens_per_s", "step_s", "gpu_mem_gib")
+    keys = ("loss", "tokens_per_s", "step_s", "gpu_mem_gib", "compiled_graphs")  # the last with compile only
     return {k: [m.value for m in sorted(client.get_metric_history(run_id, k), key=lambda m: m.step)] for k in keys}
 
 
 def speed(metrics: dict[str, list[float]]) -> dict:
     """Steady-state tokens/s (steps after WARMUP_STEPS, weighted by time), first-step seconds, slow steps (over 3x
-    the median: recompiles) and the peak memory."""
+    the median), graphs compiled after the first step (with compile) and the peak memory."""
     secs, rates = metrics["step_s"], metrics["tokens_per_s"]
     steady = list(zip(secs, rates))[WARMUP_STEPS:]
     median = statistics.median(s for s, _ in steady)
@@ -126,6 +126,8 @@ def speed(metrics: dict[str, list[float]]) -> dict:
         "slow_steps_after_first": sum(s > 3 * median for s in secs[1:]),
         "peak_gib": max(metrics["gpu_mem_gib"], default=0.0),
         "steps": len(secs),
+        # graphs compiled after the first step: recompiles (a slow step may also be a checkpoint or a page fault)
+        "compiles_after_first": (graphs[-1] - graphs[0]) if (graphs := metrics.get("compiled_graphs")) else None,
     }
 
 
@@ -228,6 +230,8 @@ def train_speed(a: argparse.Namespace, work: Path) -> dict:
         result["speedup"] = ours["tokens_per_s"] / peer["tokens_per_s"]
     cells = f"{ours['tokens_per_s']:,.0f} tokens/s, peak {ours['peak_gib']:.2f} GiB"
     cells += f", first step {ours['first_step_s']:.0f} s, {ours['slow_steps_after_first']} slow steps after it"
+    if ours["compiles_after_first"] is not None:
+        cells += f" ({ours['compiles_after_first']:.0f} compiles after it)"
     if peer:
         cells = (
             f"peer {peer['tokens_per_s']:,.0f} tokens/s at {peer['peak_gib']:.2f} GiB → ours {cells} "

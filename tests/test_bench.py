@@ -10,12 +10,13 @@ from tests.conftest import ROOT
 
 @pytest.mark.slow
 def test_train_speed_runs_the_product_beside_the_peer(tmp_path, conll_dir, llama2_tokenizer_dir):
-    """bench.py train-speed on a tiny random LLaMA (CPU), the all-linear recipe: the peer and ./run_train.sh both train,
-    the speeds come from the product's own MLflow metrics, and the printed row names the command and the raw JSON."""
+    """bench.py train-speed on a tiny random LLaMA (CPU), the all-linear recipe, compiled: the peer and ./run_train.sh
+    both train, the speeds and the compile count come from the product's own MLflow metrics (no compile after the first
+    step), and the printed row names the command and the raw JSON."""
     env = {**os.environ, "CONLL_DIR": str(conll_dir), "LLAMA2_TOKENIZER": str(llama2_tokenizer_dir)}
     env.pop("MLFLOW_TRACKING_URI", None)
     args = ["--out", str(tmp_path), "train-speed", "--recipe", "smollm2-135m", "--shape", "tiny", "--steps", "4"]
-    args += ["--peer-steps", "3"]
+    args += ["--peer-steps", "3", "--", "--compile"]
     proc = subprocess.run(
         [sys.executable, "benchmarks/bench.py", *args], cwd=ROOT, capture_output=True, text=True, env=env
     )
@@ -26,7 +27,8 @@ def test_train_speed_runs_the_product_beside_the_peer(tmp_path, conll_dir, llama
     assert result["speedup"] == pytest.approx(result["ours"]["tokens_per_s"] / result["peer"]["tokens_per_s"])
     row = proc.stdout.strip().splitlines()[-1]
     assert row.startswith("| tiny shape, recipe smollm2-135m, 4 steps | cpu |") and str(raw) in row
-    assert "python3 benchmarks/bench.py" in row and "×**" in row
+    assert "python3 benchmarks/bench.py" in row and "×**" in row and "(0 compiles after it)" in row
+    assert result["ours"]["compiles_after_first"] == 0 and result["peer"]["compiles_after_first"] is None
 
 
 @pytest.mark.slow

@@ -1,5 +1,8 @@
 """qloraner: QLoRA fine-tuning of LLaMA-architecture models for CoNLL-2003 NER."""
 
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]  # the project folder: recipes/, datasets/, outputs/, .cache/
 ENTITY_TYPES = ("LOC", "MISC", "ORG", "PER")
 
 
@@ -17,8 +20,6 @@ def first_line(err: Exception) -> str:
 
 def make_dir(path, flag: str = "--output-dir"):
     """Create the folder `path` (with its parents), or say in one line why it cannot be."""
-    from pathlib import Path
-
     path = Path(path)
     try:
         path.mkdir(parents=True, exist_ok=True)

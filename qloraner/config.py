@@ -9,11 +9,11 @@ import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-from qloraner import QloranerError
+from qloraner import ROOT, QloranerError
 from qloraner.data import TEMPLATES
 from qloraner.parse import RENDERERS
 
-RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+RECIPES = ROOT / "recipes"
 DEFAULT_RECIPE = "smollm2-135m"  # the embedded default model's recipe: applies when no --recipe is given
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from qloraner import ENTITY_TYPES, QloranerError, dist, make_dir, run_main
+from qloraner import ENTITY_TYPES, ROOT, QloranerError, dist, make_dir, run_main
 from qloraner.bio import entities_to_bio
 from qloraner.config import EvalConfig, as_dict, from_args
 from qloraner.conll import Sentence, read_split, resolve_data_dir
@@ -21,8 +21,6 @@ from qloraner.metrics import error_analysis, score
 from qloraner.model import DEFAULT_MODEL, load_base, load_tokenizer, resolve_model
 from qloraner.parse import is_explicit_empty, parse_response
 from qloraner.progress import Progress
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def _prompt_ids(tokenizer, tokens, prompting: dict, context: str) -> list[int]:

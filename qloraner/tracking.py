@@ -9,7 +9,7 @@ from pathlib import Path
 import mlflow
 from mlflow.tracking import MlflowClient
 
-from qloraner import QloranerError
+from qloraner import ROOT, QloranerError
 
 DATABASE_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql")
 SERVER_SCHEMES = ("http", "https")
@@ -22,9 +22,8 @@ def git_revision() -> str:
     if "QLORANER_REVISION" in os.environ:
         return os.environ["QLORANER_REVISION"]
     try:
-        root = Path(__file__).resolve().parents[1]
         out = subprocess.run(
-            ["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10
+            ["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10
         )
         return out.stdout.strip() or "unknown"
     except (OSError, subprocess.SubprocessError):

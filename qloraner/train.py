@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DistributedSampler
 
-from qloraner import QloranerError, checkpoint, dist, make_dir, run_main
+from qloraner import ROOT, QloranerError, checkpoint, dist, make_dir, run_main
 from qloraner.config import EvalConfig, TrainConfig, as_dict, from_args
 from qloraner.conll import read_split, resolve_data_dir
 from qloraner.data import (
@@ -44,7 +44,6 @@ from qloraner.model import (
 )
 from qloraner.progress import Progress
 
-ROOT = Path(__file__).resolve().parents[1]
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: a checkpoint was saved on SIGTERM/SIGUSR1; run again to resume
 FROZEN_COPIES_MAX_BYTES = 2**30  # --frozen-copies by default up to this size: a small model's launches and
 # dequantizations dominate its steps; a large one's 4-bit weights are what makes it fit
@@ -186,11 +185,11 @@ def _build_model(config: TrainConfig, model_path, device: torch.device, rank: in
         target_modules=config.target_module_list,
         checkpointing=config.gradient_checkpointing and not in_graph,
     )
-    copies = config.frozen_copies
+    copies, dtype = config.frozen_copies, compute_dtype(device)
     if copies is None:  # small models: their steps wait on kernel launches, dequantizations among them
-        copies = device.type == "cuda" and dequantized_bytes(model, compute_dtype(device)) <= FROZEN_COPIES_MAX_BYTES
+        copies = device.type == "cuda" and dequantized_bytes(model, dtype) <= FROZEN_COPIES_MAX_BYTES
     if copies:
-        dequantize_four_bit(model, compute_dtype(device))
+        dequantize_four_bit(model, dtype)
     if config.compile:
         # The first layer's input (the frozen embedding's output) must require grad like every later layer's, or
         # the first layer gets a graph of its own; HF's checkpoint already asks for this.

@@ -180,7 +180,14 @@ def restore(ckpt: Path, model, optimizer, rank: int) -> dict:
     result = set_peft_model_state_dict(model, load_file(ckpt / "adapter_model.safetensors"))
     if getattr(result, "unexpected_keys", None):
         raise QloranerError(f"{ckpt}: adapter does not fit this model (unexpected {result.unexpected_keys[0]})")
-    optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=False))
+    saved = torch.load(ckpt / "optimizer.pt", weights_only=False)
+    tensors = sum(len(group["params"]) for group in saved["param_groups"])
+    if tensors != sum(len(group["params"]) for group in optimizer.param_groups):
+        raise QloranerError(
+            f"{ckpt}: its optimizer state holds {tensors} tensors, one per LoRA matrix (written before the optimizer "
+            "kept one flat tensor); finish that run with the qloraner that started it, or --no-resume"
+        )
+    optimizer.load_state_dict(saved)
     rng_file = ckpt / f"rng-{rank}.pt"
     if rng_file.is_file():  # absent when the world size grew: that rank keeps its fresh seed
         rng = torch.load(rng_file, weights_only=False)

@@ -228,6 +228,18 @@ def compile_unavailable(device: torch.device) -> str | None:
     return None
 
 
+def start_compiler() -> None:
+    """Keep compiled kernels in the project folder and start Inductor's compile workers now, while the data and
+    model load: the workers take seconds to start, and Inductor would start them only at the first compile, which
+    then waits for them. Idempotent."""
+    # The project folder is bind-mounted and writable in the container and shared by a cluster's nodes, unlike the
+    # node's /tmp: a later run of the same model loads the kernels instead of compiling them.
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(ROOT / ".cache" / "inductor"))
+    from torch._inductor.async_compile import maybe_warm_pool
+
+    maybe_warm_pool()
+
+
 def compile_layers(model, *, recompute_in_graph: bool = False) -> None:
     """torch.compile each decoder layer (dynamic shapes: one graph serves every layer and length).
 
@@ -242,9 +254,7 @@ def compile_layers(model, *, recompute_in_graph: bool = False) -> None:
     """
     import torch._functorch.config as functorch_config
 
-    # Compiled kernels kept in the project folder (bind-mounted and writable in the container, shared by a
-    # cluster's nodes) rather than the node's /tmp: a later run of the same model loads them instead of compiling.
-    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(ROOT / ".cache" / "inductor"))
+    start_compiler()
     layers = model.get_base_model().model.layers
     if recompute_in_graph:
         functorch_config.activation_memory_budget = RECOMPUTE_BUDGET

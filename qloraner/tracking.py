@@ -80,3 +80,9 @@ def start_run(output_dir: Path, experiment: str, run_id: str | None = None, run_
     else:
         exp_id = found.experiment_id
     return mlflow.start_run(run_id=run_id, experiment_id=None if run_id else exp_id, run_name=run_name)
+
+
+def end_run(status: str = "FINISHED") -> None:
+    """End the active run once every metric logged with synchronous=False is written (ending alone only queues)."""
+    mlflow.flush_async_logging()
+    mlflow.end_run(status=status)

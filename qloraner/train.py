@@ -41,6 +41,7 @@ from qloraner.model import (
     load_base,
     load_tokenizer,
     resolve_model,
+    start_compiler,
 )
 from qloraner.progress import Progress
 
@@ -112,8 +113,34 @@ class SupervisedLoss(torch.nn.Module):
         return F.cross_entropy(logits, targets[keep], reduction="sum")
 
 
-def _trainable(model) -> dict[str, torch.Tensor]:
-    return {n: p for n, p in model.named_parameters() if p.requires_grad}
+FLAT_ALIGN = 16  # elements: each tensor's view into the flat parameter starts 64-byte aligned, as kernels expect
+
+
+def flatten_trainable(model) -> list[torch.nn.Parameter]:
+    """Rebind every trainable tensor of the model as a view into one flat parameter (one per dtype and device),
+    and its gradient as a view into that parameter's gradient; the flat parameters, for the optimizer.
+
+    The optimizer then updates one tensor a step instead of one per LoRA matrix: bitsandbytes' paged AdamW
+    synchronizes the GPU after every tensor it updates, hundreds a step for all-linear LoRA. Backward adds into the
+    gradient views in place, so the flat gradients must be zeroed, never set to None. The update is elementwise:
+    the same numbers as one tensor at a time."""
+    groups: dict[tuple, list[torch.nn.Parameter]] = {}
+    for p in model.parameters():
+        if p.requires_grad:
+            groups.setdefault((p.dtype, p.device), []).append(p)
+    flats = []
+    for (dtype, device), params in groups.items():
+        starts = [0]
+        for p in params:
+            starts.append(starts[-1] + math.ceil(p.numel() / FLAT_ALIGN) * FLAT_ALIGN)
+        flat = torch.nn.Parameter(torch.zeros(starts[-1], dtype=dtype, device=device))
+        flat.grad = torch.zeros_like(flat)
+        for p, start in zip(params, starts):
+            flat.data[start : start + p.numel()] = p.data.reshape(-1)
+            p.data = flat.data[start : start + p.numel()].view_as(p)
+            p.grad = flat.grad[start : start + p.numel()].view_as(p)
+        flats.append(flat)
+    return flats
 
 
 @dataclass
@@ -282,6 +309,8 @@ def prepare(config: TrainConfig, device: torch.device | None = None) -> Run:
 def _load(config: TrainConfig, device: torch.device, rank: int, world: int, lock) -> Run:
     """prepare() once the output folder is claimed."""
     model_path = resolve_model(config.model)
+    if config.compile:
+        start_compiler()  # its workers start while the data and the model load
     tokenizer = load_tokenizer(model_path)
     examples, manifest = _examples(config, tokenizer)
     micro = config.micro_batch_size or math.ceil(config.batch_size / world)
@@ -291,7 +320,7 @@ def _load(config: TrainConfig, device: torch.device, rank: int, world: int, lock
     config = dataclasses.replace(config, frozen_copies=copies)  # train_config.json: what ran
     import bitsandbytes as bnb  # after the checks above: importing it prints a line about optional CPU kernels
 
-    optimizer = bnb.optim.PagedAdamW(list(_trainable(model).values()), lr=config.lr, weight_decay=config.weight_decay)
+    optimizer = bnb.optim.PagedAdamW(flatten_trainable(model), lr=config.lr, weight_decay=config.weight_decay)
     accum = math.ceil(config.batch_size / (world * micro))
     net = dist.wrap_lora(SupervisedLoss(model), device)
     state = {"step": 0, "run_id": None, "data_sha256": manifest["data_sha256"]}
@@ -381,7 +410,7 @@ def train_step(run: Run, step: int) -> dict[str, float]:
             f"before the update. Last good checkpoint: {run.last_good or 'none'}"
         )
     run.optimizer.step()
-    run.optimizer.zero_grad(set_to_none=True)
+    run.optimizer.zero_grad(set_to_none=False)  # in place: the model's gradients are views into the flat ones
     dt = time.perf_counter() - t0
     metrics = {
         "loss": loss_total / n_sup,
@@ -443,6 +472,8 @@ def train_adapter(config: TrainConfig, device: torch.device | None = None, on_st
     """
     import mlflow
 
+    from qloraner.tracking import end_run
+
     if done := _already_trained(config):
         return done
     run = prepare(config, device)
@@ -463,7 +494,7 @@ def train_adapter(config: TrainConfig, device: torch.device | None = None, on_st
             run.state["step"] = step = step + 1
             # logging and progress
             if run.main and (step % config.log_every == 0 or step == run.total):
-                mlflow.log_metrics(metrics, step=step)
+                mlflow.log_metrics(metrics, step=step, synchronous=False)  # written by MLflow's thread, off the loop
             progress.update(1, **{k: metrics[k] for k in ("loss", "tokens_per_s", "gpu_mem_gib") if k in metrics})
             if on_step:
                 on_step(step, metrics)
@@ -476,16 +507,16 @@ def train_adapter(config: TrainConfig, device: torch.device | None = None, on_st
             if stopping:
                 if run.main:
                     print(f"qloraner: stopped at step {step}: saved {run.last_good}; run again to resume", flush=True)
-                    mlflow.end_run(status="KILLED")
+                    end_run(status="KILLED")
                 return TrainResult(step, None, run.state["run_id"], True, time.perf_counter() - start)
         final = checkpoint.save(run.out / "final", run.model, run.optimizer, run.state, config, run.rank)
         if run.main:
             mlflow.log_artifacts(str(final), artifact_path="adapter")
-            mlflow.end_run()
+            end_run()
         return TrainResult(run.state["step"], final, run.state["run_id"], False, time.perf_counter() - start)
     except BaseException:
         if run.main:
-            mlflow.end_run(status="FAILED")
+            end_run(status="FAILED")
         raise
     finally:
         progress.close()

@@ -85,6 +85,49 @@ def _assert_same_training(a, b, rel: float) -> None:
         assert torch.linalg.norm(b[1][key] - value) <= rel * torch.linalg.norm(value), key
 
 
+def _lora_model(tiny_model, seed: int):
+    from qloraner.model import add_lora, load_base
+
+    torch.manual_seed(seed)
+    return add_lora(
+        load_base(tiny_model, torch.device("cpu")), r=8, alpha=16, dropout=0.0, target_modules=["q_proj", "v_proj"]
+    )
+
+
+def test_the_flat_optimizer_updates_like_one_tensor_at_a_time(tiny_model):
+    """Paged AdamW over the flat parameters moves every LoRA matrix as paged AdamW over the matrices one by one
+    (weight decay on, three steps, backward adding into the gradient views); the model's tensors stay views of the
+    flat parameters, aligned for the kernels."""
+    import bitsandbytes as bnb
+
+    from qloraner.train import FLAT_ALIGN, flatten_trainable
+
+    flat_model, plain_model = _lora_model(tiny_model, 0), _lora_model(tiny_model, 0)
+    flats = flatten_trainable(flat_model)
+    trainable = [p for p in flat_model.parameters() if p.requires_grad]
+    assert sum(f.numel() for f in flats) >= sum(p.numel() for p in trainable)
+    flat_opt = bnb.optim.PagedAdamW(flats, lr=1e-2, weight_decay=0.1)
+    plain_opt = bnb.optim.PagedAdamW(
+        [p for p in plain_model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.1
+    )
+    ids = torch.randint(0, 100, (3, 12), generator=torch.Generator().manual_seed(1))
+    for _ in range(3):
+        for model, opt, to_none in ((flat_model, flat_opt, False), (plain_model, plain_opt, True)):
+            for half in ids.chunk(2):  # two backward passes a step: the second adds into the views
+                model(input_ids=half, labels=half).loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=to_none)
+    for (name, a), b in zip(flat_model.named_parameters(), plain_model.parameters()):
+        if a.requires_grad:
+            assert a.untyped_storage().data_ptr() == flats[0].untyped_storage().data_ptr(), name
+            assert a.storage_offset() % FLAT_ALIGN == 0 and a.grad.storage_offset() % FLAT_ALIGN == 0, name
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7, msg=name)
+    assert any(
+        not torch.equal(a, b)
+        for a, b in zip(trainable, (p for p in _lora_model(tiny_model, 0).parameters() if p.requires_grad))
+    )
+
+
 def test_accumulation_matches_one_big_batch(tmp_path, tiny_model, conll_dir):
     """Micro-batches of 3 (accumulation 6, uneven sizes) give the gradient and update of one batch of 16 (fp32)."""
     runs = [

@@ -256,6 +256,13 @@ def compile_layers(model, *, recompute_in_graph: bool = False) -> None:
 
     start_compiler()
     layers = model.get_base_model().model.layers
+    if next(model.parameters()).device.type == "cuda":
+        import torch._inductor.config as inductor_config
+
+        # The layer graph compiled for a GPU still holds a kernel for the CPU, and before its first CPU kernel a
+        # process has Inductor find the CPU's vector instructions by building and loading a test program for each
+        # (most of the first step's time: benchmarks/RESULTS.md). A GPU run gains nothing from them: plain C++.
+        inductor_config.cpp.vec_isa_ok = False
     if recompute_in_graph:
         functorch_config.activation_memory_budget = RECOMPUTE_BUDGET
         functorch_config.functionalize_rng_ops = next(model.parameters()).device.type == "cuda"  # CUDA only

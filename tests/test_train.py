@@ -289,6 +289,38 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, tiny_model,
     assert good is not None and not (tmp_path / "nan" / "final").exists()
 
 
+def test_a_non_finite_gradient_norm_stops_before_the_update(tmp_path, tiny_model, conll_dir):
+    """A step whose loss is finite but whose gradient is not (one LoRA matrix's gradient made infinite) stops with
+    a one-line error naming the gradient norm, and leaves every trainable tensor as it was."""
+    import mlflow
+
+    from qloraner.train import train_step
+
+    run = prepare(_config(tmp_path, tiny_model, conll_dir, "inf-grad", max_grad_norm=0.0))
+    try:
+        trainable = [p for p in run.model.parameters() if p.requires_grad]
+        before = [p.detach().clone() for p in trainable]
+        trainable[0].register_hook(lambda grad: grad + float("inf"))
+        with pytest.raises(QloranerError, match=r"non-finite gradient norm at step 1; stopped before the update"):
+            train_step(run, 0)
+        assert all(torch.equal(p, b) for p, b in zip(trainable, before))
+    finally:
+        mlflow.end_run()
+        run.lock.close()
+
+
+def test_a_checkpoint_with_one_optimizer_tensor_per_matrix_is_refused(tmp_path, tiny_model, conll_dir):
+    """A checkpoint whose optimizer state holds a tensor per LoRA matrix (written before the flat parameter) is
+    refused with one line that names it and the way out, not skipped as damaged."""
+    train_adapter(_config(tmp_path, tiny_model, conll_dir, "old", max_steps=2, save_every=1))
+    for saved in (tmp_path / "old").glob("step-*/optimizer.pt"):
+        state = torch.load(saved, weights_only=False)
+        state["param_groups"][0]["params"] = [0, 1, 2]  # the old layout's ids, one per tensor
+        torch.save(state, saved)
+    with pytest.raises(QloranerError, match=r"step-000001: its optimizer state holds 3 tensors.*--no-resume"):
+        train_adapter(_config(tmp_path, tiny_model, conll_dir, "old", max_steps=4))
+
+
 def test_missing_model_exits_with_one_line(tmp_path, conll_dir):
     """The entry point turns a missing model into 'error: ...' and exit code 2, no traceback."""
     proc = subprocess.run(

@@ -113,7 +113,7 @@ class SupervisedLoss(torch.nn.Module):
         return F.cross_entropy(logits, targets[keep], reduction="sum")
 
 
-FLAT_ALIGN = 16  # elements: each tensor's view into the flat parameter starts 64-byte aligned, as kernels expect
+FLAT_ALIGN = 16  # elements: each view into the flat parameter starts aligned (64 bytes in fp32), as kernels expect
 
 
 def flatten_trainable(model) -> list[torch.nn.Parameter]:

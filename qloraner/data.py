@@ -133,11 +133,13 @@ class Encoded:
         return sum(1 for x in self.labels if x != IGNORE_INDEX)
 
 
-def encode(tokenizer, prompts: list[str], responses: list[str], max_length: int | None = None) -> list[Encoded]:
+def encode(tokenizer, prompts: list[str], responses: list[str]) -> list[Encoded]:
     """Token ids of prompt + response + EOS for each pair; only the response and the EOS are labels.
 
     pad = eos, so the final EOS must stay a label or the model never learns to stop.
     """
+    if not prompts:  # fast tokenizers fail on an empty batch
+        return []
     prompt_ids = tokenizer(prompts)["input_ids"]
     full_ids = tokenizer([p + r for p, r in zip(prompts, responses)])["input_ids"]
     out = []
@@ -146,7 +148,7 @@ def encode(tokenizer, prompts: list[str], responses: list[str], max_length: int 
             raise QloranerError(f"the tokenizer merges the prompt's end into the response: {prompt[-40:]!r}")
         ids = f_ids + [tokenizer.eos_token_id]
         labels = [IGNORE_INDEX] * len(p_ids) + ids[len(p_ids) :]
-        out.append(Encoded(ids[:max_length], labels[:max_length]))
+        out.append(Encoded(ids, labels))
     return out
 
 

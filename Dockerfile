@@ -4,8 +4,8 @@
 #
 # PyPI's torch wheels bring their own CUDA user-space libraries, so a CUDA runtime image is enough; torch 2.13 and
 # bitsandbytes 0.50 target CUDA 12.8+, so the host needs an NVIDIA driver of the R570 series or newer. gcc, g++, the
-# Python headers and CUDA's driver API header (cuda.h) are there for torch.compile (on by default on GPUs): Inductor
-# builds kernels and, where cuda.h is found, the compiled layers' launch code in C++ with them.
+# Python headers and CUDA's API headers (cuda.h, cuda_runtime_api.h) are there for torch.compile (on by default on
+# GPUs): Inductor builds kernels and, where those headers are found, the compiled layers' launch code with them.
 FROM nvidia/cuda:12.8.1-runtime-ubuntu24.04
 
 ENV DEBIAN_FRONTEND=noninteractive \
@@ -17,7 +17,7 @@ ENV DEBIAN_FRONTEND=noninteractive \
     PATH=/opt/venv/bin:$PATH
 
 RUN apt-get update \
- && apt-get install -y --no-install-recommends python3 python3-venv python3-pip python3-dev gcc g++ cuda-driver-dev-12-8 git ca-certificates curl \
+ && apt-get install -y --no-install-recommends python3 python3-venv python3-pip python3-dev gcc g++ cuda-driver-dev-12-8 cuda-cudart-dev-12-8 git ca-certificates curl \
  && rm -rf /var/lib/apt/lists/* \
  && python3 -m venv /opt/venv
 

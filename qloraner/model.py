@@ -228,13 +228,16 @@ def compile_unavailable(device: torch.device) -> str | None:
     return None
 
 
+CUDA_HEADERS = ("cuda.h", "cuda_runtime_api.h")  # what Inductor's C++ launch code includes
+
+
 def cuda_headers() -> Path | None:
-    """The CUDA toolkit's include folder when it holds the driver API's header (cuda.h), which Inductor's C++
-    launch code needs; None where only the runtime libraries are installed."""
+    """The CUDA toolkit's include folder when it holds the driver's and the runtime's API headers, which Inductor's
+    C++ launch code needs; None where only the runtime libraries are installed."""
     from torch.utils import cpp_extension
 
     include = Path(cpp_extension.CUDA_HOME or "/nonexistent") / "include"
-    return include if (include / "cuda.h").is_file() else None
+    return include if all((include / h).is_file() for h in CUDA_HEADERS) else None
 
 
 def start_compiler() -> None:

@@ -9,6 +9,7 @@ from transformers import AutoConfig
 
 from qloraner import QloranerError
 from qloraner.model import (
+    CUDA_HEADERS,
     RECOMPUTE_BUDGET,
     add_lora,
     compile_layers,
@@ -160,15 +161,16 @@ def test_compiled_kernels_go_to_the_project_folder_unless_the_user_chose_one(mon
         assert cache_dir() == str(expected), (before, cache_dir())
 
 
-def test_cuda_headers_are_found_only_where_cuda_h_is(monkeypatch, tmp_path):
-    """cuda_headers() names CUDA_HOME's include folder when it holds cuda.h, and None without it or without a
-    CUDA_HOME (then compiled layers keep Inductor's Python launch code)."""
+def test_cuda_headers_are_found_only_where_all_of_them_are(monkeypatch, tmp_path):
+    """cuda_headers() names CUDA_HOME's include folder once it holds every header of CUDA_HEADERS, and None while
+    one is missing or without a CUDA_HOME (then compiled layers keep Inductor's Python launch code)."""
     from torch.utils import cpp_extension
 
     monkeypatch.setattr(cpp_extension, "CUDA_HOME", None)
     assert cuda_headers() is None
     monkeypatch.setattr(cpp_extension, "CUDA_HOME", str(tmp_path))
     (tmp_path / "include").mkdir()
-    assert cuda_headers() is None
-    (tmp_path / "include" / "cuda.h").write_text("/* the driver API */\n")
+    for header in CUDA_HEADERS:
+        assert cuda_headers() is None, header
+        (tmp_path / "include" / header).write_text("/* an API */\n")
     assert cuda_headers() == tmp_path / "include"

@@ -236,7 +236,9 @@ def cuda_headers() -> Path | None:
     C++ launch code needs; None where only the runtime libraries are installed."""
     from torch.utils import cpp_extension
 
-    include = Path(cpp_extension.CUDA_HOME or "/nonexistent") / "include"
+    if cpp_extension.CUDA_HOME is None:
+        return None
+    include = Path(cpp_extension.CUDA_HOME) / "include"
     return include if all((include / h).is_file() for h in CUDA_HEADERS) else None
 
 

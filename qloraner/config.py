@@ -93,6 +93,12 @@ class TrainConfig:
     micro_batch_size: int = opt(
         0, "most sequences per forward pass in one process (memory); 0 = batch / processes", ge=0
     )
+    micro_batch_tokens: int = opt(
+        0,
+        "most padded tokens (rows x longest row) per forward pass: a step of long sentences splits into more "
+        "micro-batches, bounding the peak memory; 0 = no bound",
+        ge=0,
+    )
     lr: float = opt(2e-4, "peak learning rate", gt=0)
     warmup_steps: int = opt(10, "linear warm-up steps before cosine decay", ge=0)
     min_lr_ratio: float = opt(0.1, "final learning rate as a fraction of --lr", ge=0, le=1)

@@ -181,3 +181,21 @@ def split_step(batch: list[int], lengths: list[int], parts: int) -> list[list[in
     size, extra = divmod(len(order), parts)
     cuts = [k * size + min(k, extra) for k in range(parts + 1)]
     return [order[a:b] for a, b in zip(cuts, cuts[1:])]
+
+
+def padded_tokens(part: list[int], lengths: list[int]) -> int:
+    """What a micro-batch costs in memory: its rows times its longest row (the batch is padded to it)."""
+    return len(part) * max((lengths[i] for i in part), default=0)
+
+
+def split_step_within(batch: list[int], lengths: list[int], parts: int, max_tokens: int, ranks: int = 1):
+    """split_step into `parts` micro-batches, or into the fewest more, `ranks` at a time (every rank then runs as
+    many), that keep each within `max_tokens` padded tokens; a single row over it still makes its own micro-batch.
+    `max_tokens` 0 is no bound. The peak memory follows the longest micro-batch: a few steps of long sentences
+    split, the others keep their full width."""
+    n = parts
+    while True:
+        split = split_step(batch, lengths, n)
+        if not max_tokens or all(padded_tokens(p, lengths) <= max_tokens or len(p) <= 1 for p in split):
+            return split
+        n += ranks

@@ -29,7 +29,7 @@ from qloraner.data import (
     encode,
     instruction_data,
     length_grouped_batches,
-    split_step,
+    split_step_within,
 )
 from qloraner.model import (
     add_lora,
@@ -184,7 +184,9 @@ class Run:
         if epoch not in self._order:
             self._order = {epoch: length_grouped_batches(self.lengths, self.config.batch_size, self.config.seed, epoch)}
         batch = self._order[epoch][pos]
-        parts = split_step(batch, self.lengths, self.world * self.accum)
+        parts = split_step_within(
+            batch, self.lengths, self.world * self.accum, self.config.micro_batch_tokens, ranks=self.world
+        )
         return [parts[i] for i in DistributedSampler(parts, self.world, self.rank, shuffle=False)], batch
 
 
@@ -419,6 +421,7 @@ def train_step(run: Run, step: int) -> dict[str, float]:
         "tokens_per_s": n_tok / dt,
         "supervised_tokens_per_s": n_sup / dt,
         "step_s": dt,
+        "micro_batches": len(mine),  # this rank's forward passes: more where --micro-batch-tokens split the step
     }
     if run.device.type == "cuda":
         metrics["gpu_mem_gib"] = torch.cuda.max_memory_allocated(run.device) / 2**30

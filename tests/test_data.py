@@ -13,7 +13,9 @@ from qloraner.data import (
     encode,
     instruction_data,
     length_grouped_batches,
+    padded_tokens,
     split_step,
+    split_step_within,
 )
 from qloraner.model import load_tokenizer
 from qloraner.parse import parse_response
@@ -88,6 +90,35 @@ def test_split_step_partitions_evenly_by_length(case):
     assert max(map(len, split)) - min(map(len, split)) <= 1
     filled = [part for part in split if part]
     assert all(max(lengths[i] for i in a) <= min(lengths[i] for i in b) for a, b in zip(filled, filled[1:]))
+
+
+@given(
+    st.lists(st.integers(1, 200), min_size=1, max_size=64).flatmap(
+        lambda lengths: st.tuples(
+            st.just(lengths),
+            st.permutations(range(len(lengths))),
+            st.integers(1, 4),
+            st.integers(1, 3),
+            st.integers(0, 3000),
+        )
+    )
+)
+def test_split_step_within_uses_the_fewest_micro_batches_that_fit(case):
+    """Bounded by max_tokens, the step splits into split_step's parts for the fewest count (the base count plus a
+    multiple of the ranks) whose micro-batches each fit or hold one row; no bound gives the base count."""
+    lengths, batch, per_rank, ranks, max_tokens = case
+    base = per_rank * ranks
+    split = split_step_within(list(batch), lengths, base, max_tokens, ranks=ranks)
+    n = len(split)
+    assert split == split_step(list(batch), lengths, n)
+    assert n >= base and (n - base) % ranks == 0
+    if not max_tokens:
+        assert n == base
+    else:
+        assert all(padded_tokens(p, lengths) <= max_tokens or len(p) <= 1 for p in split)
+        if n > base:  # one split fewer would not have fitted
+            fewer = split_step(list(batch), lengths, n - ranks)
+            assert any(padded_tokens(p, lengths) > max_tokens and len(p) > 1 for p in fewer)
 
 
 @pytest.mark.parametrize("which", ["smollm2", "llama2"])

@@ -71,11 +71,13 @@ def test_overfits_eight_examples(tmp_path, tiny_model, conll_dir):
     assert len(losses) == 60 and losses[-1] <= 0.2 * losses[0]
 
 
-def _norms_and_adapter(config: TrainConfig) -> tuple[list[float], dict[str, torch.Tensor]]:
-    """Train; every step's grad norm and the final adapter's tensors."""
-    norms = []
-    out = train_adapter(config, on_step=lambda step, m: norms.append(m["grad_norm"]))
-    return norms, load_file(out.final / "adapter_model.safetensors")
+def _norms_and_adapter(config: TrainConfig) -> tuple[list[float], dict[str, torch.Tensor], list[int]]:
+    """Train; every step's grad norm, the final adapter's tensors and every step's number of micro-batches."""
+    norms, micro = [], []
+    out = train_adapter(
+        config, on_step=lambda step, m: (norms.append(m["grad_norm"]), micro.append(m["micro_batches"]))
+    )
+    return norms, load_file(out.final / "adapter_model.safetensors"), micro
 
 
 def _assert_same_training(a, b, rel: float) -> None:
@@ -129,23 +131,17 @@ def test_the_flat_optimizer_updates_like_one_tensor_at_a_time(tiny_model):
 
 
 def test_accumulation_matches_one_big_batch(tmp_path, tiny_model, conll_dir):
-    """Micro-batches of 3 (accumulation 6, uneven sizes) give the gradient and update of one batch of 16 (fp32)."""
-    runs = [
+    """Micro-batches of 3 (accumulation 6, uneven sizes) and micro-batches of at most 300 padded tokens (as many as
+    each step's lengths need) give the gradient and update of one batch of 16 (fp32)."""
+    big, accum, bounded = (
         _norms_and_adapter(
-            _config(
-                tmp_path,
-                tiny_model,
-                conll_dir,
-                name,
-                batch_size=16,
-                micro_batch_size=micro,
-                max_steps=3,
-                max_grad_norm=0.0,
-            )
+            _config(tmp_path, tiny_model, conll_dir, name, batch_size=16, max_steps=3, max_grad_norm=0.0, **settings)
         )
-        for name, micro in [("big", 0), ("accum", 3)]
-    ]
-    _assert_same_training(*runs, rel=1e-5)
+        for name, settings in [("big", {}), ("accum", {"micro_batch_size": 3}), ("tokens", {"micro_batch_tokens": 300})]
+    )
+    assert big[2] == [1, 1, 1] and accum[2] == [6, 6, 6] and min(bounded[2]) > 1  # each split as asked
+    _assert_same_training(big, accum, rel=1e-5)
+    _assert_same_training(big, bounded, rel=1e-5)
 
 
 def test_compiled_layers_train_like_eager(tmp_path, tiny_model, conll_dir):

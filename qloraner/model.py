@@ -267,12 +267,12 @@ def compile_layers(model, *, recompute_in_graph: bool = False) -> None:
 
     `recompute_in_graph` is activation checkpointing done by the compiler (give it a model without HF's checkpoint;
     train_adapter does so with --compile on GPUs): Inductor's partitioner saves what fits RECOMPUTE_BUDGET (each
-    layer's input, nothing more) and recomputes the rest inside the compiled
-    backward, and dropout's RNG is made replayable, so the recomputed masks equal the forward's. Both settings are
-    process-wide (torch._functorch.config), read whenever a graph compiles. Replayable RNG exists only on CUDA;
-    elsewhere this is right only without dropout, so there train_adapter keeps HF's checkpoint around each layer.
-    Recomputing inside the graph lets Inductor fuse the replayed kernels, which HF's checkpoint around a compiled
-    layer cannot (it replays the whole layer as an opaque call).
+    layer's input, nothing more) and recomputes the rest inside the compiled backward, and dropout's RNG is made
+    replayable, so the recomputed masks equal the forward's. Both settings are process-wide
+    (torch._functorch.config), read whenever a graph compiles. Replayable RNG exists only on CUDA; elsewhere this is
+    right only without dropout, so there train_adapter keeps HF's checkpoint around each layer. Recomputing inside
+    the graph lets Inductor fuse the replayed kernels, which HF's checkpoint around a compiled layer cannot (it
+    replays the whole layer as an opaque call).
     """
     import torch._functorch.config as functorch_config
 

@@ -22,8 +22,9 @@ def _run(script: str, nproc: int, args: list[str], conll_dir) -> subprocess.Comp
 
 def test_two_ranks_train_the_same_adapter_as_one(tmp_path, tiny_model, conll_dir):
     """2 ranks (gloo) with 8 sequences a step give the LoRA weights of 1 rank with 8 a step, to 1e-5 (fp32).
-    The 1-rank run accumulates 2 micro-batches of 4; each of the 2 ranks runs 1 micro-batch of 4. 17 sentences:
-    steps of 8, 8, 1 (one rank idles on a weight-0 batch), then the next epoch."""
+    The 1-rank run accumulates 2 micro-batches of 4; each of the 2 ranks runs 1 micro-batch of 4, and steps of
+    long sentences split further under --micro-batch-tokens (into 3 on one rank, 4 on two). 17 sentences: steps of
+    8, 8, 1 (one rank idles on a weight-0 batch), then the next epoch."""
     common = [
         "--model",
         str(tiny_model),
@@ -33,6 +34,8 @@ def test_two_ranks_train_the_same_adapter_as_one(tmp_path, tiny_model, conll_dir
         "8",
         "--micro-batch-size",
         "4",
+        "--micro-batch-tokens",
+        "400",
         "--max-steps",
         "5",
         "--lr",
@@ -56,9 +59,14 @@ def test_two_ranks_train_the_same_adapter_as_one(tmp_path, tiny_model, conll_dir
     for name in ("one", "two"):
         client = MlflowClient(f"sqlite:///{tmp_path / name / 'mlflow.db'}")
         run = client.search_runs([client.get_experiment_by_name("qloraner").experiment_id])[0]
-        runs[name] = (run.data.params, [m.value for m in client.get_metric_history(run.info.run_id, "grad_norm")])
+        runs[name] = (
+            run.data.params,
+            [m.value for m in client.get_metric_history(run.info.run_id, "grad_norm")],
+            [m.value for m in client.get_metric_history(run.info.run_id, "micro_batches")],
+        )
     assert (runs["two"][0]["world_size"], runs["two"][0]["accumulation_per_process"]) == ("2", "1")
     assert runs["one"][0]["accumulation_per_process"] == "2"
+    assert max(runs["one"][2]) > 2 and max(runs["two"][2]) > 1  # the token bound split some steps further
     assert len(runs["one"][1]) == 5 and runs["two"][1] == pytest.approx(
         runs["one"][1], rel=1e-5
     )  # the gradient's scale too

@@ -188,7 +188,9 @@ def padded_tokens(part: list[int], lengths: list[int]) -> int:
     return len(part) * max((lengths[i] for i in part), default=0)
 
 
-def split_step_within(batch: list[int], lengths: list[int], parts: int, max_tokens: int, ranks: int = 1):
+def split_step_within(
+    batch: list[int], lengths: list[int], parts: int, max_tokens: int, ranks: int = 1
+) -> list[list[int]]:
     """split_step into `parts` micro-batches, or into the fewest more, `ranks` at a time (every rank then runs as
     many), that keep each within `max_tokens` padded tokens; a single row over it still makes its own micro-batch.
     `max_tokens` 0 is no bound. The peak memory follows the longest micro-batch: a few steps of long sentences

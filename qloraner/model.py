@@ -213,9 +213,9 @@ def _is_linear(module) -> bool:
     return isinstance(module, (torch.nn.Linear, bnb.nn.Linear4bit))
 
 
-# Of the way from saving only each layer's input to saving all a layer would: nothing more. The 7B recipe's peak then
-# stays under the original stack's; 0.05 (the fastest measured) also keeps attention's outputs, 9 % faster for
-# about 0.5 GiB more (benchmarks/RESULTS.md, training speed).
+# What compiled layers keep for backward beyond each layer's input, as a fraction of the way to keeping all they
+# would: nothing. The 7B recipe's peak then stays under the original stack's; 0.05 (the fastest measured) also keeps
+# attention's outputs: 9 % faster for about 0.5 GiB more (benchmarks/RESULTS.md, training speed).
 RECOMPUTE_BUDGET = 0.0
 
 

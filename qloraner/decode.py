@@ -1,13 +1,16 @@
 """The generation engine: greedy decoding of many prompts over a static KV cache.
 
-- The prompts' common prefix (the instruction) is computed once and copied into every row's cache.
+- The prompts' common prefix (the instruction) is computed once and kept once: a row's cache holds only its own
+  tokens, and attention reads the shared keys with one matrix product per key head for all rows (most of a prompt is
+  the instruction, so this takes most of the keys a decode step reads).
 - Continuous batching: a pool of rows; a row that stops frees its slot, and waiting prompts are prefilled into the
   free slots; with none waiting, the live rows move to a smaller pool, so a long answer does not keep a big batch
   busy.
 - The decode step reads and writes only device tensors (next position, valid positions, last token), so on a GPU it
   is captured once as a CUDA graph per pool and attention width and replayed. Attention reads the width most rows
   need; at most FAR_ROWS rows that reach further read the rest (most answers are short, a few are long).
-- The stop rule runs on the host every SYNC_EVERY steps, and only on rows that wrote an EOS or a newline.
+- The stop rule runs on the host every few steps (as many as take SYNC_SECONDS, at most SYNC_EVERY), and only on
+  rows that wrote an EOS or a newline: a stopped row holds its slot until then, so long steps are checked often.
 - On a GPU the 4-bit weights are dequantized once for the run when the copies fit (bitsandbytes dequantizes the
   whole weight at every call for all but tiny batches).
 
@@ -23,6 +26,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from qloraner import QloranerError, first_line
 from qloraner.model import dequantize_four_bit, dequantized_bytes
@@ -32,8 +36,9 @@ STOP_TEXT = "\n\n"  # our responses hold no blank line: one after the answer end
 _TAIL = 4  # tokens decoded to look for STOP_TEXT; it never spans more
 CPU_BATCH = 64  # `auto` on a CPU: batching past this gains nothing there
 MAX_AUTO_BATCH = 1024  # `auto` on a GPU: larger batches decoded the test split no faster (RESULTS.md)
-KV_MEMORY_SHARE = 0.5  # of the free accelerator memory, what `auto` gives the KV cache; the rest: activations
-SYNC_EVERY = 8  # decode steps between host checks; a stopped row runs at most this many steps more (discarded)
+KV_MEMORY_SHARE = 0.65  # of the free accelerator memory, what `auto` gives the KV cache; the rest: activations
+SYNC_EVERY = 8  # most decode steps between host checks; a stopped row runs at most this many steps more (discarded)
+SYNC_SECONDS = 0.02  # with CUDA graphs, steps between host checks: as many as take about this long (at least one)
 REFILL_SHARE = 0.25  # free share of the pool's slots at which waiting prompts are prefilled into them
 SHRINK_SHARE = 0.25  # with no prompt waiting, the live share of the slots under which rows move to a smaller pool
 KEY_BLOCK = 64  # attention reads the cache up to a multiple of this: few widths, so few CUDA graphs
@@ -90,29 +95,56 @@ def _stopped(tokenizer, row: list[int], eos: int, newline: list[bool]) -> bool:
     return bool(parse_response(text)) or is_explicit_empty(text)
 
 
-def _attention(q, k, v, mask, scale: float):
-    """q [B, H, S, D]; k, v [B, KV, L, D]; mask [B, S, L] (True: attend) → [B, S, H·D].
+def _shared_scores(qg, pk, scale: float):
+    """Queries qg [B, KV, N, D] against keys pk [KV, P, D] that every row shares: one product per key head over all
+    rows' queries, reading the shared keys once rather than once per row → [B, KV, N, P] (float)."""
+    b, kv, n, d = qg.shape
+    flat = qg.transpose(0, 1).reshape(kv, b * n, d)
+    return (flat @ pk.transpose(-1, -2)).float().view(kv, b, n, -1).transpose(0, 1) * scale
+
+
+def _shared_values(probs, pv):
+    """Weights probs [B, KV, N, P] over values pv [KV, P, D] that every row shares → [B, KV, N, D] (float)."""
+    b, kv, n, p = probs.shape
+    flat = probs.to(pv.dtype).transpose(0, 1).reshape(kv, b * n, p)
+    return (flat @ pv).float().view(kv, b, n, -1).transpose(0, 1)
+
+
+def _attention(q, k, v, mask, scale: float, prefix=None):
+    """q [B, H, S, D]; k, v [B, KV, L, D]; mask [B, S, L] (True: attend); prefix: keys and values [KV, P, D] that
+    every query sees before its own (the shared instruction) → [B, S, H·D].
 
     The query heads of a group share one key head (grouped-query attention): folding them into the query rows
     lets one matmul serve them without copying the keys per head."""
     b, h, s, d = q.shape
     kv = k.shape[1]
-    scores = torch.matmul(q.reshape(b, kv, h // kv * s, d), k.transpose(-1, -2)).float() * scale
+    qg = q.reshape(b, kv, h // kv * s, d)
+    scores = torch.matmul(qg, k.transpose(-1, -2)).float() * scale
     scores = scores.view(b, kv, h // kv, s, -1).masked_fill(~mask[:, None, None], float("-inf"))
-    probs = scores.softmax(-1).to(v.dtype).view(b, kv, h // kv * s, -1)
-    return torch.matmul(probs, v).view(b, h, s, d).transpose(1, 2).reshape(b, s, h * d)
+    scores = scores.view(b, kv, h // kv * s, -1)
+    p = 0 if prefix is None else prefix[0].shape[1]
+    if p:
+        scores = torch.cat([_shared_scores(qg, prefix[0], scale), scores], -1)  # one softmax over both
+    probs = scores.softmax(-1)
+    out = torch.matmul(probs[..., p:].to(v.dtype), v).float()
+    if p:
+        out = out + _shared_values(probs[..., :p], prefix[1])
+    return out.to(v.dtype).view(b, h, s, d).transpose(1, 2).reshape(b, s, h * d)
 
 
-def _decode_attention(q, k, v, valid, scale: float, near: int, far: int, far_rows, far_real):
-    """One query per row: q [B, H, 1, D] over the cached k, v [B, KV, L, D] where `valid` [B, L]; every row reads
-    positions [0, near), and only the rows `far_rows` (where `far_real`) read [near, far) too. Most answers are
-    short: a few long rows need not make every row read the whole width. The two parts' softmax shares one max.
-    → [B, 1, H·D]"""
+def _decode_attention(q, k, v, valid, scale: float, near: int, far: int, far_rows, far_real, prefix=None):
+    """One query per row: q [B, H, 1, D] over the shared `prefix` keys and values [KV, P, D] and the row's own cached
+    k, v [B, KV, L, D] where `valid` [B, L]; every row reads own positions [0, near), and only the rows `far_rows`
+    (where `far_real`) read [near, far) too. Most answers are short: a few long rows need not make every row read
+    the whole width. The parts' softmax shares one max. → [B, 1, H·D]"""
     b, h, _, d = q.shape
     kv = k.shape[1]
     qg = q.reshape(b, kv, h // kv, d)
     near_scores = (qg @ k[:, :, :near].transpose(-1, -2)).float() * scale
     near_scores = near_scores.masked_fill(~valid[:, None, None, :near], float("-inf"))
+    p = 0 if prefix is None else prefix[0].shape[1]
+    if p:
+        near_scores = torch.cat([_shared_scores(qg, prefix[0], scale), near_scores], -1)
     top = near_scores.amax(-1, keepdim=True)
     if far > near:
         kf, vf = k[:, :, near:far].index_select(0, far_rows), v[:, :, near:far].index_select(0, far_rows)
@@ -122,7 +154,9 @@ def _decode_attention(q, k, v, valid, scale: float, near: int, far: int, far_row
         top = top.index_copy(0, far_rows, torch.maximum(top.index_select(0, far_rows), far_scores.amax(-1, True)))
     weights = (near_scores - top).exp()
     total = weights.sum(-1, keepdim=True)
-    out = (weights.to(v.dtype) @ v[:, :, :near]).float()
+    out = (weights[..., p:].to(v.dtype) @ v[:, :, :near]).float()
+    if p:
+        out = out + _shared_values(weights[..., :p], prefix[1])
     if far > near:
         far_weights = (far_scores - top.index_select(0, far_rows)).exp()
         total = total.index_add(0, far_rows, far_weights.sum(-1, keepdim=True))
@@ -152,6 +186,12 @@ def _dequantized(model, dtype: torch.dtype):
             setattr(parent, name, layer)
 
 
+def _rms_norm(norm, x):
+    """LLaMA's RMSNorm module `norm` applied to x as it computes it (in float, then the weight in x's dtype), through
+    PyTorch's fused kernel: one kernel where the module's own forward launches eight."""
+    return F.rms_norm(x.float(), (x.shape[-1],), eps=norm.variance_epsilon).to(x.dtype) * norm.weight
+
+
 class _Llama:
     """The modules of a LLaMA-architecture causal LM (under PEFT or merged), run over keys and values that the
     caller keeps: `hidden(ids, positions, attend)` calls `attend(layer, q, k, v, scale)` for each layer."""
@@ -176,12 +216,12 @@ class _Llama:
         cos, sin = self.core.rotary_emb(h, positions)
         for i, layer in enumerate(self.core.layers):
             a = layer.self_attn
-            x = layer.input_layernorm(h)
+            x = _rms_norm(layer.input_layernorm, h)
             shape = (*x.shape[:-1], -1, a.head_dim)
             q, k = self.rope(a.q_proj(x).view(shape).transpose(1, 2), a.k_proj(x).view(shape).transpose(1, 2), cos, sin)
             h = h + a.o_proj(attend(i, q, k, a.v_proj(x).view(shape).transpose(1, 2), a.scaling))
-            h = h + layer.mlp(layer.post_attention_layernorm(h))
-        return self.core.norm(h)
+            h = h + layer.mlp(_rms_norm(layer.post_attention_layernorm, h))
+        return _rms_norm(self.core.norm, h)
 
     def next_token(self, h):
         return self.head(h).argmax(-1)
@@ -189,11 +229,13 @@ class _Llama:
 
 class _Pool:
     """`rows` decoding slots of `length` cache positions, all state on the device: keys and values per layer,
-    which positions a row may attend to, its next position (= its last token's position), its last token, and the
-    tokens it generated. A slot's layout: prompt at 0..len-1, then its answer."""
+    which positions a row may attend to, its next position (= its last token's cache position), its last token, and
+    the tokens it generated; and the `prefix` keys and values [KV, P, D] per layer that every row shares. A slot's
+    layout: its prompt after the shared prefix at 0..len-1, then its answer; cache position c is token P + c."""
 
-    def __init__(self, net: _Llama, rows: int, length: int, out_len: int):
+    def __init__(self, net: _Llama, rows: int, length: int, out_len: int, prefix: tuple[list, list]):
         dev = net.device
+        self.prefix, self.offset = prefix, prefix[0][0].shape[1]
         shape = (rows, net.kv_heads, length, net.head_dim)
         self.k = [torch.zeros(shape, dtype=net.dtype, device=dev) for _ in range(net.layers)]
         self.v = [torch.zeros(shape, dtype=net.dtype, device=dev) for _ in range(net.layers)]
@@ -214,7 +256,7 @@ class _Pool:
 
     def moved(self, net: _Llama, keep: list[int], rows: int) -> _Pool:
         """A pool of `rows` slots holding the rows `keep` of this one, in that order."""
-        new = _Pool(net, rows, self.length, self.out_len)
+        new = _Pool(net, rows, self.length, self.out_len, self.prefix)
         idx = torch.tensor(keep, device=self.slots.device)
         for mine, theirs in zip(self._state(), new._state()):
             theirs[: len(keep)] = mine.index_select(0, idx)
@@ -241,9 +283,12 @@ class _Pool:
             d = k.shape[-1]
             self.k[i].view(-1, d).index_copy_(0, at, k.reshape(-1, d))  # each row's keys at its own position
             self.v[i].view(-1, d).index_copy_(0, at, v.reshape(-1, d))
-            return _decode_attention(q, self.k[i], self.v[i], self.valid, scale, *width, self.far_rows, self.far_real)
+            shared = (self.prefix[0][i], self.prefix[1][i])
+            return _decode_attention(
+                q, self.k[i], self.v[i], self.valid, scale, *width, self.far_rows, self.far_real, shared
+            )
 
-        nxt = net.next_token(net.hidden(self.tok[:, None], cur[:, None], attend)[:, -1])
+        nxt = net.next_token(net.hidden(self.tok[:, None], self.offset + cur[:, None], attend)[:, -1])
         self.out.index_put_((self.slots, self.n.clamp(max=self.out_len - 1)), nxt)
         self.tok.copy_(nxt)
         self.cur.add_(1)
@@ -277,29 +322,29 @@ class _Pool:
 
 
 def _prefix_cache(net: _Llama, prefix: list[int]) -> tuple[list, list]:
-    """Keys and values of the shared prefix, [1, kv, P, head_dim] per layer."""
+    """Keys and values of the shared prefix, [kv, P, head_dim] per layer."""
     ks, vs = [], []
     ids = torch.tensor([prefix], device=net.device)
     mask = torch.ones((1, len(prefix), len(prefix)), dtype=torch.bool, device=net.device).tril()
 
     def attend(i, q, k, v, scale):
-        ks.append(k)
-        vs.append(v)
+        ks.append(k[0].contiguous())
+        vs.append(v[0].contiguous())
         return _attention(q, k, v, mask, scale)
 
     if prefix:
         net.hidden(ids, torch.arange(len(prefix), device=net.device)[None], attend)
     else:
-        empty = torch.zeros((1, net.kv_heads, 0, net.head_dim), dtype=net.dtype, device=net.device)
+        empty = torch.zeros((net.kv_heads, 0, net.head_dim), dtype=net.dtype, device=net.device)
         ks, vs = [empty] * net.layers, [empty] * net.layers
     return ks, vs
 
 
-def _prefill(net: _Llama, pool: _Pool, slots: list[int], suffixes: list[list[int]], shared: tuple) -> None:
-    """Write the prompts (shared prefix + `suffixes`) into `slots`: keys, values, valid positions; and each
-    row's first generated token. Suffixes are right-padded: every row's prompt starts at position 0."""
-    pk, pv = shared
-    p, dev = pk[0].shape[2], net.device
+def _prefill(net: _Llama, pool: _Pool, slots: list[int], suffixes: list[list[int]]) -> None:
+    """Write the prompts (the pool's shared prefix + `suffixes`) into `slots`: keys, values, valid positions; and
+    each row's first generated token. Suffixes are right-padded: every row's own tokens start at cache position 0."""
+    pk, pv = pool.prefix
+    p, dev = pool.offset, net.device
     r, s = len(suffixes), max(len(x) for x in suffixes)
     ids = torch.zeros((r, s), dtype=torch.long)
     for row, x in enumerate(suffixes):
@@ -309,20 +354,18 @@ def _prefill(net: _Llama, pool: _Pool, slots: list[int], suffixes: list[list[int
     real = at[None] < lens[:, None]  # [r, s]
     # a suffix token sees the prefix, and the real suffix tokens up to itself; a padding one sees itself (no NaN)
     sees = (at[None, :, None] >= at[None, None, :]) & real[:, None, :] | torch.eye(s, dtype=torch.bool, device=dev)
-    mask = torch.cat([torch.ones((r, s, p), dtype=torch.bool, device=dev), sees], dim=2)
     idx = torch.tensor(slots, device=dev)
 
     def attend(i, q, k, v, scale):
-        keys, values = torch.cat([pk[i].expand(r, -1, -1, -1), k], 2), torch.cat([pv[i].expand(r, -1, -1, -1), v], 2)
-        pool.k[i][idx, :, : p + s] = keys
-        pool.v[i][idx, :, : p + s] = values
-        return _attention(q, keys, values, mask, scale)
+        pool.k[i][idx, :, :s] = k
+        pool.v[i][idx, :, :s] = v
+        return _attention(q, k, v, sees, scale, (pk[i], pv[i]))
 
     h = net.hidden(ids, p + at[None].expand(r, -1), attend)
     first = net.next_token(h[torch.arange(r, device=dev), lens - 1])
     pool.valid[idx] = False
-    pool.valid[idx, : p + s] = torch.cat([torch.ones((r, p), dtype=torch.bool, device=dev), real], 1)
-    pool.cur[idx] = p + lens
+    pool.valid[idx, :s] = real
+    pool.cur[idx] = lens
     pool.tok[idx] = first
     pool.out[idx, 0] = first
     pool.n[idx] = 1
@@ -334,12 +377,14 @@ class _Clock:
     def __init__(self, device: torch.device):
         self.device, self.last = device, time.perf_counter()
 
-    def lap(self, stats: dict, key: str) -> None:
+    def lap(self, stats: dict, key: str) -> float:
+        """Seconds since the last lap, added to stats[key]."""
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-        now = time.perf_counter()
-        stats[key] = round(stats.get(key, 0.0) + now - self.last, 3)
+        now, seconds = time.perf_counter(), time.perf_counter() - self.last
+        stats[key] = round(stats.get(key, 0.0) + seconds, 3)
         self.last = now
+        return seconds
 
 
 def _prefill_passes(lengths: list[int]) -> list[int]:
@@ -398,16 +443,16 @@ def generate_greedy(
 
 
 def _generate(net: _Llama, tokenizer, prompts, budgets, batch_size, progress, graphs, stop) -> Generation:
-    """generate_greedy's loop: prefill into free slots, decode SYNC_EVERY steps, apply the stop rule, repeat."""
+    """generate_greedy's loop: prefill into free slots, decode a few steps, apply the stop rule, repeat."""
     graphs = graphs and net.device.type == "cuda"
     eos = tokenizer.eos_token_id if stop else -1
     newline = newline_table(tokenizer, net.vocab) if stop else [False] * net.vocab
     is_event = np.array(newline)
     p = _common_prefix(prompts)
-    shared = _prefix_cache(net, prompts[0][:p])
     waiting = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))  # longest first: memory peaks early
-    longest = max(len(x) + b for x, b in zip(prompts, budgets))
-    pool = _Pool(net, min(batch_size, len(prompts)), _round_up(longest + SYNC_EVERY, KEY_BLOCK), max(budgets) + 1)
+    longest = max(len(x) - p + b for x, b in zip(prompts, budgets))  # a row's own tokens: its suffix and answer
+    length = _round_up(longest + SYNC_EVERY, KEY_BLOCK)
+    pool = _Pool(net, min(batch_size, len(prompts)), length, max(budgets) + 1, _prefix_cache(net, prompts[0][:p]))
     live: dict[int, int] = {}  # slot -> prompt index
     made = [0] * pool.rows  # per slot: tokens generated so far (host mirror of pool.n)
     checked = [0] * pool.rows  # per slot: tokens the stop rule has seen
@@ -426,13 +471,14 @@ def _generate(net: _Llama, tokenizer, prompts, budgets, batch_size, progress, gr
         "split_steps": 0,
     }
     clock = _Clock(net.device)
+    every = SYNC_EVERY  # decode steps until the next host check
     while waiting or live:
         free = [slot for slot in range(pool.rows) if slot not in live]
         if waiting and (not live or len(free) >= REFILL_SHARE * pool.rows):
             take, waiting = waiting[: len(free)], waiting[len(free) :]
             at = 0
             for part in _prefill_passes([len(prompts[i]) - p for i in take]):
-                _prefill(net, pool, free[at : at + part], [prompts[i][p:] for i in take[at : at + part]], shared)
+                _prefill(net, pool, free[at : at + part], [prompts[i][p:] for i in take[at : at + part]])
                 stats["prefill_passes"] += 1
                 at += part
             clock.lap(stats, "prefill_s")
@@ -447,24 +493,26 @@ def _generate(net: _Llama, tokenizer, prompts, budgets, batch_size, progress, gr
             stats["pools"] += 1
             clock.lap(stats, "move_s")
         # every row reads `near` positions, the few rows that reach further read up to `far`
-        reach = {slot: len(prompts[i]) + made[slot] + SYNC_EVERY for slot, i in live.items()}
+        reach = {slot: len(prompts[i]) - p + made[slot] + every for slot, i in live.items()}
         near, far = split_width(list(reach.values()), FAR_ROWS if pool.rows > FAR_ROWS else 0, pool.length)
         pool.set_far_rows([slot for slot, r in reach.items() if r > near])
-        captured = pool.decode(net, SYNC_EVERY, (near, far), graphs)
+        captured = pool.decode(net, every, (near, far), graphs)
         graphs = graphs and captured >= 0
         stats["cuda_graphs"] += max(captured, 0)
-        stats["decode_steps"] += SYNC_EVERY
-        stats["row_steps"] += SYNC_EVERY * pool.rows  # rows decoded, live or not
-        stats["live_row_steps"] += SYNC_EVERY * len(live)
-        stats["key_reads"] += SYNC_EVERY * (pool.rows * near + FAR_ROWS * (far - near))
-        stats["split_steps"] += SYNC_EVERY * (near < far)
+        stats["decode_steps"] += every
+        stats["row_steps"] += every * pool.rows  # rows decoded, live or not
+        stats["live_row_steps"] += every * len(live)
+        stats["key_reads"] += every * (pool.rows * near + FAR_ROWS * (far - near))
+        stats["split_steps"] += every * (near < far)
         for slot in live:
-            made[slot] += SYNC_EVERY
+            made[slot] += every
         # the stop rule, on the host: Python only where a row wrote an EOS or a newline, or reached its budget
         # (NumPy: small single-threaded arrays; torch's CPU thread pool costs more than the work here)
         slots = sorted(live)
         tokens = pool.out.cpu().numpy()[slots]  # waits for the chunk
-        clock.lap(stats, "decode_s")
+        seconds = clock.lap(stats, "decode_s")
+        if graphs and not captured:  # replays alone: their time says how many steps take SYNC_SECONDS
+            every = max(1, min(SYNC_EVERY, round(SYNC_SECONDS * every / seconds)))
         lo = np.array([checked[slot] for slot in slots])
         budget = np.array([budgets[live[slot]] for slot in slots])
         hi = np.minimum(np.array([made[slot] for slot in slots]), budget)

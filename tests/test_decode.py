@@ -129,20 +129,37 @@ def test_stop_rule_fires_first_at_the_blank_line_after_the_answer(
     assert tok.decode(ids[:first]).rstrip("\n") == answer.rstrip("\n")
 
 
+def _with_shared(k, v, mask, pk, pv):
+    """The keys, values and mask as one row-by-row attention sees them: the shared prefix before each row's own."""
+    expand = (k.shape[0], -1, -1, -1)
+    shared_mask = torch.ones((*mask.shape[:-1], pk.shape[1]), dtype=torch.bool)
+    return (
+        torch.cat([pk.expand(expand), k], 2),
+        torch.cat([pv.expand(expand), v], 2),
+        torch.cat([shared_mask, mask], -1),
+    )
+
+
 @settings(max_examples=50, deadline=None)
 @given(
     st.integers(1, 3), st.integers(1, 3), st.sampled_from([1, 2, 4]), st.integers(1, 5), st.integers(1, 9), st.data()
 )
 def test_grouped_attention_equals_pytorch_sdpa(batch, kv, group, queries, keys, data):
-    """Our attention (query heads folded per key head) equals PyTorch's SDPA with enable_gqa, for any mask that
+    """Our attention (query heads folded per key head) over a shared prefix of 0-4 keys that every row sees and its
+    own keys equals PyTorch's SDPA with enable_gqa over the prefix copied before each row's keys, for any mask that
     leaves every query at least one key."""
     gen = torch.Generator().manual_seed(data.draw(st.integers(0, 2**16)))
+    shared = data.draw(st.integers(0, 4))
     q = torch.randn(batch, kv * group, queries, 8, generator=gen)
     k, v = (torch.randn(batch, kv, keys, 8, generator=gen) for _ in range(2))
+    pk, pv = (torch.randn(kv, shared, 8, generator=gen) for _ in range(2))
     mask = torch.rand(batch, queries, keys, generator=gen) < 0.5
     mask[..., data.draw(st.integers(0, keys - 1))] = True
-    expected = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None], enable_gqa=True)
-    ours = _attention(q, k, v, mask, 8**-0.5)
+    keys_all, values_all, mask_all = _with_shared(k, v, mask, pk, pv)
+    expected = torch.nn.functional.scaled_dot_product_attention(
+        q, keys_all, values_all, attn_mask=mask_all[:, None], enable_gqa=True
+    )
+    ours = _attention(q, k, v, mask, 8**-0.5, (pk, pv))
     torch.testing.assert_close(ours, expected.transpose(1, 2).reshape(batch, queries, -1), atol=1e-5, rtol=1e-5)
 
 
@@ -184,9 +201,11 @@ def test_prefill_passes_cover_every_row_once_with_bounded_padding(lengths):
 @settings(max_examples=50, deadline=None)
 @given(st.integers(2, 6), st.integers(1, 2), st.sampled_from([1, 3]), st.integers(2, 12), st.data())
 def test_decode_attention_split_at_near_equals_pytorch_sdpa(batch, kv, group, keys, data):
-    """Every row reading [0, near) and the named far rows also [near, far) (filler entries repeating a row that is
-    not far) equals PyTorch's SDPA over each row's keys up to near, or up to far for a far row."""
+    """Every row reading a shared prefix of 0-4 keys and its own [0, near), and the named far rows also [near, far)
+    (filler entries repeating a row that is not far), equals PyTorch's SDPA over the prefix and each row's keys up to
+    near, or up to far for a far row."""
     gen = torch.Generator().manual_seed(data.draw(st.integers(0, 2**16)))
+    shared = data.draw(st.integers(0, 4))
     near = data.draw(st.integers(1, keys))
     far_set = data.draw(st.sets(st.integers(0, batch - 1), max_size=batch - 1)) if near < keys else set()
     spare = next(r for r in range(batch) if r not in far_set)
@@ -198,12 +217,13 @@ def test_decode_attention_split_at_near_equals_pytorch_sdpa(batch, kv, group, ke
     reads = valid.clone()
     reads[:, keys:] = False
     reads[[r for r in range(batch) if r not in far_set], near:] = False
+    pk, pv = (torch.randn(kv, shared, 8, generator=gen) for _ in range(2))
+    keys_all, values_all, reads_all = _with_shared(k, v, reads[:, None], pk, pv)
     expected = torch.nn.functional.scaled_dot_product_attention(
-        q, k, v, attn_mask=reads[:, None, None], enable_gqa=True
+        q, keys_all, values_all, attn_mask=reads_all[:, None], enable_gqa=True
     )
-    ours = _decode_attention(
-        q, k, v, valid, 8**-0.5, near, keys, torch.tensor(rows), torch.tensor([True] * len(far_set) + [False] * 2)
-    )
+    far_real = torch.tensor([True] * len(far_set) + [False] * 2)
+    ours = _decode_attention(q, k, v, valid, 8**-0.5, near, keys, torch.tensor(rows), far_real, (pk, pv))
     torch.testing.assert_close(ours, expected.transpose(1, 2).reshape(batch, 1, -1), atol=1e-5, rtol=1e-5)
 
 

@@ -9,8 +9,7 @@
 - The decode step reads and writes only device tensors (next position, valid positions, last token), so on a GPU it
   is captured once as a CUDA graph per pool and attention width and replayed. Attention reads the width most rows
   need; at most FAR_ROWS rows that reach further read the rest (most answers are short, a few are long).
-- The stop rule runs on the host every few steps (as many as take SYNC_SECONDS, at most SYNC_EVERY), and only on
-  rows that wrote an EOS or a newline: a stopped row holds its slot until then, so long steps are checked often.
+- The stop rule runs on the host every SYNC_EVERY steps, and only on rows that wrote an EOS or a newline.
 - On a GPU the 4-bit weights are dequantized once for the run when the copies fit (bitsandbytes dequantizes the
   whole weight at every call for all but tiny batches).
 
@@ -37,8 +36,7 @@ _TAIL = 4  # tokens decoded to look for STOP_TEXT; it never spans more
 CPU_BATCH = 64  # `auto` on a CPU: batching past this gains nothing there
 MAX_AUTO_BATCH = 1024  # `auto` on a GPU: larger batches decoded the test split no faster (RESULTS.md)
 KV_MEMORY_SHARE = 0.65  # of the free accelerator memory, what `auto` gives the KV cache; the rest: activations
-SYNC_EVERY = 8  # most decode steps between host checks; a stopped row runs at most this many steps more (discarded)
-SYNC_SECONDS = 0.02  # with CUDA graphs, steps between host checks: as many as take about this long (at least one)
+SYNC_EVERY = 8  # decode steps between host checks; a stopped row runs at most this many steps more (discarded)
 REFILL_SHARE = 0.25  # free share of the pool's slots at which waiting prompts are prefilled into them
 SHRINK_SHARE = 0.25  # with no prompt waiting, the live share of the slots under which rows move to a smaller pool
 KEY_BLOCK = 64  # attention reads the cache up to a multiple of this: few widths, so few CUDA graphs
@@ -377,14 +375,12 @@ class _Clock:
     def __init__(self, device: torch.device):
         self.device, self.last = device, time.perf_counter()
 
-    def lap(self, stats: dict, key: str) -> float:
-        """Seconds since the last lap, added to stats[key]."""
+    def lap(self, stats: dict, key: str) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-        now, seconds = time.perf_counter(), time.perf_counter() - self.last
-        stats[key] = round(stats.get(key, 0.0) + seconds, 3)
+        now = time.perf_counter()
+        stats[key] = round(stats.get(key, 0.0) + now - self.last, 3)
         self.last = now
-        return seconds
 
 
 def _prefill_passes(lengths: list[int]) -> list[int]:
@@ -443,7 +439,7 @@ def generate_greedy(
 
 
 def _generate(net: _Llama, tokenizer, prompts, budgets, batch_size, progress, graphs, stop) -> Generation:
-    """generate_greedy's loop: prefill into free slots, decode a few steps, apply the stop rule, repeat."""
+    """generate_greedy's loop: prefill into free slots, decode SYNC_EVERY steps, apply the stop rule, repeat."""
     graphs = graphs and net.device.type == "cuda"
     eos = tokenizer.eos_token_id if stop else -1
     newline = newline_table(tokenizer, net.vocab) if stop else [False] * net.vocab
@@ -471,7 +467,6 @@ def _generate(net: _Llama, tokenizer, prompts, budgets, batch_size, progress, gr
         "split_steps": 0,
     }
     clock = _Clock(net.device)
-    every = SYNC_EVERY  # decode steps until the next host check
     while waiting or live:
         free = [slot for slot in range(pool.rows) if slot not in live]
         if waiting and (not live or len(free) >= REFILL_SHARE * pool.rows):
@@ -493,26 +488,24 @@ def _generate(net: _Llama, tokenizer, prompts, budgets, batch_size, progress, gr
             stats["pools"] += 1
             clock.lap(stats, "move_s")
         # every row reads `near` positions, the few rows that reach further read up to `far`
-        reach = {slot: len(prompts[i]) - p + made[slot] + every for slot, i in live.items()}
+        reach = {slot: len(prompts[i]) - p + made[slot] + SYNC_EVERY for slot, i in live.items()}
         near, far = split_width(list(reach.values()), FAR_ROWS if pool.rows > FAR_ROWS else 0, pool.length)
         pool.set_far_rows([slot for slot, r in reach.items() if r > near])
-        captured = pool.decode(net, every, (near, far), graphs)
+        captured = pool.decode(net, SYNC_EVERY, (near, far), graphs)
         graphs = graphs and captured >= 0
         stats["cuda_graphs"] += max(captured, 0)
-        stats["decode_steps"] += every
-        stats["row_steps"] += every * pool.rows  # rows decoded, live or not
-        stats["live_row_steps"] += every * len(live)
-        stats["key_reads"] += every * (pool.rows * near + FAR_ROWS * (far - near))
-        stats["split_steps"] += every * (near < far)
+        stats["decode_steps"] += SYNC_EVERY
+        stats["row_steps"] += SYNC_EVERY * pool.rows  # rows decoded, live or not
+        stats["live_row_steps"] += SYNC_EVERY * len(live)
+        stats["key_reads"] += SYNC_EVERY * (pool.rows * near + FAR_ROWS * (far - near))
+        stats["split_steps"] += SYNC_EVERY * (near < far)
         for slot in live:
-            made[slot] += every
+            made[slot] += SYNC_EVERY
         # the stop rule, on the host: Python only where a row wrote an EOS or a newline, or reached its budget
         # (NumPy: small single-threaded arrays; torch's CPU thread pool costs more than the work here)
         slots = sorted(live)
         tokens = pool.out.cpu().numpy()[slots]  # waits for the chunk
-        seconds = clock.lap(stats, "decode_s")
-        if graphs and not captured:  # replays alone: their time says how many steps take SYNC_SECONDS
-            every = max(1, min(SYNC_EVERY, round(SYNC_SECONDS * every / seconds)))
+        clock.lap(stats, "decode_s")
         lo = np.array([checked[slot] for slot in slots])
         budget = np.array([budgets[live[slot]] for slot in slots])
         hi = np.minimum(np.array([made[slot] for slot in slots]), budget)

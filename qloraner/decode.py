@@ -130,7 +130,7 @@ def _attention(q, k, v, mask, scale: float, prefix=None):
     return out.to(v.dtype).view(b, h, s, d).transpose(1, 2).reshape(b, s, h * d)
 
 
-def _decode_attention(q, k, v, valid, scale: float, near: int, far: int, far_rows, far_real, prefix=None):
+def _decode_attention(q, k, v, valid, scale: float, near: int, far: int, far_rows, far_real, prefix):
     """One query per row: q [B, H, 1, D] over the shared `prefix` keys and values [KV, P, D] and the row's own cached
     k, v [B, KV, L, D] where `valid` [B, L]; every row reads own positions [0, near), and only the rows `far_rows`
     (where `far_real`) read [near, far) too. Most answers are short: a few long rows need not make every row read
@@ -140,7 +140,7 @@ def _decode_attention(q, k, v, valid, scale: float, near: int, far: int, far_row
     qg = q.reshape(b, kv, h // kv, d)
     near_scores = (qg @ k[:, :, :near].transpose(-1, -2)).float() * scale
     near_scores = near_scores.masked_fill(~valid[:, None, None, :near], float("-inf"))
-    p = 0 if prefix is None else prefix[0].shape[1]
+    p = prefix[0].shape[1]
     if p:
         near_scores = torch.cat([_shared_scores(qg, prefix[0], scale), near_scores], -1)
     top = near_scores.amax(-1, keepdim=True)

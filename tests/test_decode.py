@@ -85,6 +85,19 @@ def test_greedy_equals_one_prompt_at_a_time(which, tiny_model, grouped_model, co
     assert runs[24].stats["shared_prefix"] > 20  # the instruction was computed and kept once
 
 
+def test_a_longer_shared_instruction_leaves_the_rows_caches_as_long(tiny_model, conll_dir):
+    """The prompts' shared prefix is kept once, outside the rows' caches: 64 more tokens shared by every prompt make
+    the shared prefix 64 longer and leave the length of the pool's cache as it was."""
+    tok = load_tokenizer(tiny_model, padding_side="left")
+    model = load_base(tiny_model, CPU).eval()
+    prompts = _prompt_ids(tok, conll_dir, 6)
+    extra = tok(" note" * 64, add_special_tokens=False)["input_ids"][:64]
+    longer = [p[:1] + extra + p[1:] for p in prompts]  # after BOS, before the instruction
+    short, long = (generate_greedy(model, tok, x, [8] * 6, 6, stop=False).stats for x in (prompts, longer))
+    assert long["shared_prefix"] == short["shared_prefix"] + 64
+    assert long["length"] == short["length"]
+
+
 def test_finished_rows_never_grow_and_generation_ends_early(tiny_adapter, tiny_model, conll_dir):
     """A trained adapter stops by itself: no row grows past its stop, and passes < max_new_tokens; without the stop
     rule every row is exactly its budget long and begins with what the stopped row holds. The unmerged adapter on

@@ -1,8 +1,8 @@
 """The generation engine: greedy decoding of many prompts over a static KV cache.
 
 - The prompts' common prefix (the instruction) is computed once and kept once: a row's cache holds only its own
-  tokens, and attention reads the shared keys with one matrix product per key head for all rows (most of a prompt is
-  the instruction, so this takes most of the keys a decode step reads).
+  tokens, and attention reads the shared keys with one matrix product per key head for all rows (the instruction is
+  most of a prompt, so most of the keys a decode step would read per row).
 - Continuous batching: a pool of rows; a row that stops frees its slot, and waiting prompts are prefilled into the
   free slots; with none waiting, the live rows move to a smaller pool, so a long answer does not keep a big batch
   busy.

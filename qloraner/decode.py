@@ -446,8 +446,8 @@ def _generate(net: _Llama, tokenizer, prompts, budgets, batch_size, progress, gr
     is_event = np.array(newline)
     p = _common_prefix(prompts)
     waiting = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))  # longest first: memory peaks early
-    longest = max(len(x) - p + b for x, b in zip(prompts, budgets))  # a row's own tokens: its suffix and answer
-    length = _round_up(longest + SYNC_EVERY, KEY_BLOCK)
+    own = [len(x) - p for x in prompts]  # a row's own prompt tokens, after the shared prefix
+    length = _round_up(max(n + b for n, b in zip(own, budgets)) + SYNC_EVERY, KEY_BLOCK)  # and its answer
     pool = _Pool(net, min(batch_size, len(prompts)), length, max(budgets) + 1, _prefix_cache(net, prompts[0][:p]))
     live: dict[int, int] = {}  # slot -> prompt index
     made = [0] * pool.rows  # per slot: tokens generated so far (host mirror of pool.n)
@@ -472,7 +472,7 @@ def _generate(net: _Llama, tokenizer, prompts, budgets, batch_size, progress, gr
         if waiting and (not live or len(free) >= REFILL_SHARE * pool.rows):
             take, waiting = waiting[: len(free)], waiting[len(free) :]
             at = 0
-            for part in _prefill_passes([len(prompts[i]) - p for i in take]):
+            for part in _prefill_passes([own[i] for i in take]):
                 _prefill(net, pool, free[at : at + part], [prompts[i][p:] for i in take[at : at + part]])
                 stats["prefill_passes"] += 1
                 at += part
@@ -488,7 +488,7 @@ def _generate(net: _Llama, tokenizer, prompts, budgets, batch_size, progress, gr
             stats["pools"] += 1
             clock.lap(stats, "move_s")
         # every row reads `near` positions, the few rows that reach further read up to `far`
-        reach = {slot: len(prompts[i]) - p + made[slot] + SYNC_EVERY for slot, i in live.items()}
+        reach = {slot: own[i] + made[slot] + SYNC_EVERY for slot, i in live.items()}
         near, far = split_width(list(reach.values()), FAR_ROWS if pool.rows > FAR_ROWS else 0, pool.length)
         pool.set_far_rows([slot for slot, r in reach.items() if r > near])
         captured = pool.decode(net, SYNC_EVERY, (near, far), graphs)

@@ -338,14 +338,17 @@ def decode_shape(a: argparse.Namespace, work: Path) -> dict:
     for name, load in loaders.items():
         model = load().eval()
         batch = auto_batch_size(model, max(len(p) + n for p, n in zip(prompts, lengths)))
-        # the default; without CUDA graphs; and (NF4) with bitsandbytes' 4-bit kernels at every step instead of
-        # weights dequantized once
-        variants = {"": (True, None)} | ({"-eager": (False, None)} if a.also_eager else {})
-        variants |= {"-4bit-each-step": (True, False)} if name == "nf4-lora" else {}
-        for suffix, (graphs, dequantize) in variants.items():
+        # (graphs, dequantize, fused): the default; without CUDA graphs; with PyTorch's attention instead of the
+        # Triton kernel; and (NF4) with bitsandbytes' 4-bit kernels at every step instead of weights dequantized once
+        variants = {"": (True, None, None)} | ({"-eager": (False, None, None)} if a.also_eager else {})
+        variants |= {"-pytorch-attention": (True, None, False)} if a.also_pytorch_attention else {}
+        variants |= {"-4bit-each-step": (True, False, None)} if name == "nf4-lora" else {}
+        for suffix, (graphs, dequantize, fused) in variants.items():
             _sync()
             start = time.perf_counter()
-            gen = generate_greedy(model, tok, prompts, lengths, batch, graphs=graphs, stop=False, dequantize=dequantize)
+            gen = generate_greedy(
+                model, tok, prompts, lengths, batch, graphs=graphs, stop=False, dequantize=dequantize, fused=fused
+            )
             _sync()
             seconds = time.perf_counter() - start
             assert [len(t) for t in gen.tokens] == lengths
@@ -534,6 +537,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--shape", default="none", choices=SHAPES, help="a random-weight model of this shape instead")
     p.add_argument("--lengths", help="with --shape: the responses.jsonl(.gz) whose response lengths each row decodes")
     p.add_argument("--also-eager", action="store_true", help="also without CUDA graphs (the first batch size)")
+    p.add_argument(
+        "--also-pytorch-attention",
+        action="store_true",
+        help="with --shape: also with the decode step's attention in PyTorch instead of the Triton kernel",
+    )
     p = sub.add_parser("accuracy")
     p.set_defaults(measure=accuracy)
     p.add_argument("--recipe", default="smollm2-135m")

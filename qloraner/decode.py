@@ -6,9 +6,10 @@
 - Continuous batching: a pool of rows; a row that stops frees its slot, and waiting prompts are prefilled into the
   free slots; with none waiting, the live rows move to a smaller pool, so a long answer does not keep a big batch
   busy.
-- The decode step reads and writes only device tensors (next position, valid positions, last token), so on a GPU it
-  is captured once as a CUDA graph per pool and attention width and replayed. Attention reads the width most rows
-  need; at most FAR_ROWS rows that reach further read the rest (most answers are short, a few are long).
+- The decode step reads and writes only device tensors (next position, last token), so on a GPU it is captured once
+  as a CUDA graph per pool and replayed. There its attention is one Triton kernel a layer (qloraner/kernels.py) that
+  reads each row's own positions only as far as the row has come; the PyTorch form (a CPU, or no Triton) reads every
+  row up to the width the longest needs, one CUDA graph per width.
 - The stop rule runs on the host every SYNC_EVERY steps, and only on rows that wrote an EOS or a newline.
 - On a GPU the 4-bit weights are dequantized once for the run when the copies fit (bitsandbytes dequantizes the
   whole weight at every call for all but tiny batches).
@@ -39,8 +40,7 @@ KV_MEMORY_SHARE = 0.65  # of the free accelerator memory, what `auto` gives the 
 SYNC_EVERY = 8  # decode steps between host checks; a stopped row runs at most this many steps more (discarded)
 REFILL_SHARE = 0.25  # free share of the pool's slots at which waiting prompts are prefilled into them
 SHRINK_SHARE = 0.25  # with no prompt waiting, the live share of the slots under which rows move to a smaller pool
-KEY_BLOCK = 64  # attention reads the cache up to a multiple of this: few widths, so few CUDA graphs
-FAR_ROWS = 16  # rows a decode step lets read past the width that serves the rest
+KEY_BLOCK = 64  # PyTorch attention reads the cache up to a multiple of this: few widths, so few CUDA graphs
 PREFILL_TOKENS = 1 << 16  # prompt tokens per prefill pass: bounds its activations
 DEQUANT_SHARE = 0.25  # of the free accelerator memory, what dequantized copies of the 4-bit weights may take
 PREFILL_SHARE = 0.75  # a prefill pass takes rows down to this share of its longest: padding stays under a third
@@ -130,44 +130,13 @@ def _attention(q, k, v, mask, scale: float, prefix=None):
     return out.to(v.dtype).view(b, h, s, d).transpose(1, 2).reshape(b, s, h * d)
 
 
-def _decode_attention(q, k, v, valid, scale: float, near: int, far: int, far_rows, far_real, prefix):
-    """One query per row: q [B, H, 1, D] over the shared `prefix` keys and values [KV, P, D] and the row's own cached
-    k, v [B, KV, L, D] where `valid` [B, L]; every row reads own positions [0, near), and only the rows `far_rows`
-    (where `far_real`) read [near, far) too. Most answers are short: a few long rows need not make every row read
-    the whole width. The parts' softmax shares one max. → [B, 1, H·D]"""
-    b, h, _, d = q.shape
-    kv = k.shape[1]
-    qg = q.reshape(b, kv, h // kv, d)
-    near_scores = (qg @ k[:, :, :near].transpose(-1, -2)).float() * scale
-    near_scores = near_scores.masked_fill(~valid[:, None, None, :near], float("-inf"))
-    p = prefix[0].shape[1]
-    if p:
-        near_scores = torch.cat([_shared_scores(qg, prefix[0], scale), near_scores], -1)
-    top = near_scores.amax(-1, keepdim=True)
-    if far > near:
-        kf, vf = k[:, :, near:far].index_select(0, far_rows), v[:, :, near:far].index_select(0, far_rows)
-        far_scores = (qg.index_select(0, far_rows) @ kf.transpose(-1, -2)).float() * scale
-        seen = valid[:, near:far].index_select(0, far_rows) & far_real[:, None]
-        far_scores = far_scores.masked_fill(~seen[:, None, None], float("-inf"))
-        top = top.index_copy(0, far_rows, torch.maximum(top.index_select(0, far_rows), far_scores.amax(-1, True)))
-    weights = (near_scores - top).exp()
-    total = weights.sum(-1, keepdim=True)
-    out = (weights[..., p:].to(v.dtype) @ v[:, :, :near]).float()
-    if p:
-        out = out + _shared_values(weights[..., :p], prefix[1])
-    if far > near:
-        far_weights = (far_scores - top.index_select(0, far_rows)).exp()
-        total = total.index_add(0, far_rows, far_weights.sum(-1, keepdim=True))
-        out = out.index_add(0, far_rows, (far_weights.to(v.dtype) @ vf).float())
-    return (out / total).to(v.dtype).reshape(b, 1, h * d)
-
-
-def split_width(reach: list[int], far_rows: int, length: int) -> tuple[int, int]:
-    """(near, far): positions every row reads and the furthest any reads, in KEY_BLOCKs, given each live row's
-    furthest position `reach`: near is the least width beyond which at most `far_rows` rows reach."""
-    far = min(_round_up(max(reach), KEY_BLOCK), length)
-    near = next((w for w in range(KEY_BLOCK, far, KEY_BLOCK) if sum(r > w for r in reach) <= far_rows), far)
-    return near, far
+def _fused_attention():
+    """The Triton kernel's launcher, or None where Triton is not installed."""
+    try:
+        from qloraner.kernels import decode_attention
+    except ImportError:
+        return None
+    return decode_attention
 
 
 @contextmanager
@@ -226,65 +195,55 @@ class _Llama:
 
 
 class _Pool:
-    """`rows` decoding slots of `length` cache positions, all state on the device: keys and values per layer,
-    which positions a row may attend to, its next position (= its last token's cache position), its last token, and
-    the tokens it generated; and the `prefix` keys and values [KV, P, D] per layer that every row shares. A slot's
-    layout: its prompt after the shared prefix at 0..len-1, then its answer; cache position c is token P + c."""
+    """`rows` decoding slots of `length` cache positions, all state on the device: keys and values per layer, each
+    row's next position (= its last token's cache position), its last token and the tokens it generated; and the
+    `prefix` keys and values [KV, P, D] per layer that every row shares. A slot's layout: its prompt after the shared
+    prefix at 0..len-1, then its answer; cache position c is token P + c, and a row attends to 0..its next position.
+    `fused`: the Triton attention's launcher (qloraner.kernels), or None for PyTorch's."""
 
-    def __init__(self, net: _Llama, rows: int, length: int, out_len: int, prefix: tuple[list, list]):
+    def __init__(self, net: _Llama, rows: int, length: int, out_len: int, prefix: tuple[list, list], fused=None):
         dev = net.device
-        self.prefix, self.offset = prefix, prefix[0][0].shape[1]
+        self.prefix, self.offset, self.fused = prefix, prefix[0][0].shape[1], fused
         shape = (rows, net.kv_heads, length, net.head_dim)
         self.k = [torch.zeros(shape, dtype=net.dtype, device=dev) for _ in range(net.layers)]
         self.v = [torch.zeros(shape, dtype=net.dtype, device=dev) for _ in range(net.layers)]
-        self.valid = torch.zeros((rows, length), dtype=torch.bool, device=dev)
         self.cur = torch.zeros(rows, dtype=torch.long, device=dev)
         self.tok = torch.zeros(rows, dtype=torch.long, device=dev)
         self.out = torch.zeros((rows, out_len), dtype=torch.long, device=dev)
         self.n = torch.zeros(rows, dtype=torch.long, device=dev)  # tokens generated, the first from the prefill
-        self.ones = torch.ones(rows, dtype=torch.bool, device=dev)
         self.slots = torch.arange(rows, device=dev)
-        self.far_rows = torch.zeros(FAR_ROWS, dtype=torch.long, device=dev)  # rows that read past `near`, and
-        self.far_real = torch.zeros(FAR_ROWS, dtype=torch.bool, device=dev)  # which entries are rows, not filler
         # where each row's key head starts in the flattened cache: a decode step writes one position per (row, head)
         self.heads_at = (self.slots[:, None] * net.kv_heads + torch.arange(net.kv_heads, device=dev)) * length
         self.rows, self.length, self.out_len = rows, length, out_len
-        self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.memory = torch.cuda.graph_pool_handle() if dev.type == "cuda" else None
 
     def moved(self, net: _Llama, keep: list[int], rows: int) -> _Pool:
         """A pool of `rows` slots holding the rows `keep` of this one, in that order."""
-        new = _Pool(net, rows, self.length, self.out_len, self.prefix)
+        new = _Pool(net, rows, self.length, self.out_len, self.prefix, self.fused)
         idx = torch.tensor(keep, device=self.slots.device)
         for mine, theirs in zip(self._state(), new._state()):
             theirs[: len(keep)] = mine.index_select(0, idx)
         return new
 
     def _state(self) -> list[torch.Tensor]:
-        return [*self.k, *self.v, self.valid, self.cur, self.tok, self.out, self.n]
+        return [*self.k, *self.v, self.cur, self.tok, self.out, self.n]
 
-    def set_far_rows(self, far_rows: list[int]) -> None:
-        """Name the rows that read past `near` in the next steps; filler entries repeat a row that does not."""
-        spare = next((r for r in range(self.rows) if r not in far_rows), 0)
-        rows = far_rows + [spare] * (FAR_ROWS - len(far_rows))
-        self.far_rows.copy_(torch.tensor(rows))
-        self.far_real.copy_(torch.tensor([True] * len(far_rows) + [False] * (FAR_ROWS - len(far_rows))))
-
-    def _step(self, net: _Llama, width: tuple[int, int]) -> None:
-        """One token for every row, attention over (near, far) positions (see _decode_attention); device tensors
-        only, so a CUDA graph can capture it."""
+    def _step(self, net: _Llama, width: int) -> None:
+        """One token for every row; PyTorch's attention reads the first `width` positions of every row (the fused
+        kernel reads each row's own). Device tensors only, so a CUDA graph can capture it."""
         cur = self.cur.clamp(max=self.length - 1)  # a stopped row idles until refilled: keep its writes in bounds
-        self.valid.index_put_((self.slots, cur), self.ones)
         at = (self.heads_at + cur[:, None]).flatten()
+        mine = torch.arange(width, device=cur.device) <= cur[:, None, None]  # [B, 1, width]: unused when fused
 
         def attend(i, q, k, v, scale):
             d = k.shape[-1]
             self.k[i].view(-1, d).index_copy_(0, at, k.reshape(-1, d))  # each row's keys at its own position
             self.v[i].view(-1, d).index_copy_(0, at, v.reshape(-1, d))
             shared = (self.prefix[0][i], self.prefix[1][i])
-            return _decode_attention(
-                q, self.k[i], self.v[i], self.valid, scale, *width, self.far_rows, self.far_real, shared
-            )
+            if self.fused:
+                return self.fused(q, self.k[i], self.v[i], cur + 1, scale, shared)
+            return _attention(q, self.k[i][:, :, :width], self.v[i][:, :, :width], mine, scale, shared)
 
         nxt = net.next_token(net.hidden(self.tok[:, None], self.offset + cur[:, None], attend)[:, -1])
         self.out.index_put_((self.slots, self.n.clamp(max=self.out_len - 1)), nxt)
@@ -292,8 +251,8 @@ class _Pool:
         self.cur.add_(1)
         self.n.add_(1)
 
-    def decode(self, net: _Llama, steps: int, width: tuple[int, int], graphs: bool) -> int:
-        """`steps` decode steps; on a GPU through the CUDA graph of this (near, far) width, captured on first use
+    def decode(self, net: _Llama, steps: int, width: int, graphs: bool) -> int:
+        """`steps` decode steps; on a GPU through the CUDA graph of this width, captured on first use
         after one eager step (the warm-up torch.cuda.graph asks for). Returns 1 if it captured a graph, -1 if
         capturing failed (the steps then ran eagerly; the caller stops asking for graphs), else 0."""
         if graphs and width not in self.graphs:
@@ -339,7 +298,7 @@ def _prefix_cache(net: _Llama, prefix: list[int]) -> tuple[list, list]:
 
 
 def _prefill(net: _Llama, pool: _Pool, slots: list[int], suffixes: list[list[int]]) -> None:
-    """Write the prompts (the pool's shared prefix + `suffixes`) into `slots`: keys, values, valid positions; and
+    """Write the prompts (the pool's shared prefix + `suffixes`) into `slots`: keys, values and next positions; and
     each row's first generated token. Suffixes are right-padded: every row's own tokens start at cache position 0."""
     pk, pv = pool.prefix
     p, dev = pool.offset, net.device
@@ -361,8 +320,6 @@ def _prefill(net: _Llama, pool: _Pool, slots: list[int], suffixes: list[list[int
 
     h = net.hidden(ids, p + at[None].expand(r, -1), attend)
     first = net.next_token(h[torch.arange(r, device=dev), lens - 1])
-    pool.valid[idx] = False
-    pool.valid[idx, :s] = real
     pool.cur[idx] = lens
     pool.tok[idx] = first
     pool.out[idx, 0] = first
@@ -418,6 +375,7 @@ def generate_greedy(
     graphs: bool = True,
     stop: bool = True,
     dequantize: bool | None = None,
+    fused: bool | None = None,
 ) -> Generation:
     """Greedy decoding of `prompts` with at most `batch_size` rows at a time; row i stops at EOS, at a blank line
     after an answer (`stop`), or after budgets[i] tokens, and what it generated after that is dropped.
@@ -425,6 +383,8 @@ def generate_greedy(
     graphs: capture the decode step as CUDA graphs (on a GPU). stop=False decodes exactly budgets[i] tokens.
     dequantize: decode with the 4-bit weights dequantized once (see _dequantized); default: on a GPU when the
     copies fit DEQUANT_SHARE of its free memory.
+    fused: the decode step's attention as one Triton kernel (qloraner.kernels); default: on a GPU where Triton is
+    installed. On a CPU it runs only under TRITON_INTERPRET=1 (the tests).
     """
     if not prompts:
         return Generation([], 0)
@@ -432,13 +392,16 @@ def generate_greedy(
     size = dequantized_bytes(model, net.dtype)
     if dequantize is None:
         dequantize = net.device.type == "cuda" and size <= DEQUANT_SHARE * torch.cuda.mem_get_info(net.device)[0]
+    launcher = _fused_attention() if fused or (fused is None and net.device.type == "cuda") else None
+    if fused and launcher is None:
+        raise QloranerError("fused attention needs Triton (pip install triton)")
     with _dequantized(model, net.dtype) if dequantize and size else nullcontext():
-        gen = _generate(net, tokenizer, prompts, budgets, batch_size, progress, graphs, stop)
+        gen = _generate(net, tokenizer, prompts, budgets, batch_size, progress, graphs, stop, launcher)
     gen.stats["dequantized_bytes"] = size if dequantize else 0
     return gen
 
 
-def _generate(net: _Llama, tokenizer, prompts, budgets, batch_size, progress, graphs, stop) -> Generation:
+def _generate(net: _Llama, tokenizer, prompts, budgets, batch_size, progress, graphs, stop, fused) -> Generation:
     """generate_greedy's loop: prefill into free slots, decode SYNC_EVERY steps, apply the stop rule, repeat."""
     graphs = graphs and net.device.type == "cuda"
     eos = tokenizer.eos_token_id if stop else -1
@@ -448,7 +411,8 @@ def _generate(net: _Llama, tokenizer, prompts, budgets, batch_size, progress, gr
     waiting = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))  # longest first: memory peaks early
     own = [len(x) - p for x in prompts]  # a row's own prompt tokens, after the shared prefix
     length = _round_up(max(n + b for n, b in zip(own, budgets)) + SYNC_EVERY, KEY_BLOCK)  # and its answer
-    pool = _Pool(net, min(batch_size, len(prompts)), length, max(budgets) + 1, _prefix_cache(net, prompts[0][:p]))
+    prefix = _prefix_cache(net, prompts[0][:p])
+    pool = _Pool(net, min(batch_size, len(prompts)), length, max(budgets) + 1, prefix, fused)
     live: dict[int, int] = {}  # slot -> prompt index
     made = [0] * pool.rows  # per slot: tokens generated so far (host mirror of pool.n)
     checked = [0] * pool.rows  # per slot: tokens the stop rule has seen
@@ -463,8 +427,7 @@ def _generate(net: _Llama, tokenizer, prompts, budgets, batch_size, progress, gr
         "length": pool.length,
         "row_steps": 0,
         "live_row_steps": 0,
-        "key_reads": 0,
-        "split_steps": 0,
+        "attention": "triton" if fused else "pytorch",
     }
     clock = _Clock(net.device)
     while waiting or live:
@@ -487,18 +450,16 @@ def _generate(net: _Llama, tokenizer, prompts, budgets, batch_size, progress, gr
             checked = [checked[old] for old in keep] + [0] * (pool.rows - len(keep))
             stats["pools"] += 1
             clock.lap(stats, "move_s")
-        # every row reads `near` positions, the few rows that reach further read up to `far`
-        reach = {slot: own[i] + made[slot] + SYNC_EVERY for slot, i in live.items()}
-        near, far = split_width(list(reach.values()), FAR_ROWS if pool.rows > FAR_ROWS else 0, pool.length)
-        pool.set_far_rows([slot for slot, r in reach.items() if r > near])
-        captured = pool.decode(net, SYNC_EVERY, (near, far), graphs)
+        # PyTorch's attention reads every row as far as the furthest live one gets in these steps; the kernel needs
+        # no width (0: one CUDA graph a pool)
+        reach = max(own[i] + made[slot] + SYNC_EVERY for slot, i in live.items())
+        width = 0 if fused else min(_round_up(reach, KEY_BLOCK), pool.length)
+        captured = pool.decode(net, SYNC_EVERY, width, graphs)
         graphs = graphs and captured >= 0
         stats["cuda_graphs"] += max(captured, 0)
         stats["decode_steps"] += SYNC_EVERY
         stats["row_steps"] += SYNC_EVERY * pool.rows  # rows decoded, live or not
         stats["live_row_steps"] += SYNC_EVERY * len(live)
-        stats["key_reads"] += SYNC_EVERY * (pool.rows * near + FAR_ROWS * (far - near))
-        stats["split_steps"] += SYNC_EVERY * (near < far)
         for slot in live:
             made[slot] += SYNC_EVERY
         # the stop rule, on the host: Python only where a row wrote an EOS or a newline, or reached its budget

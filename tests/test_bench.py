@@ -34,16 +34,24 @@ def test_train_speed_runs_the_product_beside_the_peer(tmp_path, conll_dir, llama
 @pytest.mark.slow
 def test_eval_speed_on_a_shape_decodes_each_row_its_recorded_length(tmp_path, conll_dir, llama2_tokenizer_dir):
     """bench.py eval-speed --shape tiny (CPU): every prompt decodes exactly the length its response took in the
-    given responses file (+1 for its EOS), NF4 + LoRA and bf16, with and without CUDA graphs (eager on a CPU), NF4
-    also with its 4-bit kernels at each step, the `generate` and `pipeline` peers run on the first sentences, and the
-    row names the command and the raw JSON."""
+    given responses file (+1 for its EOS), NF4 + LoRA and bf16, with and without CUDA graphs (eager on a CPU) and with
+    PyTorch's attention, NF4 also with its 4-bit kernels at each step, the `generate` and `pipeline` peers run on the
+    first sentences, and the row names the command and the raw JSON."""
     env = {**os.environ, "CONLL_DIR": str(conll_dir), "LLAMA2_TOKENIZER": str(llama2_tokenizer_dir)}
     lengths = [3, 9, 1, 14, 6, 2, 11, 5]
     responses = tmp_path / "responses.jsonl"
     responses.write_text("".join(json.dumps({"generated_tokens": n}) + "\n" for n in lengths))
     args = ["--out", str(tmp_path), "eval-speed", "--shape", "tiny", "--lengths", str(responses)]
     proc = subprocess.run(
-        [sys.executable, "benchmarks/bench.py", *args, "--peer-sentences", "4", "--also-eager"],
+        [
+            sys.executable,
+            "benchmarks/bench.py",
+            *args,
+            "--peer-sentences",
+            "4",
+            "--also-eager",
+            "--also-pytorch-attention",
+        ],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -53,7 +61,9 @@ def test_eval_speed_on_a_shape_decodes_each_row_its_recorded_length(tmp_path, co
     (raw,) = tmp_path.glob("eval-speed-tiny-*/result.json")
     result = json.loads(raw.read_text())
     assert result["sentences"] == len(lengths) and result["generated_tokens"] == sum(lengths) + len(lengths)
-    assert set(result["ours"]) == {"nf4-lora", "nf4-lora-eager", "nf4-lora-4bit-each-step", "bf16", "bf16-eager"}
+    kinds = ("", "-eager", "-pytorch-attention")
+    assert set(result["ours"]) == {m + k for m in ("nf4-lora", "bf16") for k in kinds} | {"nf4-lora-4bit-each-step"}
+    assert result["ours"]["bf16-pytorch-attention"]["engine"]["attention"] == "pytorch"
     assert result["ours"]["nf4-lora-4bit-each-step"]["engine"]["dequantized_bytes"] == 0
     assert result["peer_static"]["sentences"] == result["peer"]["sentences"] == 4
     row = proc.stdout.strip().splitlines()[-1]

@@ -14,13 +14,11 @@ from qloraner.decode import (
     PREFILL_TOKENS,
     _attention,
     _common_prefix,
-    _decode_attention,
     _prefill_passes,
     _stopped,
     generate_greedy,
     kv_bytes_per_token,
     newline_table,
-    split_width,
 )
 from qloraner.evaluate import load_for_eval
 from qloraner.model import load_base, load_tokenizer
@@ -62,9 +60,9 @@ def _one_at_a_time(model, prompt: list[int], budget: int, eos: int) -> list[int]
 def test_greedy_equals_one_prompt_at_a_time(which, tiny_model, grouped_model, conll_dir):
     """24 prompts of mixed length, with budgets from 4 to 26 tokens, decode to exactly the tokens of one prompt at a
     time with no cache (fp32, NF4 weights) at batch sizes 1, 5 and 24, and at 5 with the 4-bit weights dequantized
-    once: the shared prefix, the slots refilled as rows end, the move to a smaller pool, the far rows' split attention,
-    the masks and the dequantized copies change nothing, and the 4-bit layers are back afterwards. Each path is
-    taken."""
+    once, and at 5 and 24 with the decode step's attention as the Triton kernel (interpreted): the shared prefix, the
+    slots refilled as rows end, the move to a smaller pool, the masks, the kernel and the dequantized copies change
+    nothing, and the 4-bit layers are back afterwards. Each path is taken."""
     path = tiny_model if which == "tiny" else grouped_model
     tok = load_tokenizer(path, padding_side="left")
     model = load_base(path, CPU).eval()
@@ -75,13 +73,15 @@ def test_greedy_equals_one_prompt_at_a_time(which, tiny_model, grouped_model, co
     four_bit = [name for name, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit)]
     runs = {bs: generate_greedy(model, tok, prompts, budgets, bs) for bs in (1, 5, 24)}
     runs["5, dequantized"] = generate_greedy(model, tok, prompts, budgets, 5, dequantize=True)
+    for bs in (5, 24):
+        runs[f"{bs}, fused"] = generate_greedy(model, tok, prompts, budgets, bs, fused=True)
     for bs, gen in runs.items():
         assert gen.tokens == expected, f"batch size {bs}"
     assert runs["5, dequantized"].stats["dequantized_bytes"] > 0 == runs[5].stats["dequantized_bytes"]
     assert [name for name, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit)] == four_bit != []
     assert runs[5].stats["prefill_passes"] > 24 / 5 + 1  # slots were refilled as rows ended
     assert runs[24].stats["pools"] > 1  # the last rows moved to a smaller pool
-    assert runs[24].stats["split_steps"] > 0  # a few far rows read past the width the others read
+    assert runs["24, fused"].stats["attention"] == "triton" != runs[24].stats["attention"]
     assert runs[24].stats["shared_prefix"] > 20  # the instruction was computed and kept once
 
 
@@ -211,43 +211,25 @@ def test_prefill_passes_cover_every_row_once_with_bounded_padding(lengths):
         start += n
 
 
-@settings(max_examples=50, deadline=None)
-@given(st.integers(2, 6), st.integers(1, 2), st.sampled_from([1, 3]), st.integers(2, 12), st.data())
-def test_decode_attention_split_at_near_equals_pytorch_sdpa(batch, kv, group, keys, data):
-    """Every row reading a shared prefix of 0-4 keys and its own [0, near), and the named far rows also [near, far)
-    (filler entries repeating a row that is not far), equals PyTorch's SDPA over the prefix and each row's keys up to
-    near, or up to far for a far row."""
+@settings(max_examples=30, deadline=None)
+@given(st.integers(1, 4), st.integers(1, 2), st.sampled_from([1, 3]), st.integers(1, 150), st.data())
+def test_decode_attention_kernel_equals_pytorch_sdpa(batch, kv, group, keys, data):
+    """The Triton kernel (interpreted): each row's one query over a shared prefix of 0-70 keys and its own first
+    n_own positions (1 to 150: across blocks of 64) equals PyTorch's SDPA over the prefix copied before each row's
+    keys up to n_own; positions past n_own are never read (NaN there changes nothing)."""
+    from qloraner.kernels import decode_attention
+
     gen = torch.Generator().manual_seed(data.draw(st.integers(0, 2**16)))
-    shared = data.draw(st.integers(0, 4))
-    near = data.draw(st.integers(1, keys))
-    far_set = data.draw(st.sets(st.integers(0, batch - 1), max_size=batch - 1)) if near < keys else set()
-    spare = next(r for r in range(batch) if r not in far_set)
-    rows = sorted(far_set) + [spare] * 2
-    q = torch.randn(batch, kv * group, 1, 8, generator=gen)
-    k, v = (torch.randn(batch, kv, keys + 3, 8, generator=gen) for _ in range(2))  # 3 positions past far: unread
-    valid = torch.rand(batch, keys + 3, generator=gen) < 0.6
-    valid[:, 0] = True
-    reads = valid.clone()
-    reads[:, keys:] = False
-    reads[[r for r in range(batch) if r not in far_set], near:] = False
-    pk, pv = (torch.randn(kv, shared, 8, generator=gen) for _ in range(2))
-    keys_all, values_all, reads_all = _with_shared(k, v, reads[:, None], pk, pv)
+    shared = data.draw(st.integers(0, 70))
+    n_own = torch.tensor(data.draw(st.lists(st.integers(1, keys), min_size=batch, max_size=batch)))
+    q = torch.randn(batch, kv * group, 1, 16, generator=gen)
+    k, v = (torch.randn(batch, kv, keys + 3, 16, generator=gen) for _ in range(2))
+    mine = torch.arange(keys + 3)[None] < n_own[:, None]
+    k, v = k.masked_fill(~mine[:, None, :, None], float("nan")), v.masked_fill(~mine[:, None, :, None], float("nan"))
+    pk, pv = (torch.randn(kv, shared, 16, generator=gen) for _ in range(2))
+    keys_all, values_all, mine_all = _with_shared(k.nan_to_num(), v.nan_to_num(), mine[:, None], pk, pv)
     expected = torch.nn.functional.scaled_dot_product_attention(
-        q, keys_all, values_all, attn_mask=reads_all[:, None], enable_gqa=True
+        q, keys_all, values_all, attn_mask=mine_all[:, None], enable_gqa=True
     )
-    far_real = torch.tensor([True] * len(far_set) + [False] * 2)
-    ours = _decode_attention(q, k, v, valid, 8**-0.5, near, keys, torch.tensor(rows), far_real, (pk, pv))
+    ours = decode_attention(q, k, v, n_own, 16**-0.5, (pk, pv))
     torch.testing.assert_close(ours, expected.transpose(1, 2).reshape(batch, 1, -1), atol=1e-5, rtol=1e-5)
-
-
-@given(st.lists(st.integers(1, 1000), min_size=1, max_size=80), st.integers(0, 20), st.integers(1, 20))
-def test_split_width_leaves_at_most_the_far_rows_beyond_near(reach, far_rows, blocks):
-    """far covers every reach (up to the cache length); near is a whole number of blocks, and at most `far_rows`
-    rows reach past it, and one block less would leave more (or near is the first block)."""
-    from qloraner.decode import KEY_BLOCK
-
-    length = blocks * KEY_BLOCK
-    near, far = split_width(reach, far_rows, length)
-    assert far == min(length, -(-max(reach) // KEY_BLOCK) * KEY_BLOCK) and near % KEY_BLOCK == 0 and near <= far
-    assert near == far or sum(r > near for r in reach) <= far_rows
-    assert near == KEY_BLOCK or sum(r > near - KEY_BLOCK for r in reach) > far_rows

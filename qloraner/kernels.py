@@ -19,33 +19,24 @@ BLOCK = 64  # keys per iteration
 
 
 @triton.jit
-def _keys(qt, k, v, pos, limit, top, total, acc, scale, D: tl.constexpr, DOT: tl.constexpr):
+def _keys(qt, k, v, pos, limit, top, total, acc, scale, D: tl.constexpr):
     """Fold the keys and values at positions `pos` (< limit; D contiguous values a position) into the running max
-    `top`, sum `total` and weighted values `acc` of the query heads `qt`: through matrix products (DOT) or
-    elementwise products and sums."""
+    `top`, sum `total` and weighted values `acc` of the query heads `qt`."""
     live = pos < limit
     d = tl.arange(0, D)
     kt = tl.load(k + pos[:, None] * D + d[None, :], mask=live[:, None], other=0.0)
-    if DOT:
-        scores = tl.dot(qt, tl.trans(kt))
-    else:
-        scores = tl.sum(qt.to(tl.float32)[:, None, :] * kt.to(tl.float32)[None, :, :], 2)
-    scores = tl.where(live[None, :], scores * scale, float("-inf"))
+    scores = tl.where(live[None, :], tl.dot(qt, tl.trans(kt)) * scale, float("-inf"))
     new_top = tl.maximum(top, tl.max(scores, 1))
     weights = tl.exp(scores - new_top[:, None])
     fade = tl.exp(top - new_top)  # what the old max's terms are worth under the new one
     vt = tl.load(v + pos[:, None] * D + d[None, :], mask=live[:, None], other=0.0)
-    if DOT:
-        mixed = tl.dot(weights.to(vt.dtype), vt)
-    else:
-        mixed = tl.sum(weights[:, :, None] * vt.to(tl.float32)[None, :, :], 1)
-    return new_top, total * fade + tl.sum(weights, 1), acc * fade[:, None] + mixed
+    return new_top, total * fade + tl.sum(weights, 1), acc * fade[:, None] + tl.dot(weights.to(vt.dtype), vt)
 
 
 @triton.jit
 def _decode_attention_kernel(
     q, k, v, pk, pv, n_own, out, scale, shared, q_row, q_head, k_row, k_head, p_head, o_row, o_head,
-    GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr, DOT: tl.constexpr,
+    GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
     row, head = tl.program_id(0), tl.program_id(1)
     g, d, j = tl.arange(0, GROUP_PAD), tl.arange(0, D), tl.arange(0, BLOCK)
@@ -57,20 +48,19 @@ def _decode_attention_kernel(
     acc = tl.zeros([GROUP_PAD, D], tl.float32)
     for start in range(0, shared, BLOCK):  # the prefix every row shares
         top, total, acc = _keys(
-            qt, pk + head * p_head, pv + head * p_head, start + j, shared, top, total, acc, scale, D, DOT
+            qt, pk + head * p_head, pv + head * p_head, start + j, shared, top, total, acc, scale, D
         )
     n = tl.load(n_own + row)
     mine = row * k_row + head * k_head
     for start in range(0, n, BLOCK):  # the row's own positions, as far as it has come
-        top, total, acc = _keys(qt, k + mine, v + mine, start + j, n, top, total, acc, scale, D, DOT)
+        top, total, acc = _keys(qt, k + mine, v + mine, start + j, n, top, total, acc, scale, D)
     result = (acc / total[:, None]).to(out.dtype.element_ty)
     tl.store(out + row * o_row + heads[:, None] * o_head + d[None, :], result, mask=real)
 
 
 def decode_attention(q, k, v, n_own, scale: float, prefix) -> torch.Tensor:
     """One query per row: q [B, H, 1, D] over the shared prefix keys and values [KV, P, D] and the row's own
-    positions [0, n_own) of k, v [B, KV, L, D] (contiguous) → [B, 1, H·D]: what decode._attention computes over the
-    prefix and the first n_own positions."""
+    positions [0, n_own) of k, v [B, KV, L, D] (contiguous) → [B, 1, H·D]. What decode._decode_attention computes."""
     b, h, _, d = q.shape
     kv = k.shape[1]
     pk, pv = prefix
@@ -79,6 +69,6 @@ def decode_attention(q, k, v, n_own, scale: float, prefix) -> torch.Tensor:
     _decode_attention_kernel[(b, kv)](
         q, k, v, pk, pv, n_own, out, scale, pk.shape[1],
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), pk.stride(0), out.stride(0), out.stride(1),
-        GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), D=d, BLOCK=BLOCK, DOT=True,
+        GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), D=d, BLOCK=BLOCK,
     )  # fmt: skip
     return out.view(b, 1, h * d)

@@ -15,7 +15,9 @@ import torch
 import triton
 import triton.language as tl
 
-BLOCK = 64  # keys per iteration
+# keys per iteration, warps and pipeline stages a program: the fastest of a sweep on an H200 at the 7B and SmolLM2
+# shapes (RESULTS.md); one warp a (row, key head) leaves the most programs in flight
+BLOCK, WARPS, STAGES = 32, 1, 3
 
 
 @triton.jit
@@ -60,7 +62,8 @@ def _decode_attention_kernel(
 
 def decode_attention(q, k, v, n_own, scale: float, prefix) -> torch.Tensor:
     """One query per row: q [B, H, 1, D] over the shared prefix keys and values [KV, P, D] and the row's own
-    positions [0, n_own) of k, v [B, KV, L, D] (contiguous) → [B, 1, H·D]. What decode._decode_attention computes."""
+    positions [0, n_own) of k, v [B, KV, L, D] (contiguous) → [B, 1, H·D]: what decode._attention computes over the
+    prefix and the first n_own positions."""
     b, h, _, d = q.shape
     kv = k.shape[1]
     pk, pv = prefix
@@ -70,5 +73,6 @@ def decode_attention(q, k, v, n_own, scale: float, prefix) -> torch.Tensor:
         q, k, v, pk, pv, n_own, out, scale, pk.shape[1],
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), pk.stride(0), out.stride(0), out.stride(1),
         GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), D=d, BLOCK=BLOCK,
+        num_warps=WARPS, num_stages=STAGES,
     )  # fmt: skip
     return out.view(b, 1, h * d)

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from qloraner import QloranerError, first_line
-from qloraner.model import dequantize_four_bit, dequantized_bytes
+from qloraner.model import compile_unavailable, dequantize_four_bit, dequantized_bytes
 from qloraner.parse import is_explicit_empty, parse_response
 
 STOP_TEXT = "\n\n"  # our responses hold no blank line: one after the answer ends it
@@ -131,11 +131,11 @@ def _attention(q, k, v, mask, scale: float, prefix=None):
 
 
 def _fused_attention():
-    """The Triton kernel's launcher, or None where Triton is not installed."""
+    """The Triton kernel's launcher (qloraner.kernels)."""
     try:
         from qloraner.kernels import decode_attention
-    except ImportError:
-        return None
+    except ImportError as err:
+        raise QloranerError(f"the decode step's fused attention needs Triton ({first_line(err)})") from err
     return decode_attention
 
 
@@ -234,7 +234,7 @@ class _Pool:
         kernel reads each row's own). Device tensors only, so a CUDA graph can capture it."""
         cur = self.cur.clamp(max=self.length - 1)  # a stopped row idles until refilled: keep its writes in bounds
         at = (self.heads_at + cur[:, None]).flatten()
-        mine = torch.arange(width, device=cur.device) <= cur[:, None, None]  # [B, 1, width]: unused when fused
+        mine = None if self.fused else torch.arange(width, device=cur.device) <= cur[:, None, None]  # [B, 1, width]
 
         def attend(i, q, k, v, scale):
             d = k.shape[-1]
@@ -383,8 +383,8 @@ def generate_greedy(
     graphs: capture the decode step as CUDA graphs (on a GPU). stop=False decodes exactly budgets[i] tokens.
     dequantize: decode with the 4-bit weights dequantized once (see _dequantized); default: on a GPU when the
     copies fit DEQUANT_SHARE of its free memory.
-    fused: the decode step's attention as one Triton kernel (qloraner.kernels); default: on a GPU where Triton is
-    installed. On a CPU it runs only under TRITON_INTERPRET=1 (the tests).
+    fused: the decode step's attention as one Triton kernel (qloraner.kernels); default: where Triton can build it (a
+    CUDA GPU with Triton and a C compiler). On a CPU it runs only under TRITON_INTERPRET=1 (the tests).
     """
     if not prompts:
         return Generation([], 0)
@@ -392,9 +392,12 @@ def generate_greedy(
     size = dequantized_bytes(model, net.dtype)
     if dequantize is None:
         dequantize = net.device.type == "cuda" and size <= DEQUANT_SHARE * torch.cuda.mem_get_info(net.device)[0]
-    launcher = _fused_attention() if fused or (fused is None and net.device.type == "cuda") else None
-    if fused and launcher is None:
-        raise QloranerError("fused attention needs Triton (pip install triton)")
+    if fused is None:
+        why = compile_unavailable(net.device)
+        fused = why is None
+        if why and net.device.type == "cuda":
+            print(f"qloraner: the decode step's attention runs in PyTorch: {why}", flush=True)
+    launcher = _fused_attention() if fused else None
     with _dequantized(model, net.dtype) if dequantize and size else nullcontext():
         gen = _generate(net, tokenizer, prompts, budgets, batch_size, progress, graphs, stop, launcher)
     gen.stats["dequantized_bytes"] = size if dequantize else 0

@@ -215,8 +215,8 @@ def test_prefill_passes_cover_every_row_once_with_bounded_padding(lengths):
 @given(st.integers(1, 4), st.integers(1, 2), st.sampled_from([1, 3]), st.integers(1, 150), st.data())
 def test_decode_attention_kernel_equals_pytorch_sdpa(batch, kv, group, keys, data):
     """The Triton kernel (interpreted): each row's one query over a shared prefix of 0-70 keys and its own first
-    n_own positions (1 to 150: across blocks of 64) equals PyTorch's SDPA over the prefix copied before each row's
-    keys up to n_own; positions past n_own are never read (NaN there changes nothing)."""
+    n_own positions (1 to 150: across several of its blocks) equals PyTorch's SDPA over the prefix copied before each
+    row's keys up to n_own; positions past n_own are never read (NaN there changes nothing)."""
     from qloraner.kernels import decode_attention
 
     gen = torch.Generator().manual_seed(data.draw(st.integers(0, 2**16)))

@@ -130,8 +130,16 @@ def _attention(q, k, v, mask, scale: float, prefix=None):
     return out.to(v.dtype).view(b, h, s, d).transpose(1, 2).reshape(b, s, h * d)
 
 
-def _fused_attention():
+def _head_unfit(net: _Llama) -> str | None:
+    """Why the Triton kernel can't take this model's heads (its head size must be a power of two from 16), or None."""
+    d = net.head_dim
+    return f"the kernel takes head sizes that are powers of two from 16, not {d}" if d < 16 or d & (d - 1) else None
+
+
+def _fused_attention(net: _Llama):
     """The Triton kernel's launcher (qloraner.kernels)."""
+    if why := _head_unfit(net):
+        raise QloranerError(f"the decode step's fused attention: {why}")
     try:
         from qloraner.kernels import decode_attention
     except ImportError as err:
@@ -393,11 +401,11 @@ def generate_greedy(
     if dequantize is None:
         dequantize = net.device.type == "cuda" and size <= DEQUANT_SHARE * torch.cuda.mem_get_info(net.device)[0]
     if fused is None:
-        why = compile_unavailable(net.device)
+        why = compile_unavailable(net.device) or _head_unfit(net)
         fused = why is None
         if why and net.device.type == "cuda":
             print(f"qloraner: the decode step's attention runs in PyTorch: {why}", flush=True)
-    launcher = _fused_attention() if fused else None
+    launcher = _fused_attention(net) if fused else None
     with _dequantized(model, net.dtype) if dequantize and size else nullcontext():
         gen = _generate(net, tokenizer, prompts, budgets, batch_size, progress, graphs, stop, launcher)
     gen.stats["dequantized_bytes"] = size if dequantize else 0

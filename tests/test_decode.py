@@ -85,6 +85,25 @@ def test_greedy_equals_one_prompt_at_a_time(which, tiny_model, grouped_model, co
     assert runs[24].stats["shared_prefix"] > 20  # the instruction was computed and kept once
 
 
+def test_the_kernel_refuses_a_head_size_it_cannot_take_and_pytorch_decodes_it(tiny_model, conll_dir):
+    """A model whose heads are 24 wide (not a power of two) decodes with PyTorch's attention by default, as one
+    prompt at a time does, and asking for the Triton kernel is refused with the head size named."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from qloraner import QloranerError
+
+    torch.manual_seed(2)
+    config = LlamaConfig.from_pretrained(tiny_model)
+    model = LlamaForCausalLM(LlamaConfig(**{**config.to_dict(), "hidden_size": 96, "head_dim": 24})).eval()
+    tok = load_tokenizer(tiny_model, padding_side="left")
+    prompts = _prompt_ids(tok, conll_dir, 3)
+    gen = generate_greedy(model, tok, prompts, [6] * 3, 3)
+    assert gen.tokens == [_one_at_a_time(model, p, 6, tok.eos_token_id) for p in prompts]
+    assert gen.stats["attention"] == "pytorch"
+    with pytest.raises(QloranerError, match="powers of two from 16, not 24"):
+        generate_greedy(model, tok, prompts, [6] * 3, 3, fused=True)
+
+
 def test_a_longer_shared_instruction_leaves_the_rows_caches_as_long(tiny_model, conll_dir):
     """The prompts' shared prefix is kept once, outside the rows' caches: 64 more tokens shared by every prompt make
     the shared prefix 64 longer and leave the length of the pool's cache as it was."""

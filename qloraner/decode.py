@@ -242,7 +242,8 @@ class _Pool:
         kernel reads each row's own). Device tensors only, so a CUDA graph can capture it."""
         cur = self.cur.clamp(max=self.length - 1)  # a stopped row idles until refilled: keep its writes in bounds
         at = (self.heads_at + cur[:, None]).flatten()
-        mine = None if self.fused else torch.arange(width, device=cur.device) <= cur[:, None, None]  # [B, 1, width]
+        seen = cur + 1  # own positions a row attends to: 0..cur, once a step rather than once a layer
+        mine = None if self.fused else torch.arange(width, device=cur.device) < seen[:, None, None]  # [B, 1, width]
 
         def attend(i, q, k, v, scale):
             d = k.shape[-1]
@@ -250,7 +251,7 @@ class _Pool:
             self.v[i].view(-1, d).index_copy_(0, at, v.reshape(-1, d))
             shared = (self.prefix[0][i], self.prefix[1][i])
             if self.fused:
-                return self.fused(q, self.k[i], self.v[i], cur + 1, scale, shared)
+                return self.fused(q, self.k[i], self.v[i], seen, scale, shared)
             return _attention(q, self.k[i][:, :, :width], self.v[i][:, :, :width], mine, scale, shared)
 
         nxt = net.next_token(net.hidden(self.tok[:, None], self.offset + cur[:, None], attend)[:, -1])
@@ -461,10 +462,10 @@ def _generate(net: _Llama, tokenizer, prompts, budgets, batch_size, progress, gr
             checked = [checked[old] for old in keep] + [0] * (pool.rows - len(keep))
             stats["pools"] += 1
             clock.lap(stats, "move_s")
-        # PyTorch's attention reads every row as far as the furthest live one gets in these steps; the kernel needs
-        # no width (0: one CUDA graph a pool)
-        reach = max(own[i] + made[slot] + SYNC_EVERY for slot, i in live.items())
-        width = 0 if fused else min(_round_up(reach, KEY_BLOCK), pool.length)
+        width = 0  # the kernel needs none: one CUDA graph a pool
+        if not fused:  # PyTorch's attention reads every row as far as the furthest live one gets in these steps
+            reach = max(own[i] + made[slot] + SYNC_EVERY for slot, i in live.items())
+            width = min(_round_up(reach, KEY_BLOCK), pool.length)
         captured = pool.decode(net, SYNC_EVERY, width, graphs)
         graphs = graphs and captured >= 0
         stats["cuda_graphs"] += max(captured, 0)

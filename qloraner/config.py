@@ -120,6 +120,11 @@ class TrainConfig:
         "multiply by the frozen base's NF4 weights dequantized once (the same products, no dequantization per "
         "matmul); default: on GPUs when the copies take at most 1 GiB (a 135M model: 0.2 GiB; a 7B one stays 4-bit)",
     )
+    dequantize_in_graph: bool | None = opt(
+        None,
+        "with --compile, the NF4 weights left 4-bit are dequantized by each compiled layer's own fused kernels instead "
+        "of bitsandbytes' operations (the same values); default: on with --compile",
+    )
     seed: int = opt(42, "seed for data order, dropout and LoRA init")
     save_every: int = opt(200, "save a checkpoint every N optimizer steps (0 = only at the end)", ge=0)
     log_every: int = opt(1, "log metrics to MLflow every N steps", gt=0)
@@ -141,6 +146,8 @@ class TrainConfig:
         errors = _field_errors(self)
         if self.max_steps == 0 and self.epochs == 0:
             errors.append("--epochs or --max-steps: one must be > 0")
+        if self.dequantize_in_graph and self.compile is False:
+            errors.append("--dequantize-in-graph: needs --compile")
         if not self.target_module_list:
             errors.append("--target-modules: name at least one module")
         if self.eval_after and self.eval_split in self.train_splits[1:]:

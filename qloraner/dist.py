@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 
 import torch
@@ -43,21 +42,11 @@ def any_(flag: bool, device: torch.device) -> bool:
     return bool(sum_(torch.tensor([float(flag)], device=device)).item() > 0) if active() else flag
 
 
-def wrap_lora(module: torch.nn.Module, device: torch.device) -> torch.nn.Module:
-    """DDP over the trainable (LoRA) parameters alone: the frozen NF4 base and the buffers are never
-    broadcast or reduced. In a single process the module is returned as it is."""
-    if not active():
-        return module
-    from torch.nn.parallel import DistributedDataParallel as DDP
-
-    frozen = [n for n, p in module.named_parameters() if not p.requires_grad] + [n for n, _ in module.named_buffers()]
-    DDP._set_params_and_buffers_to_ignore_for_model(module, frozen)
-    return DDP(module, device_ids=[device] if device.type == "cuda" else None, broadcast_buffers=False)
-
-
-def no_sync(module: torch.nn.Module, last: bool):
-    """Skip DDP's gradient all-reduce on every micro-step but a step's last."""
-    return contextlib.nullcontext() if last or not hasattr(module, "no_sync") else module.no_sync()
+def broadcast_(tensor: torch.Tensor) -> torch.Tensor:
+    """Rank 0's values on every rank (in place), returned for chaining."""
+    if active():
+        td.broadcast(tensor, src=0)
+    return tensor
 
 
 def gather(obj: object) -> list[object] | None:

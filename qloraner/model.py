@@ -207,6 +207,57 @@ def dequantize_four_bit(model, dtype: torch.dtype) -> list[tuple[torch.nn.Module
     return swapped
 
 
+class NF4Linear(torch.nn.Module):
+    """A frozen NF4 linear layer (double-quantized scales, as load_base makes them) that dequantizes its weight with
+    plain tensor operations at every call: each weight is code[its 4 bits] * its block's scale in fp32, the scale
+    being code2[its byte] * its block's absmax2 + offset, rounded once to the layer's dtype (bitsandbytes' values).
+
+    Inside a compiled layer those operations fuse into one kernel a weight that the graph launches itself, where
+    bitsandbytes' own operations are opaque calls the compiled code makes through Python, hundreds a step (the 7B
+    recipe's steps waited on them: benchmarks/RESULTS.md). Eager, they would build temporaries of the weight's size:
+    use it only under torch.compile."""
+
+    def __init__(self, layer) -> None:
+        super().__init__()
+        state = layer.weight.quant_state
+        if state.quant_type != "nf4" or not state.nested:
+            raise ValueError(
+                f"NF4Linear takes NF4 with double quantization, not {state.quant_type} (nested: {state.nested})"
+            )
+        self.out_features, self.in_features = state.shape
+        self.blocksize, self.blocksize2, self.dtype = state.blocksize, state.state2.blocksize, state.dtype
+        quantized = dict(
+            packed=layer.weight.data.view(-1),  # two 4-bit codes a byte, the first in the high bits
+            scales=state.absmax,  # one byte a block of `blocksize` weights
+            code=state.code,
+            absmax2=state.state2.absmax,  # fp32, one a block of `blocksize2` scales
+            code2=state.state2.code,
+            offset=state.offset,
+        )
+        for name, tensor in quantized.items():
+            self.register_buffer(name, tensor, persistent=False)
+        self.bias = layer.bias
+
+    def weight(self) -> torch.Tensor:
+        i = torch.arange(self.out_features * self.in_features, device=self.packed.device)
+        byte = self.packed[i // 2].long()
+        bits = torch.where(i % 2 == 0, byte >> 4, byte & 15)
+        block = i // self.blocksize
+        scale = self.code2[self.scales[block].long()] * self.absmax2[block // self.blocksize2] + self.offset
+        return (self.code[bits] * scale).to(self.dtype).view(self.out_features, self.in_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.linear(x, self.weight().to(x.dtype), self.bias)
+
+
+def dequantize_in_graph(model) -> None:
+    """Replace each 4-bit linear layer by an NF4Linear holding the same quantized tensors (no copy). A layer whose
+    rows are not whole blocks of 64 weights (no LLaMA shape) stays with bitsandbytes, whose kernels differ there."""
+    for parent, name, layer in four_bit_layers(model):
+        if layer.in_features % layer.weight.quant_state.blocksize == 0:
+            setattr(parent, name, NF4Linear(layer))
+
+
 def _is_linear(module) -> bool:
     import bitsandbytes as bnb
 

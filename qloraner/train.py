@@ -37,6 +37,7 @@ from qloraner.model import (
     compile_unavailable,
     compute_dtype,
     dequantize_four_bit,
+    dequantize_in_graph,
     dequantized_bytes,
     load_base,
     load_tokenizer,
@@ -97,7 +98,7 @@ def collate(
 
 
 class SupervisedLoss(torch.nn.Module):
-    """The PEFT model with the training loss as its forward, so that DDP wraps the whole forward pass."""
+    """The PEFT model with the training loss as its forward."""
 
     def __init__(self, model) -> None:
         super().__init__()
@@ -157,7 +158,7 @@ class Run:
     micro: int  # most sequences per forward pass in this process
     accum: int  # micro-steps per process and optimizer step
     model: torch.nn.Module  # the PEFT model (what checkpoints save)
-    net: torch.nn.Module  # the loss module, under DDP when several processes train
+    net: torch.nn.Module  # the loss module
     optimizer: torch.optim.Optimizer
     state: dict  # step (also the data position: one batch per step) and MLflow run id; saved in checkpoints
     last_good: Path | None  # the newest complete checkpoint
@@ -202,7 +203,8 @@ def _use_compile(config: TrainConfig, device: torch.device) -> bool:
 
 def _build_model(config: TrainConfig, model_path, device: torch.device, rank: int):
     """The NF4 base with a fresh LoRA adapter (the same init on every rank), compiled when asked; also whether its
-    frozen weights were dequantized once (--frozen-copies, resolved)."""
+    frozen weights were dequantized once and whether by the compiled layers (--frozen-copies and
+    --dequantize-in-graph, resolved)."""
     torch.manual_seed(config.seed)
     random.seed(config.seed)
     in_graph = config.compile and config.gradient_checkpointing and device.type in RECOMPUTE_IN_GRAPH_ON
@@ -219,6 +221,11 @@ def _build_model(config: TrainConfig, model_path, device: torch.device, rank: in
         copies = device.type == "cuda" and dequantized_bytes(model, dtype) <= FROZEN_COPIES_MAX_BYTES
     if copies:
         dequantize_four_bit(model, dtype)
+    nf4_in_graph = bool(config.compile and not copies and config.dequantize_in_graph is not False)
+    if nf4_in_graph:
+        dequantize_in_graph(model)
+    elif config.dequantize_in_graph:
+        raise QloranerError("--dequantize-in-graph: needs --compile, which is off here (see the line above)")
     if config.compile:
         # The first layer's input (the frozen embedding's output) must require grad like every later layer's, or
         # the first layer gets a graph of its own; HF's checkpoint already asks for this.
@@ -227,7 +234,7 @@ def _build_model(config: TrainConfig, model_path, device: torch.device, rank: in
     if rank:  # after the shared init, each rank its own dropout masks
         torch.manual_seed(config.seed + rank)
         random.seed(config.seed + rank)
-    return model, copies
+    return model, copies, nf4_in_graph
 
 
 def _claim_output_dir(config: TrainConfig):
@@ -319,13 +326,13 @@ def _load(config: TrainConfig, device: torch.device, rank: int, world: int, lock
     micro = config.micro_batch_size or math.ceil(config.batch_size / world)
     total = config.max_steps or math.ceil(config.epochs * math.ceil(len(examples) / config.batch_size))
 
-    model, copies = _build_model(config, model_path, device, rank)
-    config = dataclasses.replace(config, frozen_copies=copies)  # train_config.json: what ran
+    model, copies, nf4_in_graph = _build_model(config, model_path, device, rank)
+    config = dataclasses.replace(config, frozen_copies=copies, dequantize_in_graph=nf4_in_graph)  # what ran
     import bitsandbytes as bnb  # after the checks above: importing it prints a line about optional CPU kernels
 
     optimizer = bnb.optim.PagedAdamW(flatten_trainable(model), lr=config.lr, weight_decay=config.weight_decay)
     accum = math.ceil(config.batch_size / (world * micro))
-    net = dist.wrap_lora(SupervisedLoss(model), device)
+    net = SupervisedLoss(model)
     state = {"step": 0, "run_id": None, "data_sha256": manifest["data_sha256"]}
     run = Run(config, device, rank, world, tokenizer, examples, total, micro, accum, model, net, optimizer, state, None)
     run.lock = lock
@@ -340,6 +347,9 @@ def _load(config: TrainConfig, device: torch.device, rank: int, world: int, lock
                 f"{run.last_good}: trained on other data than {what} (its checksum "
                 "differs); give the data it was trained on, another --output-dir, or --no-resume"
             )
+    for group in optimizer.param_groups:  # every rank starts from rank 0's adapter (the same seed made it: a check)
+        for flat in group["params"]:
+            dist.broadcast_(flat.data)
     if run.main:
         _start_tracking(run, model_path, manifest, resumed=run.last_good)
     return run
@@ -376,7 +386,7 @@ def _start_tracking(run: Run, model_path, manifest: dict, resumed: Path | None) 
         f"qloraner: training {len(run.examples)} "
         f"sequences, {run.total} steps of {config.batch_size} (about {tokens / 1e6:.2f}M tokens) on {where}, "
         f"compile {'on' if config.compile else 'off'}, "
-        f"frozen weights {'dequantized once' if config.frozen_copies else 'NF4'}, recipe {config.recipe or 'none'}",
+        f"frozen weights {_frozen_form(config)}, recipe {config.recipe or 'none'}",
         flush=True,
     )
     if run.device.type == "cpu" and tokens > 1e6:
@@ -385,26 +395,32 @@ def _start_tracking(run: Run, model_path, manifest: dict, resumed: Path | None) 
         )
 
 
+def _frozen_form(config: TrainConfig) -> str:
+    if config.frozen_copies:
+        return "dequantized once"
+    return "NF4 (dequantized in the compiled layers)" if config.dequantize_in_graph else "NF4"
+
+
 def train_step(run: Run, step: int) -> dict[str, float]:
     """One optimizer step: this rank's micro-batches forward and backward, weighted by the step's supervised
-    tokens over all ranks; clip; a non-finite loss or gradient norm stops before the update; update, zero the
-    gradients. One host sync a step (reading the loss and the norm)."""
+    tokens over all ranks; the ranks' gradients summed; clip; a non-finite loss or gradient norm stops before the
+    update; update, zero the gradients. One host sync a step (reading the loss and the norm)."""
     t0 = time.perf_counter()
     mine, batch = run.micro_batches(step)
     n_sup = sum(run.examples[i].n_supervised for i in batch)  # all ranks' supervised tokens: the weight
     n_tok = sum(run.lengths[i] for i in batch)
     loss_sum = torch.zeros((), device=run.device)
-    for k, part in enumerate(mine):
-        weight = 1.0 if part else 0.0  # a step of fewer sequences than parts: a rank still joins the sync
-        rows = [run.examples[i] for i in part or batch[:1]]
-        batch_t = collate(rows, run.tokenizer.pad_token_id, run.device, compiled=run.config.compile)
-        with dist.no_sync(run.net, last=k == len(mine) - 1):  # one all-reduce per step, in the last backward
-            with torch.autocast(run.device.type, dtype=torch.bfloat16, enabled=run.device.type == "cuda"):
-                loss = run.net(**batch_t) * weight
-            (loss * (run.world / n_sup)).backward()  # DDP averages over ranks: undo it to get the token sum
+    for part in filter(None, mine):  # a step of fewer sequences than parts leaves some parts empty
+        batch_t = collate([run.examples[i] for i in part], run.tokenizer.pad_token_id, run.device, run.config.compile)
+        with torch.autocast(run.device.type, dtype=torch.bfloat16, enabled=run.device.type == "cuda"):
+            loss = run.net(**batch_t)
+        (loss / n_sup).backward()
         loss_sum += loss.detach().float()
-    # clip, then read the loss and the norm in one host sync: a non-finite one stops before the update
+    # sum the ranks' gradients: one all-reduce of the flat gradient, in place of DDP's hooks on every LoRA tensor
     params = [p for group in run.optimizer.param_groups for p in group["params"]]
+    for p in params:
+        dist.sum_(p.grad)
+    # clip, then read the loss and the norm in one host sync: a non-finite one stops before the update
     norm = torch.nn.utils.clip_grad_norm_(params, run.config.max_grad_norm or float("inf"))
     loss_total, grad_norm = torch.stack([dist.sum_(loss_sum), norm.float()]).tolist()  # NaN on any rank: on all
     if not (math.isfinite(loss_total) and math.isfinite(grad_norm)):
@@ -421,7 +437,9 @@ def train_step(run: Run, step: int) -> dict[str, float]:
         "tokens_per_s": n_tok / dt,
         "supervised_tokens_per_s": n_sup / dt,
         "step_s": dt,
-        "micro_batches": len(mine),  # this rank's forward passes: more where --micro-batch-tokens split the step
+        "micro_batches": sum(
+            map(bool, mine)
+        ),  # this rank's forward passes: more where --micro-batch-tokens split the step
     }
     if run.device.type == "cuda":
         metrics["gpu_mem_gib"] = torch.cuda.max_memory_allocated(run.device) / 2**30
@@ -472,7 +490,7 @@ def train_adapter(config: TrainConfig, device: torch.device | None = None, on_st
 
     Under torchrun every rank runs this: each step's `batch_size` sequences are split into micro-batches
     the same way on all ranks and dealt out by a DistributedSampler, so what a step computes does not
-    depend on the number of processes; only the LoRA parameters are in DDP.
+    depend on the number of processes; the ranks sum their LoRA gradients (the frozen base is never sent).
     """
     import mlflow
 

@@ -5,12 +5,15 @@ import pytest
 import torch
 import torch.distributed as td
 import torch.multiprocessing as mp
+from hypothesis import given
+from hypothesis import strategies as st
 from transformers import AutoConfig
 
 from qloraner import QloranerError
 from qloraner.model import (
     CUDA_HEADERS,
     RECOMPUTE_BUDGET,
+    NF4Linear,
     add_lora,
     compile_layers,
     cuda_headers,
@@ -174,3 +177,32 @@ def test_cuda_headers_are_found_only_where_all_of_them_are(monkeypatch, tmp_path
         assert cuda_headers() is None, header
         (tmp_path / "include" / header).write_text("/* an API */\n")
     assert cuda_headers() == tmp_path / "include"
+
+
+@given(
+    rows=st.integers(1, 96),
+    # rows of whole blocks of 64 weights, as dequantize_in_graph takes them (bitsandbytes' CPU kernel scales a block
+    # that spans two rows otherwise than its reference implementation in PyTorch)
+    cols=st.integers(1, 6).map(lambda c: 64 * c),
+    dtype=st.sampled_from([torch.float32, torch.bfloat16]),
+    bias=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_nf4_linear_equals_bitsandbytes(rows, cols, dtype, bias, seed):
+    """NF4Linear's weight (plain tensor operations) is bitsandbytes' dequantized NF4 weight bit for bit, and its
+    outputs are the 4-bit layer's, for any number of rows (blocks of 256 scales cut anywhere) in the dtypes we train
+    in (the layer quantized from that dtype, as load_base does)."""
+    torch.manual_seed(seed)
+    layer = bnb.nn.Linear4bit(cols, rows, bias=bias, compute_dtype=dtype, quant_type="nf4", device="meta")
+    layer.weight = bnb.nn.Params4bit(
+        torch.randn(rows, cols, dtype=dtype), requires_grad=False, quant_type="nf4", compress_statistics=True
+    )
+    if bias:
+        layer.bias = torch.nn.Parameter(torch.randn(rows, dtype=dtype), requires_grad=False)
+    layer = layer.to("cpu")
+    layer.support_avx512bf16_for_cpu = False  # as load_base keeps it
+    assert layer.weight.quant_state.nested
+    mine = NF4Linear(layer)
+    assert torch.equal(mine.weight(), bnb.functional.dequantize_4bit(layer.weight.data, layer.weight.quant_state))
+    x = torch.randn(5, cols, dtype=dtype)
+    assert torch.equal(mine(x), layer(x))

@@ -146,15 +146,42 @@ def test_accumulation_matches_one_big_batch(tmp_path, tiny_model, conll_dir):
 
 def test_compiled_layers_train_like_eager(tmp_path, tiny_model, conll_dir):
     """--compile (torch.compile per decoder layer, checkpointing on, lengths varying per step) gives eager's grad
-    norms and adapter to 1e-4."""
+    norms and adapter to 1e-4, with the NF4 weights dequantized in the compiled graphs (the default) and through
+    bitsandbytes (--no-dequantize-in-graph); each run records which it was."""
     from torch._dynamo.utils import counters
 
     runs = []
-    for name, compiled in [("eager", False), ("compiled", True)]:
+    for name, compiled, in_graph in [("eager", False, None), ("compiled", True, None), ("bnb", True, False)]:
         counters.clear()
-        runs.append(_norms_and_adapter(_config(tmp_path, tiny_model, conll_dir, name, max_steps=3, compile=compiled)))
+        config = _config(
+            tmp_path, tiny_model, conll_dir, name, max_steps=3, compile=compiled, dequantize_in_graph=in_graph
+        )
+        runs.append(_norms_and_adapter(config))
         assert (counters["stats"]["unique_graphs"] > 0) == compiled  # it really ran compiled (or not)
-    _assert_same_training(*runs, rel=1e-4)
+        saved = json.loads((Path(config.output_dir) / "final" / "train_config.json").read_text())
+        assert saved["dequantize_in_graph"] is (name == "compiled")
+    _assert_same_training(runs[0], runs[1], rel=1e-4)
+    _assert_same_training(runs[0], runs[2], rel=1e-4)
+
+
+def test_compiled_layers_dequantize_nf4_themselves(tmp_path, tiny_model, conll_dir):
+    """With --compile every 4-bit layer becomes an NF4Linear over the same quantized tensors (none is left to
+    bitsandbytes' operations); with --no-dequantize-in-graph none does; asking for it without compile is refused."""
+    import bitsandbytes as bnb
+    import mlflow
+
+    from qloraner.model import NF4Linear
+
+    for name, in_graph in [("graph", None), ("bnb", False)]:
+        run = prepare(_config(tmp_path, tiny_model, conll_dir, name, compile=True, dequantize_in_graph=in_graph))
+        try:
+            kinds = {type(m) for m in run.model.modules()}
+            assert (NF4Linear in kinds, bnb.nn.Linear4bit in kinds) == (in_graph is None, in_graph is False)
+        finally:
+            mlflow.end_run()
+            run.lock.close()
+    with pytest.raises(QloranerError, match="--dequantize-in-graph: needs --compile"):
+        _config(tmp_path, tiny_model, conll_dir, "eager", compile=False, dequantize_in_graph=True)
 
 
 def test_an_over_long_context_example_keeps_its_answer(tmp_path, tiny_model, conll_dir):

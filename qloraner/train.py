@@ -437,9 +437,8 @@ def train_step(run: Run, step: int) -> dict[str, float]:
         "tokens_per_s": n_tok / dt,
         "supervised_tokens_per_s": n_sup / dt,
         "step_s": dt,
-        "micro_batches": sum(
-            map(bool, mine)
-        ),  # this rank's forward passes: more where --micro-batch-tokens split the step
+        # this rank's forward passes: more where --micro-batch-tokens split the step
+        "micro_batches": sum(map(bool, mine)),
     }
     if run.device.type == "cuda":
         metrics["gpu_mem_gib"] = torch.cuda.max_memory_allocated(run.device) / 2**30

@@ -146,8 +146,8 @@ class TrainConfig:
         errors = _field_errors(self)
         if self.max_steps == 0 and self.epochs == 0:
             errors.append("--epochs or --max-steps: one must be > 0")
-        if self.dequantize_in_graph and self.compile is False:
-            errors.append("--dequantize-in-graph: needs --compile")
+        if self.dequantize_in_graph and (self.compile is False or self.frozen_copies):
+            errors.append("--dequantize-in-graph: needs --compile and 4-bit weights (not --frozen-copies)")
         if not self.target_module_list:
             errors.append("--target-modules: name at least one module")
         if self.eval_after and self.eval_split in self.train_splits[1:]:

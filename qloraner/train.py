@@ -222,10 +222,13 @@ def _build_model(config: TrainConfig, model_path, device: torch.device, rank: in
     if copies:
         dequantize_four_bit(model, dtype)
     nf4_in_graph = bool(config.compile and not copies and config.dequantize_in_graph is not False)
+    if config.dequantize_in_graph and not nf4_in_graph:
+        raise QloranerError(
+            "--dequantize-in-graph: needs --compile and 4-bit weights (here compile is "
+            f"{'on' if config.compile else 'off'}, the frozen copies {'on' if copies else 'off'})"
+        )
     if nf4_in_graph:
         dequantize_in_graph(model)
-    elif config.dequantize_in_graph:
-        raise QloranerError("--dequantize-in-graph: needs --compile, which is off here (see the line above)")
     if config.compile:
         # The first layer's input (the frozen embedding's output) must require grad like every later layer's, or
         # the first layer gets a graph of its own; HF's checkpoint already asks for this.

@@ -337,10 +337,10 @@ def compile_layers(model, *, recompute_in_graph: bool = False) -> None:
         # process has Inductor find the CPU's vector instructions by building and loading a test program for each
         # (most of the first step's time: benchmarks/RESULTS.md). A GPU run gains nothing from them: plain C++.
         inductor_config.cpp.vec_isa_ok = False
-        # Small models' steps wait on the host launching the layers' kernels: the graphs' launch code in C++ instead
-        # of Python (benchmarks/RESULTS.md). It is built against the CUDA headers. With recompute_in_graph (the 7B
-        # recipe, whose steps wait on the GPU) it measured 0.89x: the Python launcher stays there.
-        inductor_config.cpp_wrapper = not recompute_in_graph and cuda_headers() is not None
+        # The graphs' launch code in C++ instead of Python (benchmarks/RESULTS.md: 1.21x the default recipe's steps,
+        # 1.05x the 7B recipe's), built against the CUDA headers. Not with bitsandbytes' operations in the graphs
+        # (--no-dequantize-in-graph): the C++ code calls them back through Python (0.89x the 7B recipe's steps).
+        inductor_config.cpp_wrapper = not four_bit_layers(layers) and cuda_headers() is not None
     if recompute_in_graph:
         functorch_config.activation_memory_budget = RECOMPUTE_BUDGET
         functorch_config.functionalize_rng_ops = on_gpu  # replayable RNG exists on CUDA only

@@ -350,7 +350,7 @@ def _load(config: TrainConfig, device: torch.device, rank: int, world: int, lock
                 f"{run.last_good}: trained on other data than {what} (its checksum "
                 "differs); give the data it was trained on, another --output-dir, or --no-resume"
             )
-    for group in optimizer.param_groups:  # every rank starts from rank 0's adapter (the same seed made it: a check)
+    for group in optimizer.param_groups:  # every rank starts from rank 0's adapter (the shared seed made it so too)
         for flat in group["params"]:
             dist.broadcast_(flat.data)
     if run.main:

@@ -221,12 +221,12 @@ def _build_model(config: TrainConfig, model_path, device: torch.device, rank: in
         copies = device.type == "cuda" and dequantized_bytes(model, dtype) <= FROZEN_COPIES_MAX_BYTES
     if copies:
         dequantize_four_bit(model, dtype)
-    nf4_in_graph = bool(config.compile and not copies and config.dequantize_in_graph is not False)
-    if config.dequantize_in_graph and not nf4_in_graph:
+    if config.dequantize_in_graph and copies:  # compile off never gets here: the config refuses it once resolved
         raise QloranerError(
-            "--dequantize-in-graph: needs --compile and 4-bit weights (here compile is "
-            f"{'on' if config.compile else 'off'}, the frozen copies {'on' if copies else 'off'})"
+            "--dequantize-in-graph: needs 4-bit weights, and the frozen copies (on by default for a model this "
+            "small) leave none; add --no-frozen-copies"
         )
+    nf4_in_graph = bool(config.compile and not copies and config.dequantize_in_graph is not False)
     if nf4_in_graph:
         dequantize_in_graph(model)
     if config.compile:

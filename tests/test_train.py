@@ -166,8 +166,8 @@ def test_compiled_layers_train_like_eager(tmp_path, tiny_model, conll_dir):
 
 def test_compiled_layers_dequantize_nf4_themselves(tmp_path, tiny_model, conll_dir):
     """With --compile every 4-bit layer becomes an NF4Linear over the same quantized tensors (none is left to
-    bitsandbytes' operations); with --no-dequantize-in-graph none does; asking for it without compile or with the
-    frozen copies is refused."""
+    bitsandbytes' operations); with --no-dequantize-in-graph none does; asking for it without compile (given, or
+    resolved so on a CPU) or with the frozen copies is refused."""
     import bitsandbytes as bnb
     import mlflow
 
@@ -184,6 +184,9 @@ def test_compiled_layers_dequantize_nf4_themselves(tmp_path, tiny_model, conll_d
     for settings in [dict(compile=False), dict(compile=True, frozen_copies=True)]:
         with pytest.raises(QloranerError, match="--dequantize-in-graph: needs --compile and 4-bit weights"):
             _config(tmp_path, tiny_model, conll_dir, "refused", dequantize_in_graph=True, **settings)
+    # compile left to its default resolves to off on a CPU: refused once resolved
+    with pytest.raises(QloranerError, match="--dequantize-in-graph: needs --compile and 4-bit weights"):
+        prepare(_config(tmp_path, tiny_model, conll_dir, "resolved-off", dequantize_in_graph=True))
 
 
 def test_an_over_long_context_example_keeps_its_answer(tmp_path, tiny_model, conll_dir):

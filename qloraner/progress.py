@@ -39,7 +39,6 @@ class Progress:
         self.enabled = enabled
         self.every_s, self.step = every_s, max(1, int(total * every_frac))
         self.start = self.last = time.monotonic()
-        self.first = initial
         self.warm: tuple[float, int] | None = None  # (time, count) after the first update: the rate starts there
         self.info: dict[str, str] = {}
         self.bar = None
@@ -67,15 +66,19 @@ class Progress:
 
     def line(self, now: float) -> str:
         """`train 120/878 (13.7%) loss=0.41 tokens_per_s=7210 0.99 steps/s | 2:01 elapsed, ETA 12:45`; the rate
-        and ETA leave out the first update's time once a later one has come."""
+        and ETA leave out the first update's time, and are `?` until a later update has come: the first step of a
+        compiled run takes a minute that no later step takes, and an ETA from it would say hours."""
         elapsed = now - self.start
-        since, count = self.warm if self.warm and self.done > self.warm[1] else (self.start, self.first)
-        rate = (self.done - count) / (now - since) if now > since else 0.0
+        rate = 0.0  # until a second update: the first one's time is warm-up, not a rate
+        if self.warm and self.done > self.warm[1]:
+            since, count = self.warm
+            rate = (self.done - count) / (now - since) if now > since else 0.0
         eta = _clock((self.total - self.done) / rate) if rate > 0 else "?"
         info = "".join(f" {k}={v}" for k, v in self.info.items())
         pct = 100 * self.done / self.total if self.total else 100.0
+        shown = f"{rate:.3g}" if rate > 0 else "?"
         return (
-            f"{self.desc} {self.done}/{self.total} ({pct:.1f}%){info} {rate:.3g} {self.unit}/s"
+            f"{self.desc} {self.done}/{self.total} ({pct:.1f}%){info} {shown} {self.unit}/s"
             f" | {_clock(elapsed)} elapsed, ETA {eta}"
         )
 

@@ -125,6 +125,11 @@ class TrainConfig:
         "with --compile, the NF4 weights left 4-bit are dequantized by each compiled layer's own fused kernels instead "
         "of bitsandbytes' operations (the same values); default: on with --compile",
     )
+    cuda_graphs: bool | None = opt(
+        None,
+        "replay each micro-batch shape's forward and backward as one CUDA graph (one launch for thousands); default: "
+        "on with --compile on a GPU without --gradient-checkpointing",
+    )
     seed: int = opt(42, "seed for data order, dropout and LoRA init")
     save_every: int = opt(200, "save a checkpoint every N optimizer steps (0 = only at the end)", ge=0)
     log_every: int = opt(1, "log metrics to MLflow every N steps", gt=0)
@@ -148,6 +153,8 @@ class TrainConfig:
             errors.append("--epochs or --max-steps: one must be > 0")
         if self.dequantize_in_graph and (self.compile is False or self.frozen_copies):
             errors.append("--dequantize-in-graph: needs --compile and 4-bit weights (not --frozen-copies)")
+        if self.cuda_graphs and self.compile is False:
+            errors.append("--cuda-graphs: needs --compile (the layers' kernels, launched from the graph)")
         if not self.target_module_list:
             errors.append("--target-modules: name at least one module")
         if self.eval_after and self.eval_split in self.train_splits[1:]:

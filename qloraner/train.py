@@ -72,29 +72,55 @@ class TrainResult:
 
 
 PAD_MULTIPLE = 8  # compiled layers: Inductor guards on the length's alignment to 8 (aligned and not: two graphs)
+# With CUDA graphs, one graph a batch shape: widths a multiple of 32 and supervised rows of 256 give the default
+# recipe 39 shapes over its 3 epochs (12 % padded tokens) where multiples of 8 and 1 give 1,306 (5 %).
+GRAPH_PADDING = (32, 256)
 
 
 def collate(
-    examples: list[Encoded], pad_id: int, device: torch.device, compiled: bool = False
+    examples: list[Encoded], pad_id: int, device: torch.device, multiple: int = 0, rows_multiple: int = 1
 ) -> dict[str, torch.Tensor]:
-    """Right-pad with EOS to the longest row; pads are masked out of attention and labels.
+    """Right-pad with EOS; pads are masked out of attention. The supervised positions come as flat indices into
+    the batch's hidden states (row * width + t predicts label t + 1) with their targets, found here on the host:
+    selecting them on the GPU would wait for it.
 
-    For compiled layers every batch looks alike to the compiler: the width is a multiple of PAD_MULTIPLE with at
-    least one pad column, since a batch without padding makes transformers drop the mask (a second graph).
+    `multiple` 0 pads to the longest row. Otherwise the width is a multiple of it with at least one pad column, so
+    that every batch looks alike to the compiler (a batch without padding makes transformers drop the mask: a
+    second graph). `rows_multiple` pads the supervised positions with position 0 and an ignored target, for a
+    CUDA graph's fixed shapes.
     """
     width = max(len(e.input_ids) for e in examples)
-    if compiled:
-        width = math.ceil((width + 1) / PAD_MULTIPLE) * PAD_MULTIPLE
+    if multiple:
+        width = math.ceil((width + 1) / multiple) * multiple
     # pinned on GPUs: the copy then does not wait for the GPU to finish the previous step
-    host = torch.empty((3, len(examples), width), dtype=torch.long, pin_memory=device.type == "cuda")
-    ids, labels, mask = host
-    ids.fill_(pad_id), labels.fill_(IGNORE_INDEX), mask.zero_()
+    pinned = device.type == "cuda"
+    host = torch.empty((2, len(examples), width), dtype=torch.long, pin_memory=pinned)
+    ids, mask = host
+    ids.fill_(pad_id), mask.zero_()
+    labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
     for row, e in enumerate(examples):
         ids[row, : len(e.input_ids)] = torch.tensor(e.input_ids)
         labels[row, : len(e.labels)] = torch.tensor(e.labels)
         mask[row, : len(e.input_ids)] = 1
-    ids, labels, mask = host.to(device, non_blocking=True)
-    return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+    keep = labels[:, 1:] != IGNORE_INDEX
+    rows, t = keep.nonzero(as_tuple=True)
+    n = math.ceil(len(rows) / rows_multiple) * rows_multiple
+    supervised = torch.zeros((2, n), dtype=torch.long, pin_memory=pinned)
+    supervised[1].fill_(IGNORE_INDEX)
+    supervised[0, : len(rows)] = rows * width + t
+    supervised[1, : len(rows)] = labels[rows, t + 1]
+    ids, mask = host.to(device, non_blocking=True)
+    positions, targets = supervised.to(device, non_blocking=True)
+    return {"input_ids": ids, "attention_mask": mask, "positions": positions, "targets": targets}
+
+
+def causal_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """The 4-D mask transformers builds from a padding mask ([rows, 1, query, key]: True where a query attends to
+    a key at or before it that is no pad), built without the check on the host that transformers makes first
+    (a wait for the GPU, and no CUDA graph can hold one)."""
+    width = attention_mask.shape[1]
+    causal = torch.ones(width, width, dtype=torch.bool, device=attention_mask.device).tril()
+    return causal & attention_mask.bool()[:, None, None, :]
 
 
 class SupervisedLoss(torch.nn.Module):
@@ -104,14 +130,68 @@ class SupervisedLoss(torch.nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Summed next-token loss, running the LM head only where a label exists."""
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, positions: torch.Tensor, targets: torch.Tensor
+    ) -> torch.Tensor:
+        """Summed next-token loss, running the LM head only at the supervised positions (collate's)."""
         inner = self.model.get_base_model()  # LlamaForCausalLM with the LoRA layers injected
-        hidden = inner.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
-        targets = labels[:, 1:]
-        keep = targets != IGNORE_INDEX
-        logits = inner.lm_head(hidden[:, :-1][keep]).float()
-        return F.cross_entropy(logits, targets[keep], reduction="sum")
+        mask = causal_mask(attention_mask)
+        hidden = inner.model(input_ids=input_ids, attention_mask=mask, use_cache=False).last_hidden_state
+        logits = inner.lm_head(hidden.flatten(0, 1).index_select(0, positions)).float()
+        return F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX, reduction="sum")
+
+
+def forward_backward(net: SupervisedLoss, batch: dict[str, torch.Tensor], scale) -> torch.Tensor:
+    """One micro-batch: its summed loss, whose gradient times `scale` (a number or a 0-d tensor) is added to the
+    LoRA gradients."""
+    device = batch["input_ids"].device.type
+    # no autocast cache: a CUDA graph must not hold casts made before its capture
+    with torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda", cache_enabled=False):
+        loss = net(**batch)
+    (loss * scale).backward()
+    return loss
+
+
+class MicroStepGraphs:
+    """forward_backward as one CUDA graph a batch shape, captured at the shape's first micro-batch and replayed for
+    every later one: a step's thousands of kernel launches become one, where the default recipe's steps waited on
+    the host (benchmarks/RESULTS.md). collate's GRAPH_PADDING keeps the shapes to a few dozen a run; the graphs
+    share one memory pool. The first micro-batch of the run runs eagerly: it compiles the layers and sets up their
+    kernels, which must not happen inside a capture. A graph's loss tensor holds its value until the next replay."""
+
+    def __init__(self, net: SupervisedLoss, device: torch.device) -> None:
+        self.net, self.graphs, self.pool, self.warm = net, {}, None, False
+        self.stream = torch.cuda.Stream(device)
+        self.scale = torch.zeros((), device=device)
+
+    def __call__(self, batch: dict[str, torch.Tensor], scale: float) -> torch.Tensor:
+        if not self.warm:
+            self.warm = True
+            return forward_backward(self.net, batch, scale)
+        key = tuple(t.shape for t in batch.values())
+        if key not in self.graphs:
+            self.graphs[key] = self._capture(batch)
+        inputs, loss, graph = self.graphs[key]
+        for name, t in batch.items():
+            inputs[name].copy_(t)
+        self.scale.fill_(scale)
+        graph.replay()
+        return loss
+
+    def _capture(self, batch: dict[str, torch.Tensor]) -> tuple[dict, torch.Tensor, torch.cuda.CUDAGraph]:
+        inputs = {name: t.clone() for name, t in batch.items()}
+        graph = torch.cuda.CUDAGraph()
+        # on a side stream, as torch.cuda.graph does (without its garbage collection, seconds a run here)
+        self.stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(self.stream):
+            graph.capture_begin(pool=self.pool)
+            try:
+                loss = forward_backward(self.net, inputs, self.scale)
+            finally:
+                graph.capture_end()
+        torch.cuda.current_stream().wait_stream(self.stream)
+        self.pool = self.pool or graph.pool()
+        return inputs, loss, graph
 
 
 FLAT_ALIGN = 16  # elements: each view into the flat parameter starts aligned (64 bytes in fp32), as kernels expect
@@ -158,7 +238,7 @@ class Run:
     micro: int  # most sequences per forward pass in this process
     accum: int  # micro-steps per process and optimizer step
     model: torch.nn.Module  # the PEFT model (what checkpoints save)
-    net: torch.nn.Module  # the loss module
+    net: SupervisedLoss
     optimizer: torch.optim.Optimizer
     state: dict  # step (also the data position: one batch per step) and MLflow run id; saved in checkpoints
     last_good: Path | None  # the newest complete checkpoint
@@ -166,6 +246,7 @@ class Run:
     steps_per_epoch: int = field(init=False)
     _order: dict[int, list[list[int]]] = field(default_factory=dict)  # one epoch's batches at a time
     lock: object = None  # the output folder's lock file, held open by rank 0 for the run
+    graphs: MicroStepGraphs | None = None  # with --cuda-graphs
 
     def __post_init__(self) -> None:
         self.lengths = [len(e.input_ids) for e in self.examples]
@@ -174,6 +255,11 @@ class Run:
     @property
     def main(self) -> bool:
         return self.rank == 0  # rank 0 alone logs, shows progress and writes the shared checkpoint files
+
+    @property
+    def padding(self) -> tuple[int, int]:
+        """collate's multiples: the longest row eager, aligned widths compiled, coarser buckets with CUDA graphs."""
+        return GRAPH_PADDING if self.graphs else (PAD_MULTIPLE, 1) if self.config.compile else (0, 1)
 
     @property
     def out(self) -> Path:
@@ -199,6 +285,16 @@ def _use_compile(config: TrainConfig, device: torch.device) -> bool:
     if reason and device.type == "cuda":
         print(f"qloraner: training runs eager: {reason}", flush=True)
     return reason is None
+
+
+def _use_graphs(config: TrainConfig, device: torch.device) -> bool:
+    """--cuda-graphs / --no-cuda-graphs as given; unset, on where it was measured to win: compiled layers on a GPU
+    without checkpointing (whose recomputed dropout replays the generator's state: not tried in a graph)."""
+    if config.cuda_graphs and device.type != "cuda":
+        raise QloranerError(f"--cuda-graphs: needs a CUDA GPU, not {device.type}")
+    if config.cuda_graphs is not None:
+        return config.cuda_graphs
+    return device.type == "cuda" and bool(config.compile) and not config.gradient_checkpointing
 
 
 def _build_model(config: TrainConfig, model_path, device: torch.device, rank: int):
@@ -310,6 +406,7 @@ def prepare(config: TrainConfig, device: torch.device | None = None) -> Run:
     rank, world, rank_device = dist.setup()
     device = device or rank_device
     config = dataclasses.replace(config, compile=_use_compile(config, device))  # train_config.json: what ran
+    config = dataclasses.replace(config, cuda_graphs=_use_graphs(config, device))
     lock = _claim_output_dir(config) if rank == 0 else None
     try:
         return _load(config, device, rank, world, lock)
@@ -339,6 +436,7 @@ def _load(config: TrainConfig, device: torch.device, rank: int, world: int, lock
     state = {"step": 0, "run_id": None, "data_sha256": manifest["data_sha256"]}
     run = Run(config, device, rank, world, tokenizer, examples, total, micro, accum, model, net, optimizer, state, None)
     run.lock = lock
+    run.graphs = MicroStepGraphs(net, device) if config.cuda_graphs else None
     restored = (
         checkpoint.restore_newest(run.out, config, model, optimizer, rank) if config.resume is not False else None
     )
@@ -414,10 +512,11 @@ def train_step(run: Run, step: int) -> dict[str, float]:
     n_tok = sum(run.lengths[i] for i in batch)
     loss_sum = torch.zeros((), device=run.device)
     for part in filter(None, mine):  # a step of fewer sequences than parts leaves some parts empty
-        batch_t = collate([run.examples[i] for i in part], run.tokenizer.pad_token_id, run.device, run.config.compile)
-        with torch.autocast(run.device.type, dtype=torch.bfloat16, enabled=run.device.type == "cuda"):
-            loss = run.net(**batch_t)
-        (loss / n_sup).backward()
+        batch_t = collate([run.examples[i] for i in part], run.tokenizer.pad_token_id, run.device, *run.padding)
+        if run.graphs:
+            loss = run.graphs(batch_t, 1 / n_sup)
+        else:
+            loss = forward_backward(run.net, batch_t, 1 / n_sup)
         loss_sum += loss.detach().float()
     # sum the ranks' gradients: one all-reduce of the flat gradient, in place of DDP's hooks on every LoRA tensor
     params = [p for group in run.optimizer.param_groups for p in group["params"]]

@@ -287,14 +287,14 @@ def _use_compile(config: TrainConfig, device: torch.device) -> bool:
     return reason is None
 
 
-def _use_graphs(config: TrainConfig, device: torch.device) -> bool:
-    """--cuda-graphs / --no-cuda-graphs as given; unset, on where it was measured to win: compiled layers on a GPU
-    without checkpointing (whose recomputed dropout replays the generator's state: not tried in a graph)."""
+def _use_graphs(config: TrainConfig, device: torch.device, compiled: bool) -> bool:
+    """--cuda-graphs / --no-cuda-graphs as given; unset, on wherever it can run: compiled layers on a GPU without
+    checkpointing (the config refuses the other cases when asked for)."""
     if config.cuda_graphs and device.type != "cuda":
         raise QloranerError(f"--cuda-graphs: needs a CUDA GPU, not {device.type}")
     if config.cuda_graphs is not None:
         return config.cuda_graphs
-    return device.type == "cuda" and bool(config.compile) and not config.gradient_checkpointing
+    return device.type == "cuda" and compiled and not config.gradient_checkpointing
 
 
 def _build_model(config: TrainConfig, model_path, device: torch.device, rank: int):
@@ -405,8 +405,9 @@ def prepare(config: TrainConfig, device: torch.device | None = None) -> Run:
     started (rank 0)."""
     rank, world, rank_device = dist.setup()
     device = device or rank_device
-    config = dataclasses.replace(config, compile=_use_compile(config, device))  # train_config.json: what ran
-    config = dataclasses.replace(config, cuda_graphs=_use_graphs(config, device))
+    compiled = _use_compile(config, device)
+    # train_config.json: what ran
+    config = dataclasses.replace(config, compile=compiled, cuda_graphs=_use_graphs(config, device, compiled))
     lock = _claim_output_dir(config) if rank == 0 else None
     try:
         return _load(config, device, rank, world, lock)

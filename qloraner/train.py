@@ -183,12 +183,16 @@ class MicroStepGraphs:
         graph = torch.cuda.CUDAGraph()
         # on a side stream, as torch.cuda.graph does (without its garbage collection, seconds a run here)
         self.stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(self.stream):
-            graph.capture_begin(pool=self.pool)
-            try:
-                loss = forward_backward(self.net, inputs, self.scale)
-            finally:
-                graph.capture_end()
+        try:
+            with torch.cuda.stream(self.stream):
+                graph.capture_begin(pool=self.pool)
+                try:
+                    loss = forward_backward(self.net, inputs, self.scale)
+                finally:
+                    graph.capture_end()
+        except RuntimeError as err:  # an operation no graph can hold (a wait for the GPU, the RNG's state)
+            why = str(err).splitlines()[0]
+            raise QloranerError(f"--cuda-graphs: capturing a micro-step failed ({why}); try --no-cuda-graphs") from err
         torch.cuda.current_stream().wait_stream(self.stream)
         self.pool = self.pool or graph.pool()
         return inputs, loss, graph

@@ -146,6 +146,18 @@ def last_line(text: str) -> str:
     return next((line for line in reversed(text.splitlines()) if line.strip()), "")
 
 
+def lora_model(tiny_model, seed: int):
+    """The tiny model in NF4 on the CPU with a fresh LoRA (r=8, q_proj/v_proj, no dropout) from `seed`."""
+    import torch
+
+    from qloraner.model import add_lora, load_base
+
+    torch.manual_seed(seed)
+    return add_lora(
+        load_base(tiny_model, torch.device("cpu")), r=8, alpha=16, dropout=0.0, target_modules=["q_proj", "v_proj"]
+    )
+
+
 def tiny_config(tmp_path, tiny_model, conll_dir, name: str, **kw):
     """Settings of a short CPU training of the tiny model into tmp_path/name (16 sentences, 4 steps of 4)."""
     from qloraner.config import TrainConfig

@@ -24,10 +24,10 @@ def collate(
     the batch's hidden states (row * width + t predicts label t + 1) with their targets, found here on the host:
     selecting them on the GPU would wait for it.
 
-    `multiple` 0 pads to the longest row. Otherwise the width is a multiple of it with at least one pad column, so
-    that every batch looks alike to the compiler (a batch without padding makes transformers drop the mask: a
-    second graph). `rows_multiple` pads the supervised positions with position 0 and an ignored target, for a
-    CUDA graph's fixed shapes.
+    `multiple` 0 pads to the longest row. Otherwise the width is a multiple of it (Inductor guards on the length's
+    alignment) with at least one pad column: transformers dropped the mask of a batch without padding (a second
+    graph) before causal_mask built it here, and the measured runs kept the column. `rows_multiple` pads the
+    supervised positions with position 0 and an ignored target, for a CUDA graph's fixed shapes.
     """
     width = max(len(e.input_ids) for e in examples)
     if multiple:

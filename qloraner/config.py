@@ -128,7 +128,7 @@ class TrainConfig:
     cuda_graphs: bool | None = opt(
         None,
         "replay each micro-batch shape's forward and backward as one CUDA graph (one launch for thousands); "
-        "default: on with --compile on a GPU without --gradient-checkpointing",
+        "default: on with --compile on a GPU without --gradient-checkpointing (with it: not measured as the default)",
     )
     seed: int = opt(42, "seed for data order, dropout and LoRA init")
     save_every: int = opt(200, "save a checkpoint every N optimizer steps (0 = only at the end)", ge=0)
@@ -155,11 +155,6 @@ class TrainConfig:
             errors.append("--dequantize-in-graph: needs --compile and 4-bit weights (not --frozen-copies)")
         if self.cuda_graphs and self.compile is False:
             errors.append("--cuda-graphs: needs --compile (the layers' kernels, launched from the graph)")
-        if self.cuda_graphs and self.gradient_checkpointing:
-            errors.append(
-                "--cuda-graphs: not with --gradient-checkpointing (the recomputed dropout reads the random "
-                "generator's state, which no capture can)"
-            )
         if not self.target_module_list:
             errors.append("--target-modules: name at least one module")
         if self.eval_after and self.eval_split in self.train_splits[1:]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import shutil
+import zlib
 from pathlib import Path
 
 import torch
@@ -170,6 +171,65 @@ def add_lora(base, *, r: int, alpha: int, dropout: float, target_modules: list[s
     return get_peft_model(base, config)
 
 
+M31 = 2**31 - 1  # CounterDropout's hashes: 31-bit values, so every product of two stays within int64
+
+
+def _mix31(h: torch.Tensor) -> torch.Tensor:
+    """A hash of 31-bit integers onto 31-bit integers (two multiply-xorshift rounds). Products stay under 2**58:
+    int64 arithmetic never overflows, so every device and compiler computes the same bits."""
+    for _ in range(2):
+        h = ((h ^ (h >> 16)) * 0x45D9F3B) & M31
+    return h ^ (h >> 16)
+
+
+class CounterDropout(torch.nn.Module):
+    """LoRA's dropout with its mask a hash of (key, salt, element index) instead of a draw from the RNG.
+
+    Checkpointing inside a compiled layer recomputes the dropout in the backward: it must give the forward's mask.
+    Replaying the RNG needs the generator's state saved and restored on the host at each layer call, which no CUDA
+    graph can hold; the hash needs only `key`, a tensor shared by every LoRA layer that the trainer sets before
+    each micro-step (a CUDA graph reads it at replay). `salt` tells the layers apart. The key and salt are 31-bit,
+    and tensors are under 2**31 elements.
+    """
+
+    def __init__(self, p: float, key: torch.Tensor, salt: int) -> None:
+        super().__init__()
+        self.p, self.threshold = p, round(p * 2**31)
+        self.register_buffer("key", key, persistent=False)  # shared, set by the trainer; never saved
+        # a tensor, not an int: the compiled layers then share one graph instead of one per salt
+        self.register_buffer("salt", torch.tensor(salt, device=key.device), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training:
+            return x
+        stream = _mix31(self.key ^ self.salt)
+        index = torch.arange(x.numel(), device=x.device).view(x.shape)
+        keep = _mix31(_mix31(index ^ stream) ^ _mix31(stream ^ 0x2545F491)) >= self.threshold
+        return x * keep * (1 / (1 - self.p))
+
+
+def use_counter_dropout(model) -> torch.Tensor | None:
+    """Replace every LoRA dropout (torch.nn.Dropout, p > 0) with a CounterDropout; their shared key, or None where
+    no layer drops anything."""
+    key = None
+    for name, module in model.named_modules():
+        layers = getattr(module, "lora_dropout", None)
+        if not isinstance(layers, torch.nn.ModuleDict):
+            continue
+        for adapter, layer in layers.items():
+            if isinstance(layer, torch.nn.Dropout) and layer.p > 0:
+                if key is None:
+                    key = torch.zeros((), dtype=torch.long, device=module.lora_A[adapter].weight.device)
+                layers[adapter] = CounterDropout(layer.p, key, zlib.crc32(f"{name}.{adapter}".encode()) & M31)
+    return key
+
+
+def dropout_key(seed: int, rank: int, step: int, micro_step: int) -> int:
+    """CounterDropout's key for one micro-step of one rank: a function of where the run is, so a resumed run
+    draws the masks the uninterrupted one would have."""
+    return zlib.crc32(f"{seed}/{rank}/{step}/{micro_step}".encode()) & M31
+
+
 def four_bit_layers(model) -> list[tuple[torch.nn.Module, str, torch.nn.Module]]:
     """(parent, name, layer) for every bitsandbytes 4-bit linear layer of the model."""
     import bitsandbytes as bnb
@@ -316,14 +376,13 @@ def start_compiler() -> None:
 def compile_layers(model, *, recompute_in_graph: bool = False) -> None:
     """torch.compile each decoder layer (dynamic shapes: one graph serves every layer and length).
 
-    `recompute_in_graph` is activation checkpointing done by the compiler (give it a model without HF's checkpoint;
-    train_adapter does so with --compile on GPUs): Inductor's partitioner saves what fits RECOMPUTE_BUDGET (each
-    layer's input, nothing more) and recomputes the rest inside the compiled backward, and dropout's RNG is made
-    replayable, so the recomputed masks equal the forward's. Both settings are process-wide
-    (torch._functorch.config), read whenever a graph compiles. Replayable RNG exists only on CUDA; elsewhere this is
-    right only without dropout, so there train_adapter keeps HF's checkpoint around each layer. Recomputing inside
-    the graph lets Inductor fuse the replayed kernels, which HF's checkpoint around a compiled layer cannot (it
-    replays the whole layer as an opaque call).
+    `recompute_in_graph` is activation checkpointing done by the compiler (give it a model without HF's checkpoint
+    and with CounterDropout, as train_adapter does with --compile): Inductor's partitioner saves what fits
+    RECOMPUTE_BUDGET (each layer's input, nothing more) and recomputes the rest inside the compiled backward, the
+    dropout masks included (CounterDropout's hash: the same masks, no RNG state). The budget is process-wide
+    (torch._functorch.config), read whenever a graph compiles. Recomputing inside the graph lets Inductor fuse the
+    replayed kernels, which HF's checkpoint around a compiled layer cannot (it replays the whole layer as an opaque
+    call).
     """
     import torch._functorch.config as functorch_config
 
@@ -343,6 +402,5 @@ def compile_layers(model, *, recompute_in_graph: bool = False) -> None:
         inductor_config.cpp_wrapper = not four_bit_layers(layers) and cuda_headers() is not None
     if recompute_in_graph:
         functorch_config.activation_memory_budget = RECOMPUTE_BUDGET
-        functorch_config.functionalize_rng_ops = on_gpu  # replayable RNG exists on CUDA only
     for layer in layers:
         layer.compile(dynamic=True)

@@ -37,10 +37,12 @@ from qloraner.model import (
     dequantize_four_bit,
     dequantize_in_graph,
     dequantized_bytes,
+    dropout_key,
     load_base,
     load_tokenizer,
     resolve_model,
     start_compiler,
+    use_counter_dropout,
 )
 from qloraner.progress import Progress
 from qloraner.step import GRAPH_PADDING, PAD_MULTIPLE, MicroStepGraphs, SupervisedLoss, collate, forward_backward
@@ -48,7 +50,6 @@ from qloraner.step import GRAPH_PADDING, PAD_MULTIPLE, MicroStepGraphs, Supervis
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: a checkpoint was saved on SIGTERM/SIGUSR1; run again to resume
 FROZEN_COPIES_MAX_BYTES = 2**30  # --frozen-copies by default up to this size: a small model's launches and
 # dequantizations dominate its steps; a large one's 4-bit weights are what makes it fit
-RECOMPUTE_IN_GRAPH_ON = ("cuda",)  # with compile, checkpointing recomputes inside the compiled graphs (replayable RNG)
 
 
 def get_lr(step: int, *, max_lr: float, warmup: int, total: int, min_ratio: float) -> float:
@@ -123,6 +124,7 @@ class Run:
     _order: dict[int, list[list[int]]] = field(default_factory=dict)  # one epoch's batches at a time
     lock: object = None  # the output folder's lock file, held open by rank 0 for the run
     graphs: MicroStepGraphs | None = None  # with --cuda-graphs
+    dropout_key: torch.Tensor | None = None  # CounterDropout's, set before each micro-step (checkpointing compiled)
 
     def __post_init__(self) -> None:
         self.lengths = [len(e.input_ids) for e in self.examples]
@@ -164,8 +166,8 @@ def _use_compile(config: TrainConfig, device: torch.device) -> bool:
 
 
 def _use_graphs(config: TrainConfig, device: torch.device, compiled: bool) -> bool:
-    """--cuda-graphs / --no-cuda-graphs as given; unset, on wherever it can run: compiled layers on a GPU without
-    checkpointing (the config refuses the other cases when asked for)."""
+    """--cuda-graphs / --no-cuda-graphs as given; unset, on with compiled layers on a GPU without checkpointing
+    (the config refuses the other cases when asked for)."""
     if config.cuda_graphs and device.type != "cuda":
         raise QloranerError(f"--cuda-graphs: needs a CUDA GPU, not {device.type}")
     if config.cuda_graphs is not None:
@@ -176,10 +178,11 @@ def _use_graphs(config: TrainConfig, device: torch.device, compiled: bool) -> bo
 def _build_model(config: TrainConfig, model_path, device: torch.device, rank: int):
     """The NF4 base with a fresh LoRA adapter (the same init on every rank), compiled when asked; also whether its
     frozen weights were dequantized once and whether by the compiled layers (--frozen-copies and
-    --dequantize-in-graph, resolved)."""
+    --dequantize-in-graph, resolved), and CounterDropout's key where checkpointing runs inside the compiled layers
+    (None elsewhere: torch's dropout)."""
     torch.manual_seed(config.seed)
     random.seed(config.seed)
-    in_graph = config.compile and config.gradient_checkpointing and device.type in RECOMPUTE_IN_GRAPH_ON
+    in_graph = config.compile and config.gradient_checkpointing  # checkpointing inside the compiled layers
     model = add_lora(
         load_base(model_path, device),
         r=config.lora_r,
@@ -201,6 +204,7 @@ def _build_model(config: TrainConfig, model_path, device: torch.device, rank: in
     nf4_in_graph = bool(config.compile and not copies and config.dequantize_in_graph is not False)
     if nf4_in_graph:
         dequantize_in_graph(model)
+    key = use_counter_dropout(model) if in_graph else None  # their recomputed masks: no RNG state to replay
     if config.compile:
         # The first layer's input (the frozen embedding's output) must require grad like every later layer's, or
         # the first layer gets a graph of its own; HF's checkpoint already asks for this.
@@ -209,7 +213,7 @@ def _build_model(config: TrainConfig, model_path, device: torch.device, rank: in
     if rank:  # after the shared init, each rank its own dropout masks
         torch.manual_seed(config.seed + rank)
         random.seed(config.seed + rank)
-    return model, copies, nf4_in_graph
+    return model, copies, nf4_in_graph, key
 
 
 def _claim_output_dir(config: TrainConfig):
@@ -303,7 +307,7 @@ def _load(config: TrainConfig, device: torch.device, rank: int, world: int, lock
     micro = config.micro_batch_size or math.ceil(config.batch_size / world)
     total = config.max_steps or math.ceil(config.epochs * math.ceil(len(examples) / config.batch_size))
 
-    model, copies, nf4_in_graph = _build_model(config, model_path, device, rank)
+    model, copies, nf4_in_graph, key = _build_model(config, model_path, device, rank)
     config = dataclasses.replace(config, frozen_copies=copies, dequantize_in_graph=nf4_in_graph)  # what ran
     import bitsandbytes as bnb  # after the checks above: importing it prints a line about optional CPU kernels
 
@@ -314,6 +318,7 @@ def _load(config: TrainConfig, device: torch.device, rank: int, world: int, lock
     run = Run(config, device, rank, world, tokenizer, examples, total, micro, accum, model, net, optimizer, state, None)
     run.lock = lock
     run.graphs = MicroStepGraphs(net, device) if config.cuda_graphs else None
+    run.dropout_key = key
     restored = (
         checkpoint.restore_newest(run.out, config, model, optimizer, rank) if config.resume is not False else None
     )
@@ -388,8 +393,10 @@ def train_step(run: Run, step: int) -> dict[str, float]:
     n_sup = sum(run.examples[i].n_supervised for i in batch)  # all ranks' supervised tokens: the weight
     n_tok = sum(run.lengths[i] for i in batch)
     loss_sum = torch.zeros((), device=run.device)
-    for part in filter(None, mine):  # a step of fewer sequences than parts leaves some parts empty
+    for micro, part in enumerate(filter(None, mine)):  # a step of fewer sequences than parts leaves some parts empty
         batch_t = collate([run.examples[i] for i in part], run.tokenizer.pad_token_id, run.device, *run.padding)
+        if run.dropout_key is not None:  # this micro-step's masks (a CUDA graph reads the key at replay)
+            run.dropout_key.fill_(dropout_key(run.config.seed, run.rank, step, micro))
         if run.graphs:
             loss = run.graphs(batch_t, 1 / n_sup)
         else:

@@ -82,14 +82,16 @@ class SupervisedLoss(torch.nn.Module):
 
 
 def forward_backward(net: SupervisedLoss, batch: dict[str, torch.Tensor], scale) -> torch.Tensor:
-    """One micro-batch: its summed loss, whose gradient times `scale` (a number or a 0-d tensor) is added to the
-    LoRA gradients."""
+    """One micro-batch: its summed loss (detached), whose gradient times `scale` (a number or a 0-d tensor) is added
+    to the LoRA gradients."""
     device = batch["input_ids"].device.type
     # no autocast cache: a CUDA graph must not hold casts made before its capture
     with torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda", cache_enabled=False):
         loss = net(**batch)
     (loss * scale).backward()
-    return loss
+    # detached: a loss that kept its autograd graph would keep the LoRA weights' gradient accumulators alive on the
+    # stream that made them, and the next capture (on its own stream) would fail
+    return loss.detach()
 
 
 class MicroStepGraphs:

@@ -376,13 +376,14 @@ def start_compiler() -> None:
 def compile_layers(model, *, recompute_in_graph: bool = False) -> None:
     """torch.compile each decoder layer (dynamic shapes: one graph serves every layer and length).
 
-    `recompute_in_graph` is activation checkpointing done by the compiler (give it a model without HF's checkpoint
-    and with CounterDropout, as train_adapter does with --compile): Inductor's partitioner saves what fits
-    RECOMPUTE_BUDGET (each layer's input, nothing more) and recomputes the rest inside the compiled backward, the
-    dropout masks included (CounterDropout's hash: the same masks, no RNG state). The budget is process-wide
-    (torch._functorch.config), read whenever a graph compiles. Recomputing inside the graph lets Inductor fuse the
-    replayed kernels, which HF's checkpoint around a compiled layer cannot (it replays the whole layer as an opaque
-    call).
+    `recompute_in_graph` is activation checkpointing done by the compiler (give it a model without HF's checkpoint;
+    train_adapter does so with --compile on GPUs): Inductor's partitioner saves what fits RECOMPUTE_BUDGET (each
+    layer's input, nothing more) and recomputes the rest inside the compiled backward, and dropout's RNG is made
+    replayable, so the recomputed masks equal the forward's (CounterDropout needs no RNG: its masks are hashes).
+    Both settings are process-wide (torch._functorch.config), read whenever a graph compiles. Replayable RNG exists
+    only on CUDA; elsewhere this is right only without dropout, so there train_adapter keeps HF's checkpoint around
+    each layer. Recomputing inside the graph lets Inductor fuse the replayed kernels, which HF's checkpoint around a
+    compiled layer cannot (it replays the whole layer as an opaque call).
     """
     import torch._functorch.config as functorch_config
 
@@ -402,5 +403,6 @@ def compile_layers(model, *, recompute_in_graph: bool = False) -> None:
         inductor_config.cpp_wrapper = not four_bit_layers(layers) and cuda_headers() is not None
     if recompute_in_graph:
         functorch_config.activation_memory_budget = RECOMPUTE_BUDGET
+        functorch_config.functionalize_rng_ops = on_gpu  # replayable RNG exists on CUDA only
     for layer in layers:
         layer.compile(dynamic=True)

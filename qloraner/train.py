@@ -47,6 +47,7 @@ from qloraner.model import (
 from qloraner.progress import Progress
 from qloraner.step import GRAPH_PADDING, PAD_MULTIPLE, MicroStepGraphs, SupervisedLoss, collate, forward_backward
 
+RECOMPUTE_IN_GRAPH_ON = ("cuda",)  # with compile, checkpointing recomputes inside the compiled graphs (replayable RNG)
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: a checkpoint was saved on SIGTERM/SIGUSR1; run again to resume
 FROZEN_COPIES_MAX_BYTES = 2**30  # --frozen-copies by default up to this size: a small model's launches and
 # dequantizations dominate its steps; a large one's 4-bit weights are what makes it fit
@@ -124,7 +125,7 @@ class Run:
     _order: dict[int, list[list[int]]] = field(default_factory=dict)  # one epoch's batches at a time
     lock: object = None  # the output folder's lock file, held open by rank 0 for the run
     graphs: MicroStepGraphs | None = None  # with --cuda-graphs
-    dropout_key: torch.Tensor | None = None  # CounterDropout's, set before each micro-step (checkpointing compiled)
+    dropout_key: torch.Tensor | None = None  # CounterDropout's, set before each micro-step
 
     def __post_init__(self) -> None:
         self.lengths = [len(e.input_ids) for e in self.examples]
@@ -178,11 +179,11 @@ def _use_graphs(config: TrainConfig, device: torch.device, compiled: bool) -> bo
 def _build_model(config: TrainConfig, model_path, device: torch.device, rank: int):
     """The NF4 base with a fresh LoRA adapter (the same init on every rank), compiled when asked; also whether its
     frozen weights were dequantized once and whether by the compiled layers (--frozen-copies and
-    --dequantize-in-graph, resolved), and CounterDropout's key where checkpointing runs inside the compiled layers
-    (None elsewhere: torch's dropout)."""
+    --dequantize-in-graph, resolved), and CounterDropout's key with CUDA graphs over checkpointing inside the
+    compiled layers (None elsewhere: torch's dropout, whose recomputed masks replay the RNG's state)."""
     torch.manual_seed(config.seed)
     random.seed(config.seed)
-    in_graph = config.compile and config.gradient_checkpointing  # checkpointing inside the compiled layers
+    in_graph = config.compile and config.gradient_checkpointing and device.type in RECOMPUTE_IN_GRAPH_ON
     model = add_lora(
         load_base(model_path, device),
         r=config.lora_r,
@@ -204,7 +205,9 @@ def _build_model(config: TrainConfig, model_path, device: torch.device, rank: in
     nf4_in_graph = bool(config.compile and not copies and config.dequantize_in_graph is not False)
     if nf4_in_graph:
         dequantize_in_graph(model)
-    key = use_counter_dropout(model) if in_graph else None  # their recomputed masks: no RNG state to replay
+    # A CUDA graph cannot hold the RNG state replayed by the recomputed dropout: masks from a hash instead. Only
+    # there: without graphs the 7B recipe peaked 0.16 GiB higher with them (benchmarks/RESULTS.md).
+    key = use_counter_dropout(model) if in_graph and config.cuda_graphs else None
     if config.compile:
         # The first layer's input (the frozen embedding's output) must require grad like every later layer's, or
         # the first layer gets a graph of its own; HF's checkpoint already asks for this.

@@ -403,6 +403,10 @@ def compile_layers(model, *, recompute_in_graph: bool = False) -> None:
         inductor_config.cpp_wrapper = not four_bit_layers(layers) and cuda_headers() is not None
     if recompute_in_graph:
         functorch_config.activation_memory_budget = RECOMPUTE_BUDGET
-        functorch_config.functionalize_rng_ops = on_gpu  # replayable RNG exists on CUDA only
+        # replayable RNG exists on CUDA only; with CounterDropout nothing draws from it, and the replay's reads of
+        # the generator at every layer call would break a CUDA graph's capture
+        functorch_config.functionalize_rng_ops = on_gpu and any(
+            isinstance(m, torch.nn.Dropout) and m.p > 0 for m in model.modules()
+        )
     for layer in layers:
         layer.compile(dynamic=True)

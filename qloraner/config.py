@@ -128,7 +128,7 @@ class TrainConfig:
     cuda_graphs: bool | None = opt(
         None,
         "replay each micro-batch shape's forward and backward as one CUDA graph (one launch for thousands); "
-        "default: on with --compile on a GPU without --gradient-checkpointing (with it: not measured as the default)",
+        "default: on with --compile on a GPU without --gradient-checkpointing (with it only when asked: a higher peak)",
     )
     seed: int = opt(42, "seed for data order, dropout and LoRA init")
     save_every: int = opt(200, "save a checkpoint every N optimizer steps (0 = only at the end)", ge=0)

@@ -47,10 +47,10 @@ from qloraner.model import (
 from qloraner.progress import Progress
 from qloraner.step import GRAPH_PADDING, PAD_MULTIPLE, MicroStepGraphs, SupervisedLoss, collate, forward_backward
 
-RECOMPUTE_IN_GRAPH_ON = ("cuda",)  # with compile, checkpointing recomputes inside the compiled graphs (replayable RNG)
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: a checkpoint was saved on SIGTERM/SIGUSR1; run again to resume
 FROZEN_COPIES_MAX_BYTES = 2**30  # --frozen-copies by default up to this size: a small model's launches and
 # dequantizations dominate its steps; a large one's 4-bit weights are what makes it fit
+RECOMPUTE_IN_GRAPH_ON = ("cuda",)  # with compile, checkpointing recomputes inside the compiled graphs (replayable RNG)
 
 
 def get_lr(step: int, *, max_lr: float, warmup: int, total: int, min_ratio: float) -> float:

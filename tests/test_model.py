@@ -12,7 +12,9 @@ from transformers import AutoConfig
 from qloraner import QloranerError
 from qloraner.model import (
     CUDA_HEADERS,
+    M31,
     RECOMPUTE_BUDGET,
+    CounterDropout,
     NF4Linear,
     add_lora,
     compile_layers,
@@ -22,6 +24,7 @@ from qloraner.model import (
     load_tokenizer,
     resolve_model,
     start_compiler,
+    use_counter_dropout,
 )
 
 
@@ -206,3 +209,94 @@ def test_nf4_linear_equals_bitsandbytes(rows, cols, dtype, bias, seed):
     assert torch.equal(mine.weight(), bnb.functional.dequantize_4bit(layer.weight.data, layer.weight.quant_state))
     x = torch.randn(5, cols, dtype=dtype)
     assert torch.equal(mine(x), layer(x))
+
+
+keys = st.integers(0, M31)
+
+
+@given(p=st.floats(0.01, 0.9), key=keys, salt=keys, rows=st.integers(1, 6), cols=st.integers(1, 70))
+def test_counter_dropout_keeps_or_scales_each_element_the_same_way_for_a_key(p, key, salt, rows, cols):
+    """Each output element is 0 or the input over 1 - p; the same key and salt give the same mask (a recompute's
+    mask is the forward's); evaluation passes the input through."""
+    drop = CounterDropout(p, torch.tensor(key), salt)
+    x = torch.rand(rows, cols) + 0.5
+    out, again = drop(x), drop(x)
+    assert torch.equal(out, again)
+    assert torch.all((out == 0) | torch.isclose(out, x / (1 - p)))
+    assert torch.equal(drop.eval()(x), x)
+
+
+@given(p=st.sampled_from([0.05, 0.1, 0.5]), key=keys, salt=keys, other=keys)
+def test_counter_dropout_masks_look_independent(p, key, salt, other):
+    """Over 2**16 elements the kept share is 1 - p within 5 standard deviations, and the masks of another key, of
+    another salt and of the neighbouring element agree as often as independent draws would (p**2 + (1 - p)**2)."""
+    n, x = 2**16, torch.ones(2**16)
+    mask = CounterDropout(p, torch.tensor(key), salt)(x) > 0
+    others = [
+        CounterDropout(p, torch.tensor(other if other != key else key ^ 1), salt)(x) > 0,
+        CounterDropout(p, torch.tensor(key), other if other != salt else salt ^ 1)(x) > 0,
+        mask.roll(1),
+    ]
+    sd = (p * (1 - p) / n) ** 0.5
+    assert abs(mask.float().mean().item() - (1 - p)) < 5 * sd
+    same = p**2 + (1 - p) ** 2
+    for m in others:
+        assert abs((mask == m).float().mean().item() - same) < 5 * (same * (1 - same) / n) ** 0.5
+
+
+def test_counter_dropout_replaces_every_lora_dropout_and_saves_nothing(tiny_model):
+    """use_counter_dropout turns every LoRA dropout into a CounterDropout sharing one key, each with its own salt;
+    the adapter's saved tensors are the same as before; a LoRA without dropout keeps its layers (no key)."""
+    from peft import get_peft_model_state_dict
+
+    model = add_lora(
+        load_base(tiny_model, torch.device("cpu")), r=8, alpha=16, dropout=0.1, target_modules="all-linear"
+    )
+    saved = set(get_peft_model_state_dict(model))
+    key = use_counter_dropout(model)
+    drops = [m for m in model.modules() if isinstance(m, CounterDropout)]
+    assert drops and not [m for m in model.modules() if isinstance(m, torch.nn.Dropout)]
+    assert all(d.key is key for d in drops) and len({d.salt.item() for d in drops}) == len(drops)
+    assert set(get_peft_model_state_dict(model)) == saved
+    plain = add_lora(
+        load_base(tiny_model, torch.device("cpu")), r=8, alpha=16, dropout=0.0, target_modules="all-linear"
+    )
+    assert use_counter_dropout(plain) is None
+
+
+def _lora_grads(tiny_model, *, key: int, compiled: bool) -> list[torch.Tensor]:
+    """LoRA gradients of one forward and backward of the tiny model's layers (dropout 0.1 as CounterDropout),
+    compiled with checkpointing inside the graphs (nothing kept but each layer's input) or eager."""
+    import torch._functorch.config
+
+    torch.manual_seed(0)
+    model = add_lora(
+        load_base(tiny_model, torch.device("cpu")), r=8, alpha=16, dropout=0.1, target_modules="all-linear"
+    )
+    for name, p in model.named_parameters():  # B starts at zero: A's gradients would not see the masks
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.1)
+    use_counter_dropout(model).fill_(key)
+    with torch._functorch.config.patch(activation_memory_budget=0.0, functionalize_rng_ops=False):  # undone after
+        if compiled:
+            torch._dynamo.reset()
+            compile_layers(model, recompute_in_graph=True)
+        model.train()
+        ids = torch.randint(0, 100, (3, 40), generator=torch.Generator().manual_seed(1))
+        layers = model.get_base_model().model
+        layers(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False).last_hidden_state.sum().backward()
+    return [p.grad for p in model.parameters() if p.requires_grad]
+
+
+def test_recomputed_counter_dropout_gives_the_eager_gradients(tiny_model):
+    """Compiled layers that recompute everything but their input in the backward (the dropout masks included)
+    give the LoRA gradients of eager layers with the same key, to 1e-4 of each tensor's norm; another key moves them
+    by over 1 %."""
+    eager = _lora_grads(tiny_model, key=7, compiled=False)
+    compiled = _lora_grads(tiny_model, key=7, compiled=True)
+    other = _lora_grads(tiny_model, key=8, compiled=False)
+
+    def gap(x: list[torch.Tensor], y: list[torch.Tensor]) -> float:
+        return max(((a - b).norm() / a.norm()).item() for a, b in zip(x, y))
+
+    assert gap(eager, compiled) < 1e-4 < 1e-2 < gap(eager, other), (gap(eager, compiled), gap(eager, other))

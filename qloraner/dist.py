@@ -37,11 +37,6 @@ def sum_(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
-def any_(flag: bool, device: torch.device) -> bool:
-    """True on every rank when it is true on any."""
-    return bool(sum_(torch.tensor([float(flag)], device=device)).item() > 0) if active() else flag
-
-
 def broadcast_(tensor: torch.Tensor) -> torch.Tensor:
     """Rank 0's values on every rank (in place), returned for chaining."""
     if active():

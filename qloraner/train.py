@@ -387,10 +387,11 @@ def _frozen_form(config: TrainConfig) -> str:
     return "NF4 (dequantized in the compiled layers)" if config.dequantize_in_graph else "NF4"
 
 
-def train_step(run: Run, step: int) -> dict[str, float]:
+def train_step(run: Run, step: int, stop_asked: bool = False) -> tuple[dict[str, float], bool]:
     """One optimizer step: this rank's micro-batches forward and backward, weighted by the step's supervised
     tokens over all ranks; the ranks' gradients summed; clip; a non-finite loss or gradient norm stops before the
-    update; update, zero the gradients. One host sync a step (reading the loss and the norm)."""
+    update; update, zero the gradients. Its metrics, and whether any rank was asked to stop (`stop_asked` summed
+    over the ranks, so that all stop after the same step). One host sync a step (the loss, the norm, the flag)."""
     t0 = time.perf_counter()
     mine, batch = run.micro_batches(step)
     n_sup = sum(run.examples[i].n_supervised for i in batch)  # all ranks' supervised tokens: the weight
@@ -409,9 +410,11 @@ def train_step(run: Run, step: int) -> dict[str, float]:
     params = [p for group in run.optimizer.param_groups for p in group["params"]]
     for p in params:
         dist.sum_(p.grad)
-    # clip, then read the loss and the norm in one host sync: a non-finite one stops before the update
+    # clip, then read the loss, the norm and the ranks' stop flags in one host sync: a non-finite loss or norm stops
+    # before the update (NaN on any rank: on all)
     norm = torch.nn.utils.clip_grad_norm_(params, run.config.max_grad_norm or float("inf"))
-    loss_total, grad_norm = torch.stack([dist.sum_(loss_sum), norm.float()]).tolist()  # NaN on any rank: on all
+    asked = torch.full((), float(stop_asked), device=run.device)  # a fill: copying from the host would wait
+    loss_total, stops, grad_norm = torch.cat([dist.sum_(torch.stack([loss_sum, asked])), norm.float()[None]]).tolist()
     if not (math.isfinite(loss_total) and math.isfinite(grad_norm)):
         raise QloranerError(
             f"non-finite {'loss' if not math.isfinite(loss_total) else 'gradient norm'} at step {step + 1}; stopped "
@@ -435,7 +438,7 @@ def train_step(run: Run, step: int) -> dict[str, float]:
         from torch._dynamo.utils import counters
 
         metrics["compiled_graphs"] = counters["stats"]["unique_graphs"]  # grows with every (re)compile
-    return metrics
+    return metrics, stops > 0
 
 
 class _StopFlag:
@@ -500,7 +503,8 @@ def train_adapter(config: TrainConfig, device: torch.device | None = None, on_st
             for group in run.optimizer.param_groups:
                 group["lr"] = lr
             # forward, backward, clip and update
-            metrics = {**train_step(run, step), "lr": lr}
+            metrics, stopping = train_step(run, step, stop_asked=stop.signal is not None)
+            metrics["lr"] = lr
             run.state["step"] = step = step + 1
             # logging and progress
             if run.main and (step % config.log_every == 0 or step == run.total):
@@ -508,8 +512,9 @@ def train_adapter(config: TrainConfig, device: torch.device | None = None, on_st
             progress.update(1, **{k: metrics[k] for k in ("loss", "tokens_per_s", "gpu_mem_gib") if k in metrics})
             if on_step:
                 on_step(step, metrics)
-            # checkpoint every save_every steps, and on a signal, then stop
-            stopping = dist.any_(stop.signal is not None, run.device)  # all ranks stop at the same step
+            # checkpoint every save_every steps, and on a signal, then stop: under torchrun the ranks learn of it in
+            # train_step's sync (all stop after the same step, one step later when it came after that sync)
+            stopping = stopping or (run.world == 1 and stop.signal is not None)
             if stopping or (config.save_every and step % config.save_every == 0 and step < run.total):
                 run.last_good = checkpoint.save(
                     checkpoint.step_dir(run.out, step), run.model, run.optimizer, run.state, config, run.rank

@@ -2,14 +2,17 @@
 
 import json
 import os
+import re
+import signal
 import subprocess
+from pathlib import Path
 
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
 from safetensors.torch import load_file
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, tiny_args, wait_for
 
 
 def _run(script: str, nproc: int, args: list[str], conll_dir) -> subprocess.CompletedProcess:
@@ -95,3 +98,42 @@ def test_sharded_evaluation_equals_one_process(tmp_path, tiny_model, tiny_adapte
     for key in ("precision", "recall", "f1", "per_type", "errors", "parse_failures", "sentences", "generated_tokens"):
         assert m1[key] == m2[key], key
     assert (m1["world_size"], m2["world_size"]) == (1, 2)
+
+
+def _worker(out: Path, local_rank: int) -> int:
+    """The pid of the torchrun worker of `local_rank` that trains into `out`."""
+    for proc in Path("/proc").iterdir():
+        try:
+            mine = str(out) in (proc / "cmdline").read_bytes().decode(errors="replace")
+            if mine and f"LOCAL_RANK={local_rank}".encode() in (proc / "environ").read_bytes().split(b"\0"):
+                return int(proc.name)
+        except (OSError, ValueError):  # gone, not ours, or not a process
+            continue
+    raise AssertionError(f"no worker of rank {local_rank} trains into {out}")
+
+
+def test_a_signal_to_one_rank_stops_both_after_the_same_step(tmp_path, tiny_model, conll_dir):
+    """SIGTERM to rank 1 alone (2 ranks, gloo) stops both after the same step (the flag travels in the step's one
+    all-reduce): rank 0 names that step's checkpoint, which holds both ranks' RNG states and that step."""
+    out = tmp_path / "run"
+    env = {**os.environ, "CONLL_DIR": str(conll_dir), "QLORANER_NPROC": "2", "OMP_NUM_THREADS": "1"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    args = tiny_args(tiny_model, conll_dir, out, "--no-eval", "--max-steps", "100000", "--save-every", "0")
+    proc = subprocess.Popen(
+        [str(ROOT / "run_train.sh"), *args],
+        cwd=ROOT,
+        env=env,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    wait_for(proc, "train ")
+    os.kill(_worker(out, 1), signal.SIGTERM)
+    rest = proc.communicate(timeout=300)[0]
+    stopped = re.search(r"qloraner: stopped at step (\d+): saved (\S+); run again to resume", rest)
+    assert stopped, rest[-3000:]
+    ckpt = Path(stopped.group(2))
+    assert ckpt.name == f"step-{int(stopped.group(1)):06d}" and {"rng-0.pt", "rng-1.pt"} <= {
+        f.name for f in ckpt.iterdir()
+    }
+    assert json.loads((ckpt / "trainer_state.json").read_text())["step"] == int(stopped.group(1))

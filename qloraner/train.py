@@ -405,7 +405,7 @@ def train_step(run: Run, step: int, stop_asked: bool = False) -> tuple[dict[str,
             loss = run.graphs(batch_t, 1 / n_sup)
         else:
             loss = forward_backward(run.net, batch_t, 1 / n_sup)
-        loss_sum += loss.detach().float()
+        loss_sum += loss.float()  # detached: no autograd graph outlives its micro-step
     # sum the ranks' gradients: one all-reduce of the flat gradient, in place of DDP's hooks on every LoRA tensor
     params = [p for group in run.optimizer.param_groups for p in group["params"]]
     for p in params:

@@ -15,10 +15,17 @@ from safetensors.torch import load_file
 from tests.conftest import ROOT, tiny_args, wait_for
 
 
-def _run(script: str, nproc: int, args: list[str], conll_dir) -> subprocess.CompletedProcess:
+def _env(nproc: int, conll_dir) -> dict[str, str]:
+    """The environment of an entry point run on `nproc` ranks (MLflow in its output folder)."""
     env = {**os.environ, "CONLL_DIR": str(conll_dir), "QLORANER_NPROC": str(nproc), "OMP_NUM_THREADS": "1"}
     env.pop("MLFLOW_TRACKING_URI", None)
-    proc = subprocess.run([str(ROOT / script), *args], capture_output=True, text=True, env=env, cwd=ROOT)
+    return env
+
+
+def _run(script: str, nproc: int, args: list[str], conll_dir) -> subprocess.CompletedProcess:
+    proc = subprocess.run(
+        [str(ROOT / script), *args], capture_output=True, text=True, env=_env(nproc, conll_dir), cwd=ROOT
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     return proc
 
@@ -116,13 +123,11 @@ def test_a_signal_to_one_rank_stops_both_after_the_same_step(tmp_path, tiny_mode
     """SIGTERM to rank 1 alone (2 ranks, gloo) stops both after the same step (the flag travels in the step's one
     all-reduce): rank 0 names that step's checkpoint, which holds both ranks' RNG states and that step."""
     out = tmp_path / "run"
-    env = {**os.environ, "CONLL_DIR": str(conll_dir), "QLORANER_NPROC": "2", "OMP_NUM_THREADS": "1"}
-    env.pop("MLFLOW_TRACKING_URI", None)
     args = tiny_args(tiny_model, conll_dir, out, "--no-eval", "--max-steps", "100000", "--save-every", "0")
     proc = subprocess.Popen(
         [str(ROOT / "run_train.sh"), *args],
         cwd=ROOT,
-        env=env,
+        env=_env(2, conll_dir),
         text=True,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,

@@ -87,8 +87,6 @@ def test_non_string_input_gives_nothing():
     assert parse_response(None) == {} and parse_response(b"[PER] x") == {}
 
 
-BASE = "base model"
-TUNED = "fine-tuned model"
 # (response, expected entities, provenance). Provenance "SmolLM2 ..." marks responses recorded from runs.
 RESPONSES = [
     ("[ORG] EU\n[MISC] German\n[MISC] British", {"ORG": ["EU"], "MISC": ["German", "British"]}, "canonical"),

@@ -309,6 +309,30 @@ def test_a_non_finite_gradient_norm_stops_before_the_update(tmp_path, tiny_model
         run.lock.close()
 
 
+def test_each_micro_step_draws_its_own_counter_dropout_masks(tmp_path, tiny_model, conll_dir):
+    """With CounterDropout (what CUDA graphs over checkpointing use), train_step sets the shared key before every
+    micro-step to dropout_key(seed, rank, step, micro-step): each forward reads its own key, a function of where the
+    run is (so a resumed run draws the same masks), never the previous micro-step's."""
+    import mlflow
+
+    from qloraner.model import CounterDropout, dropout_key, use_counter_dropout
+    from qloraner.train import train_step
+
+    run = prepare(_config(tmp_path, tiny_model, conll_dir, "keys", lora_dropout=0.1, micro_batch_size=2, seed=7))
+    try:
+        run.dropout_key = use_counter_dropout(run.model)
+        seen = []
+        first = next(m for m in run.model.modules() if isinstance(m, CounterDropout))
+        first.register_forward_pre_hook(lambda module, _args: seen.append(module.key.item()))
+        for step in range(3):
+            train_step(run, step)
+        expected = [dropout_key(7, 0, step, micro) for step in range(3) for micro in range(run.accum)]
+        assert run.accum == 2 and seen == expected and len(set(seen)) == len(seen)
+    finally:
+        mlflow.end_run()
+        run.lock.close()
+
+
 def test_a_checkpoint_with_one_optimizer_tensor_per_matrix_is_refused(tmp_path, tiny_model, conll_dir):
     """A checkpoint whose optimizer state holds a tensor per LoRA matrix (written before the flat parameter) is
     refused with one line that names it and the way out, not skipped as damaged."""

@@ -1,3 +1,4 @@
+import contextlib
 import json
 import os
 import re
@@ -46,6 +47,20 @@ def test_lr_warms_up_then_decays_to_the_floor(s):
 
 
 _config = tiny_config
+
+
+@contextlib.contextmanager
+def _prepared(config: TrainConfig):
+    """A prepared run (model, optimizer, MLflow run, the folder's lock), its MLflow run ended and lock released
+    after."""
+    import mlflow
+
+    run = prepare(config)
+    try:
+        yield run
+    finally:
+        mlflow.end_run()
+        run.lock.close()
 
 
 def test_overfits_eight_examples(tmp_path, tiny_model, conll_dir):
@@ -159,18 +174,14 @@ def test_compiled_layers_dequantize_nf4_themselves(tmp_path, tiny_model, conll_d
     bitsandbytes' operations); with --no-dequantize-in-graph none does; asking for it without compile (given, or
     resolved so on a CPU) or with the frozen copies is refused."""
     import bitsandbytes as bnb
-    import mlflow
 
     from qloraner.model import NF4Linear
 
     for name, in_graph in [("graph", None), ("bnb", False)]:
-        run = prepare(_config(tmp_path, tiny_model, conll_dir, name, compile=True, dequantize_in_graph=in_graph))
-        try:
+        config = _config(tmp_path, tiny_model, conll_dir, name, compile=True, dequantize_in_graph=in_graph)
+        with _prepared(config) as run:
             kinds = {type(m) for m in run.model.modules()}
             assert (NF4Linear in kinds, bnb.nn.Linear4bit in kinds) == (in_graph is None, in_graph is False)
-        finally:
-            mlflow.end_run()
-            run.lock.close()
     for settings in [dict(compile=False), dict(compile=True, frozen_copies=True)]:
         with pytest.raises(QloranerError, match="--dequantize-in-graph: needs --compile and 4-bit weights"):
             _config(tmp_path, tiny_model, conll_dir, "refused", dequantize_in_graph=True, **settings)
@@ -202,7 +213,6 @@ def test_frozen_copies_train_like_nf4(tmp_path, tiny_model, conll_dir, compiled)
     """--frozen-copies (the NF4 weights dequantized once into plain frozen layers) gives the 4-bit layers' grad
     norms and adapter to 1e-5, eager and compiled; the run really had no 4-bit layer left, and says so."""
     import bitsandbytes as bnb
-    import mlflow
 
     runs = []
     for name, copies in [("nf4", False), ("copies", True)]:
@@ -213,13 +223,9 @@ def test_frozen_copies_train_like_nf4(tmp_path, tiny_model, conll_dir, compiled)
         saved = json.loads((Path(config.output_dir) / "final" / "train_config.json").read_text())
         assert saved["frozen_copies"] is copies
     _assert_same_training(*runs, rel=1e-5)
-    run = prepare(_config(tmp_path, tiny_model, conll_dir, "count", max_steps=1, frozen_copies=True))
-    try:
+    with _prepared(_config(tmp_path, tiny_model, conll_dir, "count", max_steps=1, frozen_copies=True)) as run:
         assert not any(isinstance(m, bnb.nn.Linear4bit) for m in run.model.modules())
         assert any(isinstance(m, torch.nn.Linear) and not m.weight.requires_grad for m in run.model.modules())
-    finally:
-        mlflow.end_run()
-        run.lock.close()
 
 
 @pytest.mark.parametrize("checkpointing", [True, False])
@@ -292,34 +298,28 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, tiny_model,
 def test_a_non_finite_gradient_norm_stops_before_the_update(tmp_path, tiny_model, conll_dir):
     """A step whose loss is finite but whose gradient is not (one LoRA matrix's gradient made infinite) stops with
     a one-line error naming the gradient norm, and leaves every trainable tensor as it was."""
-    import mlflow
 
     from qloraner.train import train_step
 
-    run = prepare(_config(tmp_path, tiny_model, conll_dir, "inf-grad", max_grad_norm=0.0))
-    try:
+    with _prepared(_config(tmp_path, tiny_model, conll_dir, "inf-grad", max_grad_norm=0.0)) as run:
         trainable = [p for p in run.model.parameters() if p.requires_grad]
         before = [p.detach().clone() for p in trainable]
         trainable[0].register_hook(lambda grad: grad + float("inf"))
         with pytest.raises(QloranerError, match=r"non-finite gradient norm at step 1; stopped before the update"):
             train_step(run, 0)
         assert all(torch.equal(p, b) for p, b in zip(trainable, before))
-    finally:
-        mlflow.end_run()
-        run.lock.close()
 
 
 def test_each_micro_step_draws_its_own_counter_dropout_masks(tmp_path, tiny_model, conll_dir):
     """With CounterDropout (what CUDA graphs over checkpointing use), train_step sets the shared key before every
     micro-step to dropout_key(seed, rank, step, micro-step): each forward reads its own key, a function of where the
     run is (so a resumed run draws the same masks), never the previous micro-step's."""
-    import mlflow
 
     from qloraner.model import CounterDropout, dropout_key, use_counter_dropout
     from qloraner.train import train_step
 
-    run = prepare(_config(tmp_path, tiny_model, conll_dir, "keys", lora_dropout=0.1, micro_batch_size=2, seed=7))
-    try:
+    config = _config(tmp_path, tiny_model, conll_dir, "keys", lora_dropout=0.1, micro_batch_size=2, seed=7)
+    with _prepared(config) as run:
         run.dropout_key = use_counter_dropout(run.model)
         seen = []
         first = next(m for m in run.model.modules() if isinstance(m, CounterDropout))
@@ -328,9 +328,6 @@ def test_each_micro_step_draws_its_own_counter_dropout_masks(tmp_path, tiny_mode
             train_step(run, step)
         expected = [dropout_key(7, 0, step, micro) for step in range(3) for micro in range(run.accum)]
         assert run.accum == 2 and seen == expected and len(set(seen)) == len(seen)
-    finally:
-        mlflow.end_run()
-        run.lock.close()
 
 
 def test_a_checkpoint_with_one_optimizer_tensor_per_matrix_is_refused(tmp_path, tiny_model, conll_dir):

@@ -167,8 +167,8 @@ def _use_compile(config: TrainConfig, device: torch.device) -> bool:
 
 
 def _use_graphs(config: TrainConfig, device: torch.device, compiled: bool) -> bool:
-    """--cuda-graphs / --no-cuda-graphs as given; unset, on with compiled layers on a GPU without checkpointing
-    (the config refuses the other cases when asked for)."""
+    """--cuda-graphs / --no-cuda-graphs as given (refused here without a GPU, by the config without --compile);
+    unset, on with compiled layers on a GPU without checkpointing (with it, only when asked: a higher peak)."""
     if config.cuda_graphs and device.type != "cuda":
         raise QloranerError(f"--cuda-graphs: needs a CUDA GPU, not {device.type}")
     if config.cuda_graphs is not None:

@@ -78,6 +78,8 @@ def write_failure(err: Exception, folder: Path) -> str:
 
 
 def _save(path: Path, tmp: Path, model, optimizer, state: dict, config: TrainConfig, rank: int) -> Path:
+    if torch.cuda.is_available():  # the paged optimizer state is memory the host reads itself: the update must be done
+        torch.cuda.synchronize()
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)

@@ -387,11 +387,23 @@ def _frozen_form(config: TrainConfig) -> str:
     return "NF4 (dequantized in the compiled layers)" if config.dequantize_in_graph else "NF4"
 
 
-def train_step(run: Run, step: int, stop_asked: bool = False) -> tuple[dict[str, float], bool]:
-    """One optimizer step: this rank's micro-batches forward and backward, weighted by the step's supervised
-    tokens over all ranks; the ranks' gradients summed; clip; a non-finite loss or gradient norm stops before the
-    update; update, zero the gradients. Its metrics, and whether any rank was asked to stop (`stop_asked` summed
-    over the ranks, so that all stop after the same step). One host sync a step (the loss, the norm, the flag)."""
+@dataclass(frozen=True)
+class Queued:
+    """An optimizer step queued on the device, its numbers not read yet."""
+
+    step: int  # counted from 1
+    values: torch.Tensor  # on the device: the summed loss, the ranks' stop flags, the gradient norm
+    n_sup: int  # supervised tokens of the step (all ranks)
+    n_tok: int  # tokens of the step (all ranks)
+    micro_batches: int  # this rank's forward passes: more where --micro-batch-tokens split the step
+    lr: float
+    t0: float  # perf_counter when it began to be queued
+
+
+def train_step(run: Run, step: int, stop_asked: bool = False) -> Queued:
+    """Queue one optimizer step: this rank's micro-batches forward and backward, weighted by the step's supervised
+    tokens over all ranks; the ranks' gradients summed; clip; update; zero the gradients. Nothing here waits for the
+    device: its loss, gradient norm and the ranks' stop flags (`stop_asked` summed) are read by settle()."""
     t0 = time.perf_counter()
     mine, batch = run.micro_batches(step)
     n_sup = sum(run.examples[i].n_supervised for i in batch)  # all ranks' supervised tokens: the weight
@@ -410,27 +422,52 @@ def train_step(run: Run, step: int, stop_asked: bool = False) -> tuple[dict[str,
     params = [p for group in run.optimizer.param_groups for p in group["params"]]
     for p in params:
         dist.sum_(p.grad)
-    # clip, then read the loss, the norm and the ranks' stop flags in one host sync: a non-finite loss or norm stops
-    # before the update (NaN on any rank: on all)
     norm = torch.nn.utils.clip_grad_norm_(params, run.config.max_grad_norm or float("inf"))
     asked = torch.full((), float(stop_asked), device=run.device)  # a fill: copying from the host would wait
-    loss_total, stops, grad_norm = torch.cat([dist.sum_(torch.stack([loss_sum, asked])), norm.float()[None]]).tolist()
+    values = torch.cat([dist.sum_(torch.stack([loss_sum, asked])), norm.float()[None]])
+    update(run.optimizer)
+    run.optimizer.zero_grad(set_to_none=False)  # in place: the model's gradients are views into the flat ones
+    lr = run.optimizer.param_groups[0]["lr"]
+    return Queued(step + 1, values, n_sup, n_tok, sum(map(bool, mine)), lr, t0)
+
+
+@torch.no_grad()
+def update(optimizer) -> None:
+    """bitsandbytes' PagedAdamW.step without its waits for the whole device (one after each tensor, one at the end):
+    the update and its pages' prefetch are queued on the stream behind the backward, and the host goes on to the
+    next step. The state is managed memory that the host reads directly: checkpoint.save waits for the device."""
+    if not optimizer.initialized:
+        optimizer.check_overrides()
+        optimizer.to_gpu()
+        optimizer.initialized = True
+    for gindex, group in enumerate(optimizer.param_groups):
+        for pindex, p in enumerate(group["params"]):
+            if p.grad is not None:
+                if not optimizer.state[p]:
+                    optimizer.init_state(group, p, gindex, pindex)
+                optimizer.prefetch_state(p)
+                optimizer.update_step(group, p, gindex, pindex)
+
+
+def settle(run: Run, queued: Queued, since: float) -> tuple[dict[str, float], bool]:
+    """A queued step's metrics, and whether any rank asked to stop: its numbers read from the device (the loop's one
+    wait for it, a step behind). A non-finite loss or gradient norm stops the run here, before any checkpoint holds
+    its update. Its time runs from `since` (when the step before was read) or from its start, whichever is later."""
+    loss_total, stops, grad_norm = queued.values.tolist()
     if not (math.isfinite(loss_total) and math.isfinite(grad_norm)):
         raise QloranerError(
-            f"non-finite {'loss' if not math.isfinite(loss_total) else 'gradient norm'} at step {step + 1}; stopped "
-            f"before the update. Last good checkpoint: {run.last_good or 'none'}"
+            f"non-finite {'loss' if not math.isfinite(loss_total) else 'gradient norm'} at step {queued.step}; "
+            f"stopped before saving its update. Last good checkpoint: {run.last_good or 'none'}"
         )
-    run.optimizer.step()
-    run.optimizer.zero_grad(set_to_none=False)  # in place: the model's gradients are views into the flat ones
-    dt = time.perf_counter() - t0
+    dt = time.perf_counter() - max(since, queued.t0)
     metrics = {
-        "loss": loss_total / n_sup,
+        "loss": loss_total / queued.n_sup,
         "grad_norm": grad_norm,
-        "tokens_per_s": n_tok / dt,
-        "supervised_tokens_per_s": n_sup / dt,
+        "lr": queued.lr,
+        "tokens_per_s": queued.n_tok / dt,
+        "supervised_tokens_per_s": queued.n_sup / dt,
         "step_s": dt,
-        # this rank's forward passes: more where --micro-batch-tokens split the step
-        "micro_batches": sum(map(bool, mine)),
+        "micro_batches": queued.micro_batches,
     }
     if run.device.type == "cuda":
         metrics["gpu_mem_gib"] = torch.cuda.max_memory_allocated(run.device) / 2**30
@@ -493,7 +530,22 @@ def train_adapter(config: TrainConfig, device: torch.device | None = None, on_st
     config, stop, start = run.config, _StopFlag(), time.perf_counter()
     progress = Progress(run.total, "train", "steps", initial=run.state["step"], enabled=run.main)
     run.model.train()
+    settled = start
+
+    def record(queued: Queued) -> bool:
+        """Read a queued step's numbers, log them and show progress; whether a rank asked to stop."""
+        nonlocal settled
+        metrics, asked = settle(run, queued, settled)
+        settled = time.perf_counter()
+        if run.main and (queued.step % config.log_every == 0 or queued.step == run.total):
+            mlflow.log_metrics(metrics, step=queued.step, synchronous=False)  # written by MLflow's thread
+        progress.update(1, **{k: metrics[k] for k in ("loss", "tokens_per_s", "gpu_mem_gib") if k in metrics})
+        if on_step:
+            on_step(queued.step, metrics)
+        return asked
+
     try:
+        pending = None  # the step before, still on the device
         while run.state["step"] < run.total:
             step = run.state["step"]
             # determine and set the learning rate of this step
@@ -502,20 +554,21 @@ def train_adapter(config: TrainConfig, device: torch.device | None = None, on_st
             )
             for group in run.optimizer.param_groups:
                 group["lr"] = lr
-            # forward, backward, clip and update
-            metrics, stopping = train_step(run, step, stop_asked=stop.signal is not None)
-            metrics["lr"] = lr
+            # forward, backward, clip and update, queued on the device
+            queued = train_step(run, step, stop_asked=stop.signal is not None)
             run.state["step"] = step = step + 1
-            # logging and progress
-            if run.main and (step % config.log_every == 0 or step == run.total):
-                mlflow.log_metrics(metrics, step=step, synchronous=False)  # written by MLflow's thread, off the loop
-            progress.update(1, **{k: metrics[k] for k in ("loss", "tokens_per_s", "gpu_mem_gib") if k in metrics})
-            if on_step:
-                on_step(step, metrics)
-            # checkpoint every save_every steps, and on a signal, then stop: under torchrun the ranks learn of it in
-            # train_step's sync (all stop after the same step, one step later when it came after that sync)
+            # logging and progress of the step before, read now that this one is queued behind it: the host runs a
+            # step ahead and the device never waits for it between steps
+            stopping = pending is not None and record(pending)
+            pending = queued
+            # checkpoint every save_every steps, and on a signal, then stop, this step's numbers read first (no
+            # checkpoint holds a non-finite update): under torchrun the ranks learn of a stop from the numbers
+            # (all stop after the same step, a step or two after the signal)
             stopping = stopping or (run.world == 1 and stop.signal is not None)
-            if stopping or (config.save_every and step % config.save_every == 0 and step < run.total):
+            due = config.save_every and step % config.save_every == 0 and step < run.total
+            if stopping or due or step == run.total:
+                stopping, pending = record(pending) or stopping, None
+            if stopping or due:
                 run.last_good = checkpoint.save(
                     checkpoint.step_dir(run.out, step), run.model, run.optimizer, run.state, config, run.rank
                 )

@@ -20,6 +20,9 @@ def _config(tmp_path, tiny_model, conll_dir, **kw) -> TrainConfig:
 
 
 def _stop_at(step_to_stop: int):
+    """A callback that sends SIGTERM from step `step_to_stop`'s: the loop reads a step's numbers once the next one is
+    queued (or before a checkpoint), so the run checkpoints and stops after the step after it."""
+
     def on_step(step, _metrics):
         if step == step_to_stop:
             os.kill(os.getpid(), signal.SIGTERM)
@@ -42,7 +45,7 @@ def test_resume_skips_a_damaged_newest_checkpoint(damage, tmp_path, tiny_model, 
     """A damaged newest checkpoint is skipped with a line naming it and why; training resumes from the newest one
     that loads (step 2, not step 0) and finishes."""
     config = _config(tmp_path, tiny_model, conll_dir)
-    assert train_adapter(config, on_step=_stop_at(5)).preempted  # checkpoints at steps 2, 4 and 5
+    assert train_adapter(config, on_step=_stop_at(4)).preempted  # checkpoints at steps 2, 4 and 5
     newest = latest(tmp_path / "run")
     assert newest.name == "step-000005"
     DAMAGES[damage](newest)
@@ -57,7 +60,7 @@ def test_resume_skips_a_damaged_newest_checkpoint(damage, tmp_path, tiny_model, 
 def test_no_loadable_checkpoint_is_an_error_not_a_fresh_start(tmp_path, tiny_model, conll_dir):
     """When every checkpoint is damaged, resuming refuses (the damaged files stay) instead of starting over."""
     config = _config(tmp_path, tiny_model, conll_dir)
-    train_adapter(config, on_step=_stop_at(3))
+    train_adapter(config, on_step=_stop_at(3))  # checkpoints at steps 2 and 4
     for ckpt in (tmp_path / "run").glob("step-*"):
         DAMAGES["optimizer.pt cut"](ckpt)
     with pytest.raises(QloranerError, match=r"no checkpoint loads; --no-resume starts over"):

@@ -13,7 +13,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from safetensors.torch import load_file
 
-from qloraner import QloranerError
+from qloraner import QloranerError, checkpoint
 from qloraner.checkpoint import latest as latest_checkpoint
 from qloraner.config import DEFAULT_RECIPE, TrainConfig
 from qloraner.train import get_lr, prepare, train_adapter
@@ -102,12 +102,13 @@ def _assert_same_training(a, b, rel: float) -> None:
 
 
 def test_the_flat_optimizer_updates_like_one_tensor_at_a_time(tiny_model):
-    """Paged AdamW over the flat parameters moves every LoRA matrix as paged AdamW over the matrices one by one
-    (weight decay on, three steps, backward adding into the gradient views); the model's tensors stay views of the
-    flat parameters, aligned for the kernels."""
+    """The loop's update (paged AdamW's own steps without its waits for the device) over the flat parameters moves
+    every LoRA matrix as bitsandbytes' PagedAdamW.step over the matrices one by one (weight decay on, three steps,
+    backward adding into the gradient views); the model's tensors stay views of the flat parameters, aligned for the
+    kernels."""
     import bitsandbytes as bnb
 
-    from qloraner.train import FLAT_ALIGN, flatten_trainable
+    from qloraner.train import FLAT_ALIGN, flatten_trainable, update
 
     flat_model, plain_model = lora_model(tiny_model, 0), lora_model(tiny_model, 0)
     flats = flatten_trainable(flat_model)
@@ -122,7 +123,7 @@ def test_the_flat_optimizer_updates_like_one_tensor_at_a_time(tiny_model):
         for model, opt, to_none in ((flat_model, flat_opt, False), (plain_model, plain_opt, True)):
             for half in ids.chunk(2):  # two backward passes a step: the second adds into the views
                 model(input_ids=half, labels=half).loss.backward()
-            opt.step()
+            update(opt) if opt is flat_opt else opt.step()
             opt.zero_grad(set_to_none=to_none)
     for (name, a), b in zip(flat_model.named_parameters(), plain_model.parameters()):
         if a.requires_grad:
@@ -244,7 +245,8 @@ def test_compiled_layers_compile_once(tmp_path, tiny_model, conll_dir, checkpoin
 
 
 def test_resume_after_sigterm_matches_an_uninterrupted_run(tmp_path, tiny_model, conll_dir):
-    """Train 20 steps, or train 10, SIGTERM, resume 10: same adapter to 1e-6 (dropout on, epochs crossed)."""
+    """Train 20 steps, or train 11, SIGTERM, resume 9: same adapter to 1e-6 (dropout on, epochs crossed). The signal
+    comes from step 10's callback, which runs once step 11 is queued: the run checkpoints after step 11."""
     kw = dict(max_steps=20, lora_dropout=0.1, lr=5e-3)
     straight = train_adapter(_config(tmp_path, tiny_model, conll_dir, "straight", **kw))
 
@@ -254,15 +256,15 @@ def test_resume_after_sigterm_matches_an_uninterrupted_run(tmp_path, tiny_model,
 
     cfg = _config(tmp_path, tiny_model, conll_dir, "resumed", **kw)
     first = train_adapter(cfg, on_step=kill_at_10)
-    assert first.preempted and first.step == 10
-    assert latest_checkpoint(tmp_path / "resumed").name == "step-000010"
+    assert first.preempted and first.step == 11
+    assert latest_checkpoint(tmp_path / "resumed").name == "step-000011"
     half = tmp_path / "resumed" / "step-000015"
     half.mkdir()
     (half / "adapter_config.json").write_text("{}")  # a save killed half way
-    assert latest_checkpoint(tmp_path / "resumed").name == "step-000010"
+    assert latest_checkpoint(tmp_path / "resumed").name == "step-000011"
     steps = []
     second = train_adapter(cfg, on_step=lambda step, m: steps.append(step))
-    assert steps[0] == 11 and second.step == 20
+    assert steps == list(range(12, 21)) and second.step == 20
     a = load_file(straight.final / "adapter_model.safetensors")
     b = load_file(second.final / "adapter_model.safetensors")
     for key in a:
@@ -284,30 +286,41 @@ def test_incompatible_checkpoint_is_refused(tmp_path, tiny_model, conll_dir):
     assert train_adapter(_config(tmp_path, tiny_model, conll_dir, "run", max_steps=3)).final.is_dir()
 
 
-def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, tiny_model, conll_dir):
-    """A diverging run (lr 1e38) stops with a one-line error; the earlier checkpoint stays complete."""
+@pytest.mark.parametrize("save_every", [1, 0])
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, tiny_model, conll_dir, save_every):
+    """A diverging run (lr 1e38) stops with a one-line error naming the step whose loss was not finite, though its
+    numbers are read a step late (with no checkpoint due, after the next step was queued); the checkpoint before it
+    stays complete and none holds its update."""
     cfg = _config(
-        tmp_path, tiny_model, conll_dir, "nan", lr=1e38, warmup_steps=0, max_steps=10, save_every=1, max_grad_norm=0.0
+        tmp_path,
+        tiny_model,
+        conll_dir,
+        "nan",
+        lr=1e38,
+        warmup_steps=0,
+        max_steps=10,
+        save_every=save_every,
+        max_grad_norm=0.0,
     )
-    with pytest.raises(QloranerError, match=r"non-finite loss at step 2; .*Last good checkpoint: .*step-000001$"):
+    last_good = ".*step-000001" if save_every else "none"
+    with pytest.raises(QloranerError, match=rf"non-finite loss at step 2; .*Last good checkpoint: {last_good}$"):
         train_adapter(cfg)
-    good = latest_checkpoint(tmp_path / "nan")
-    assert good is not None and not (tmp_path / "nan" / "final").exists()
+    assert [p.name for p in checkpoint.complete(tmp_path / "nan")] == (["step-000001"] if save_every else [])
+    assert not (tmp_path / "nan" / "final").exists()
 
 
-def test_a_non_finite_gradient_norm_stops_before_the_update(tmp_path, tiny_model, conll_dir):
-    """A step whose loss is finite but whose gradient is not (one LoRA matrix's gradient made infinite) stops with
-    a one-line error naming the gradient norm, and leaves every trainable tensor as it was."""
+def test_a_non_finite_gradient_norm_stops_the_run(tmp_path, tiny_model, conll_dir):
+    """A step whose loss is finite but whose gradient is not (one LoRA matrix's gradient made infinite) stops, when
+    its numbers are read, with a one-line error naming the gradient norm and the step."""
 
-    from qloraner.train import train_step
+    from qloraner.train import settle, train_step
 
     with _prepared(_config(tmp_path, tiny_model, conll_dir, "inf-grad", max_grad_norm=0.0)) as run:
         trainable = [p for p in run.model.parameters() if p.requires_grad]
-        before = [p.detach().clone() for p in trainable]
         trainable[0].register_hook(lambda grad: grad + float("inf"))
-        with pytest.raises(QloranerError, match=r"non-finite gradient norm at step 1; stopped before the update"):
-            train_step(run, 0)
-        assert all(torch.equal(p, b) for p, b in zip(trainable, before))
+        queued = train_step(run, 0)
+        with pytest.raises(QloranerError, match=r"^non-finite gradient norm at step 1; stopped before saving"):
+            settle(run, queued, since=queued.t0)
 
 
 def test_each_micro_step_draws_its_own_counter_dropout_masks(tmp_path, tiny_model, conll_dir):
@@ -478,11 +491,11 @@ def test_resume_refuses_other_data_and_a_changed_lr(tmp_path, tiny_model, conll_
     checkpoint and what differs."""
     config = _config(tmp_path, tiny_model, conll_dir, "run", max_steps=4, save_every=2)
 
-    def stop_at_3(step, _metrics):
-        if step == 3:
+    def stop_after_3(step, _metrics):  # step 2's callback: the run stops after the step after it
+        if step == 2:
             os.kill(os.getpid(), signal.SIGTERM)
 
-    train_adapter(config, on_step=stop_at_3)
+    train_adapter(config, on_step=stop_after_3)
     other = tmp_path / "other-data"
     other.mkdir()
     lines = (conll_dir / "train.txt").read_text().splitlines(keepends=True)

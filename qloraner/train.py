@@ -392,7 +392,8 @@ class Queued:
     """An optimizer step queued on the device, its numbers not read yet."""
 
     step: int  # counted from 1
-    values: torch.Tensor  # on the device: the summed loss, the ranks' stop flags, the gradient norm
+    values: torch.Tensor  # the summed loss, the ranks' stop flags, the gradient norm: on the host once `ready`
+    ready: torch.cuda.Event | None  # the copy to the host done (on a GPU)
     n_sup: int  # supervised tokens of the step (all ranks)
     n_tok: int  # tokens of the step (all ranks)
     micro_batches: int  # this rank's forward passes: more where --micro-batch-tokens split the step
@@ -425,10 +426,16 @@ def train_step(run: Run, step: int, stop_asked: bool = False) -> Queued:
     norm = torch.nn.utils.clip_grad_norm_(params, run.config.max_grad_norm or float("inf"))
     asked = torch.full((), float(stop_asked), device=run.device)  # a fill: copying from the host would wait
     values = torch.cat([dist.sum_(torch.stack([loss_sum, asked])), norm.float()[None]])
+    # to the host (pinned) as soon as they are computed: reading them then waits for this point of the stream, not
+    # for the kernels queued after it
+    values = values.to("cpu", non_blocking=True)
+    ready = torch.cuda.Event() if run.device.type == "cuda" else None
+    if ready:
+        ready.record()
     update(run.optimizer)
     run.optimizer.zero_grad(set_to_none=False)  # in place: the model's gradients are views into the flat ones
     lr = run.optimizer.param_groups[0]["lr"]
-    return Queued(step + 1, values, n_sup, n_tok, sum(map(bool, mine)), lr, t0)
+    return Queued(step + 1, values, ready, n_sup, n_tok, sum(map(bool, mine)), lr, t0)
 
 
 @torch.no_grad()
@@ -453,6 +460,8 @@ def settle(run: Run, queued: Queued, since: float) -> tuple[dict[str, float], bo
     """A queued step's metrics, and whether any rank asked to stop: its numbers read from the device (the loop's one
     wait for it, a step behind). A non-finite loss or gradient norm stops the run here, before any checkpoint holds
     its update. Its time runs from `since` (when the step before was read) or from its start, whichever is later."""
+    if queued.ready:
+        queued.ready.synchronize()
     loss_total, stops, grad_norm = queued.values.tolist()
     if not (math.isfinite(loss_total) and math.isfinite(grad_norm)):
         raise QloranerError(

@@ -566,8 +566,8 @@ def train_adapter(config: TrainConfig, device: torch.device | None = None, on_st
             # forward, backward, clip and update, queued on the device
             queued = train_step(run, step, stop_asked=stop.signal is not None)
             run.state["step"] = step = step + 1
-            # logging and progress of the step before, read now that this one is queued behind it: the host runs a
-            # step ahead and the device never waits for it between steps
+            # logging and progress of the step before, read now that this one is queued behind it: the host waits only
+            # for numbers a step old, so the device has this step's kernels while it finishes that one
             stopping = pending is not None and record(pending)
             pending = queued
             # checkpoint every save_every steps, and on a signal, then stop, this step's numbers read first (no

@@ -1,4 +1,5 @@
 import os
+import signal
 import subprocess
 from pathlib import Path
 
@@ -156,6 +157,17 @@ def lora_model(tiny_model, seed: int):
     return add_lora(
         load_base(tiny_model, torch.device("cpu")), r=8, alpha=16, dropout=0.0, target_modules=["q_proj", "v_proj"]
     )
+
+
+def sigterm_at(step_to_stop: int):
+    """A train_adapter callback that sends SIGTERM from step `step_to_stop`'s: the loop reads a step's numbers once
+    the next one is queued (or before a checkpoint), so the run checkpoints and stops after the step after it."""
+
+    def on_step(step, _metrics):
+        if step == step_to_stop:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    return on_step
 
 
 def tiny_config(tmp_path, tiny_model, conll_dir, name: str, **kw):

@@ -1,7 +1,5 @@
 import json
-import os
 import shutil
-import signal
 import sys
 import time
 
@@ -11,23 +9,21 @@ from qloraner import QloranerError
 from qloraner.checkpoint import latest
 from qloraner.config import TrainConfig
 from qloraner.train import train_adapter
-from tests.conftest import fill, last_line, run_entry, start_entry, tiny_args, tiny_config, wait_for
+from tests.conftest import (
+    fill,
+    last_line,
+    run_entry,
+    sigterm_at,
+    start_entry,
+    tiny_args,
+    tiny_config,
+    wait_for,
+)
 
 
 def _config(tmp_path, tiny_model, conll_dir, **kw) -> TrainConfig:
     kw = {"max_steps": 6, "lr": 5e-3, "warmup_steps": 1, "lora_r": 4, "lora_alpha": 8, "save_every": 2, **kw}
     return tiny_config(tmp_path, tiny_model, conll_dir, "run", **kw)
-
-
-def _stop_at(step_to_stop: int):
-    """A callback that sends SIGTERM from step `step_to_stop`'s: the loop reads a step's numbers once the next one is
-    queued (or before a checkpoint), so the run checkpoints and stops after the step after it."""
-
-    def on_step(step, _metrics):
-        if step == step_to_stop:
-            os.kill(os.getpid(), signal.SIGTERM)
-
-    return on_step
 
 
 DAMAGES = {
@@ -45,7 +41,7 @@ def test_resume_skips_a_damaged_newest_checkpoint(damage, tmp_path, tiny_model, 
     """A damaged newest checkpoint is skipped with a line naming it and why; training resumes from the newest one
     that loads (step 2, not step 0) and finishes."""
     config = _config(tmp_path, tiny_model, conll_dir)
-    assert train_adapter(config, on_step=_stop_at(4)).preempted  # checkpoints at steps 2, 4 and 5
+    assert train_adapter(config, on_step=sigterm_at(4)).preempted  # checkpoints at steps 2, 4 and 5
     newest = latest(tmp_path / "run")
     assert newest.name == "step-000005"
     DAMAGES[damage](newest)
@@ -60,7 +56,7 @@ def test_resume_skips_a_damaged_newest_checkpoint(damage, tmp_path, tiny_model, 
 def test_no_loadable_checkpoint_is_an_error_not_a_fresh_start(tmp_path, tiny_model, conll_dir):
     """When every checkpoint is damaged, resuming refuses (the damaged files stay) instead of starting over."""
     config = _config(tmp_path, tiny_model, conll_dir)
-    train_adapter(config, on_step=_stop_at(3))  # checkpoints at steps 2 and 4
+    train_adapter(config, on_step=sigterm_at(3))  # checkpoints at steps 2 and 4
     for ckpt in (tmp_path / "run").glob("step-*"):
         DAMAGES["optimizer.pt cut"](ckpt)
     with pytest.raises(QloranerError, match=r"no checkpoint loads; --no-resume starts over"):

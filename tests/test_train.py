@@ -17,7 +17,17 @@ from qloraner import QloranerError, checkpoint
 from qloraner.checkpoint import latest as latest_checkpoint
 from qloraner.config import DEFAULT_RECIPE, TrainConfig
 from qloraner.train import get_lr, prepare, train_adapter
-from tests.conftest import ROOT, last_line, lora_model, run_entry, start_entry, tiny_args, tiny_config, wait_for
+from tests.conftest import (
+    ROOT,
+    last_line,
+    lora_model,
+    run_entry,
+    sigterm_at,
+    start_entry,
+    tiny_args,
+    tiny_config,
+    wait_for,
+)
 
 schedule = st.fixed_dictionaries(
     {
@@ -250,12 +260,8 @@ def test_resume_after_sigterm_matches_an_uninterrupted_run(tmp_path, tiny_model,
     kw = dict(max_steps=20, lora_dropout=0.1, lr=5e-3)
     straight = train_adapter(_config(tmp_path, tiny_model, conll_dir, "straight", **kw))
 
-    def kill_at_10(step, _metrics):
-        if step == 10:
-            os.kill(os.getpid(), signal.SIGTERM)
-
     cfg = _config(tmp_path, tiny_model, conll_dir, "resumed", **kw)
-    first = train_adapter(cfg, on_step=kill_at_10)
+    first = train_adapter(cfg, on_step=sigterm_at(10))
     assert first.preempted and first.step == 11
     assert latest_checkpoint(tmp_path / "resumed").name == "step-000011"
     half = tmp_path / "resumed" / "step-000015"
@@ -491,11 +497,7 @@ def test_resume_refuses_other_data_and_a_changed_lr(tmp_path, tiny_model, conll_
     checkpoint and what differs."""
     config = _config(tmp_path, tiny_model, conll_dir, "run", max_steps=4, save_every=2)
 
-    def stop_after_3(step, _metrics):  # step 2's callback: the run stops after the step after it
-        if step == 2:
-            os.kill(os.getpid(), signal.SIGTERM)
-
-    train_adapter(config, on_step=stop_after_3)
+    train_adapter(config, on_step=sigterm_at(2))  # a checkpoint at step 3
     other = tmp_path / "other-data"
     other.mkdir()
     lines = (conll_dir / "train.txt").read_text().splitlines(keepends=True)

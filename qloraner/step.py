@@ -20,25 +20,28 @@ GRAPH_PADDING = (32, 256)
 def collate(
     examples: list[Encoded], pad_id: int, device: torch.device, multiple: int = 0, rows_multiple: int = 1
 ) -> dict[str, torch.Tensor]:
-    """Right-pad with EOS. No attention mask: attention is causal and pads only follow a row's tokens, so no real
-    token attends to a pad, and what the pads compute is never supervised. Without a mask, SDPA runs its flash
-    kernel. The supervised positions come as flat indices into the batch's hidden states (row * width + t predicts
-    label t + 1) with their targets, found here on the host: selecting them on the GPU would wait for it.
+    """Right-pad with EOS; pads are masked out of attention. The supervised positions come as flat indices into
+    the batch's hidden states (row * width + t predicts label t + 1) with their targets, found here on the host:
+    selecting them on the GPU would wait for it.
 
-    `multiple` 0 pads to the longest row; otherwise the width is rounded up to a multiple of it (Inductor guards on
-    the length's alignment). `rows_multiple` pads the supervised positions with position 0 and an ignored target,
-    for a CUDA graph's fixed shapes.
+    `multiple` 0 pads to the longest row. Otherwise the width is a multiple of it (Inductor guards on the length's
+    alignment) with at least one pad column: transformers dropped the mask of a batch without padding (a second
+    graph) before causal_mask built it here, and the measured runs kept the column. `rows_multiple` pads the
+    supervised positions with position 0 and an ignored target, for a CUDA graph's fixed shapes.
     """
     width = max(len(e.input_ids) for e in examples)
     if multiple:
-        width = math.ceil(width / multiple) * multiple
+        width = math.ceil((width + 1) / multiple) * multiple
     # pinned on GPUs: the copy then does not wait for the GPU to finish the previous step
     pinned = device.type == "cuda"
-    ids = torch.full((len(examples), width), pad_id, dtype=torch.long, pin_memory=pinned)
+    host = torch.empty((2, len(examples), width), dtype=torch.long, pin_memory=pinned)
+    ids, mask = host
+    ids.fill_(pad_id), mask.zero_()
     labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
     for row, e in enumerate(examples):
         ids[row, : len(e.input_ids)] = torch.tensor(e.input_ids)
         labels[row, : len(e.labels)] = torch.tensor(e.labels)
+        mask[row, : len(e.input_ids)] = 1
     keep = labels[:, 1:] != IGNORE_INDEX
     rows, t = keep.nonzero(as_tuple=True)
     n = math.ceil(len(rows) / rows_multiple) * rows_multiple
@@ -46,8 +49,18 @@ def collate(
     supervised[1].fill_(IGNORE_INDEX)
     supervised[0, : len(rows)] = rows * width + t
     supervised[1, : len(rows)] = labels[rows, t + 1]
+    ids, mask = host.to(device, non_blocking=True)
     positions, targets = supervised.to(device, non_blocking=True)
-    return {"input_ids": ids.to(device, non_blocking=True), "positions": positions, "targets": targets}
+    return {"input_ids": ids, "attention_mask": mask, "positions": positions, "targets": targets}
+
+
+def causal_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """The 4-D mask transformers builds from a padding mask ([rows, 1, query, key]: True where a query attends to
+    a key at or before it that is no pad), built without the check on the host that transformers makes first
+    (a wait for the GPU, and no CUDA graph can hold one)."""
+    width = attention_mask.shape[1]
+    causal = torch.ones(width, width, dtype=torch.bool, device=attention_mask.device).tril()
+    return causal & attention_mask.bool()[:, None, None, :]
 
 
 class SupervisedLoss(torch.nn.Module):
@@ -57,12 +70,13 @@ class SupervisedLoss(torch.nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """Summed next-token loss, running the LM head only at the supervised positions (collate's). Causal attention
-        without a mask (collate says why): transformers then asks SDPA for `is_causal`, which runs the flash kernel
-        on GPUs, where a mask would run the memory-efficient one and pad a copy of the mask in every layer."""
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, positions: torch.Tensor, targets: torch.Tensor
+    ) -> torch.Tensor:
+        """Summed next-token loss, running the LM head only at the supervised positions (collate's)."""
         inner = self.model.get_base_model()  # LlamaForCausalLM with the LoRA layers injected
-        hidden = inner.model(input_ids=input_ids, use_cache=False).last_hidden_state
+        mask = causal_mask(attention_mask)
+        hidden = inner.model(input_ids=input_ids, attention_mask=mask, use_cache=False).last_hidden_state
         logits = inner.lm_head(hidden.flatten(0, 1).index_select(0, positions)).float()
         return F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX, reduction="sum")
 

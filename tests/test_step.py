@@ -20,21 +20,21 @@ def examples_with_prompts(draw) -> list[Encoded]:
 
 @given(examples_with_prompts(), st.sampled_from([0, 8, 32]), st.sampled_from([1, 7, 256]))
 def test_collate_pads_and_finds_the_supervised_positions(examples, multiple, rows_multiple):
-    """Rows keep their ids, then EOS pads; no attention mask. The width is the longest row's (multiple 0), else the
-    smallest multiple that holds it. The positions are exactly the (row, t) whose next label is supervised, in order,
+    """Rows keep their ids; pads are EOS and masked. The width is the longest row's (multiple 0), else a multiple
+    with at least one pad column. The positions are exactly the (row, t) whose next label is supervised, in order,
     as row * width + t with that label as target, then padding (position 0, an ignored target) to a multiple of
     rows_multiple."""
     batch = collate(examples, 2, torch.device("cpu"), multiple, rows_multiple)
     width, lengths = batch["input_ids"].shape[1], [len(e.input_ids) for e in examples]
     if multiple:
-        assert width % multiple == 0 and 0 <= width - max(lengths) < multiple
+        assert width % multiple == 0 and width > max(lengths)
     else:
         assert width == max(lengths)
     for row, e in enumerate(examples):
         n = len(e.input_ids)
         assert batch["input_ids"][row, :n].tolist() == e.input_ids
-        assert batch["input_ids"][row, n:].tolist() == [2] * (width - n)
-    assert set(batch) == {"input_ids", "positions", "targets"}
+        assert batch["attention_mask"][row].tolist() == [1] * n + [0] * (width - n)
+        assert set(batch["input_ids"][row, n:].tolist()) <= {2}
     want = [(r * width + t, e.labels[t + 1]) for r, e in enumerate(examples) for t in range(len(e.labels) - 1)]
     want = [(p, y) for p, y in want if y != IGNORE_INDEX]
     got = list(zip(batch["positions"].tolist(), batch["targets"].tolist()))
@@ -44,9 +44,8 @@ def test_collate_pads_and_finds_the_supervised_positions(examples, multiple, row
 
 
 def test_the_supervised_loss_is_transformers_loss_summed(tiny_model):
-    """SupervisedLoss (the LM head at collate's positions only, causal attention without a mask over right padding
-    wider than the longest row) gives transformers' own causal-LM loss with its padding mask, summed instead of
-    averaged, and the same gradients: no real token sees a pad."""
+    """SupervisedLoss (the LM head at collate's positions only, our own 4-D mask, padded positions) gives
+    transformers' own causal-LM loss over the labels, summed instead of averaged, and the same gradients."""
     model = lora_model(tiny_model, 0)
     gen = torch.Generator().manual_seed(3)
     examples = []

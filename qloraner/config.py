@@ -74,7 +74,7 @@ def _raise_if(errors: list[str]) -> None:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    recipe: str | None = opt(None, f"a recipe in recipes/ (by name) or a TOML file; default {DEFAULT_RECIPE}")
+    recipe: str | None = opt(None, "a recipe in recipes/ (by name) or a TOML file")
     model: str = opt("smollm2-135m-instruct", "base checkpoint: a local folder, a hub id, or the embedded default")
     data_dir: str | None = opt(
         None, "CoNLL-2003 folder (train/valid/test.txt); default $CONLL_DIR, else datasets/conll2003"
@@ -93,10 +93,17 @@ class TrainConfig:
     micro_batch_size: int = opt(
         0, "most sequences per forward pass in one process (memory); 0 = batch / processes", ge=0
     )
-    micro_batch_tokens: int = opt(
-        0,
+    micro_batch_tokens: int | None = opt(
+        None,
         "most padded tokens (rows x longest row) per forward pass: a step of long sentences splits into more "
-        "micro-batches, bounding the peak memory; 0 = no bound",
+        "micro-batches, bounding the peak memory; 0 = no bound; default: chosen from --memory-gib or the memory "
+        "available, unless --micro-batch-size is set",
+        ge=0,
+    )
+    memory_gib: float = opt(
+        0.0,
+        "memory training may use for its micro-batches, in GiB; 0 = what there is: 0.85 of the GPU's free memory, "
+        "or a quarter of the machine's available memory (or cgroup limit) on a CPU",
         ge=0,
     )
     lr: float = opt(2e-4, "peak learning rate", gt=0)
@@ -243,12 +250,19 @@ def load_recipe(cls, name: str) -> tuple[str, dict]:
     return (path.stem if path.parent == RECIPES else str(path)), values
 
 
-def parser_for(cls, description: str) -> argparse.ArgumentParser:
+def parser_for(cls, description: str, recipe: tuple[str, dict] | None = None) -> argparse.ArgumentParser:
     """An argparse parser with one --flag per field. Unset flags stay out of the result, so that a recipe can
-    fill them: precedence is flags > recipe > the field's default."""
+    fill them: precedence is flags > recipe > the field's default. --help shows the value a run will use: the
+    recipe's, where `recipe` (its name and settings) sets one, else the built-in default."""
+    name, values = recipe or (None, {})
     parser = argparse.ArgumentParser(description=description, argument_default=argparse.SUPPRESS)
     for f in fields(cls):
-        kwargs = {"help": f"{f.metadata['doc']} (default: {f.default})", "dest": f.name}
+        shown = "auto" if f.default is None else repr(f.default)
+        if f.name in values:
+            shown = f"{values[f.name]!r}, from recipe {name}"
+        if f.name == "recipe" and name:
+            shown = repr(name)
+        kwargs = {"help": f"{f.metadata['doc']} (default: {shown})".replace("%", "%%"), "dest": f.name}
         if _base_type(f) == "bool":
             parser.add_argument(flag(f), action=argparse.BooleanOptionalAction, **kwargs)
         else:
@@ -259,11 +273,13 @@ def parser_for(cls, description: str) -> argparse.ArgumentParser:
 
 def from_args(cls, argv: list[str] | None, description: str):
     """Settings from the command line; for a class with a `recipe` field, the recipe fills what the flags leave."""
-    given = vars(parser_for(cls, description).parse_args(argv))
     if "recipe" not in {f.name for f in fields(cls)}:
-        return cls(**given)
-    name, recipe = load_recipe(cls, given.get("recipe") or DEFAULT_RECIPE)
-    return cls(**{**recipe, **given, "recipe": name})
+        return cls(**vars(parser_for(cls, description).parse_args(argv)))
+    early = argparse.ArgumentParser(add_help=False)  # the recipe first: --help then shows its values
+    early.add_argument("--recipe", default=DEFAULT_RECIPE)
+    recipe = load_recipe(cls, early.parse_known_args(argv)[0].recipe)
+    given = vars(parser_for(cls, description, recipe).parse_args(argv))
+    return cls(**{**recipe[1], **given, "recipe": recipe[0]})
 
 
 def as_dict(config) -> dict:

@@ -37,6 +37,15 @@ def sum_(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+def smallest(value: int, device: torch.device) -> int:
+    """The smallest of the ranks' values (every rank must split its steps alike); the value in a single process."""
+    if not active():
+        return value
+    tensor = torch.tensor(value, device=device)
+    td.all_reduce(tensor, op=td.ReduceOp.MIN)
+    return int(tensor)
+
+
 def broadcast_(tensor: torch.Tensor) -> torch.Tensor:
     """Rank 0's values on every rank (in place), returned for chaining."""
     if active():

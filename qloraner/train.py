@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import DistributedSampler
 
-from qloraner import ROOT, QloranerError, checkpoint, dist, make_dir, run_main
+from qloraner import ROOT, QloranerError, checkpoint, dist, make_dir, memory, run_main
 from qloraner.config import EvalConfig, TrainConfig, as_dict, from_args
 from qloraner.conll import read_split, resolve_data_dir
 from qloraner.data import (
@@ -126,6 +126,7 @@ class Run:
     lock: object = None  # the output folder's lock file, held open by rank 0 for the run
     graphs: MicroStepGraphs | None = None  # with --cuda-graphs
     dropout_key: torch.Tensor | None = None  # CounterDropout's, set before each micro-step
+    micro_plan: memory.MemoryPlan = memory.MemoryPlan(0, "no bound")  # the micro-batches' token bound
 
     def __post_init__(self) -> None:
         self.lengths = [len(e.input_ids) for e in self.examples]
@@ -151,7 +152,7 @@ class Run:
             self._order = {epoch: length_grouped_batches(self.lengths, self.config.batch_size, self.config.seed, epoch)}
         batch = self._order[epoch][pos]
         parts = split_step_within(
-            batch, self.lengths, self.world * self.accum, self.config.micro_batch_tokens, ranks=self.world
+            batch, self.lengths, self.world * self.accum, self.micro_plan.tokens, ranks=self.world
         )
         return [parts[i] for i in DistributedSampler(parts, self.world, self.rank, shuffle=False)], batch
 
@@ -322,6 +323,9 @@ def _load(config: TrainConfig, device: torch.device, rank: int, world: int, lock
     run.lock = lock
     run.graphs = MicroStepGraphs(net, device) if config.cuda_graphs else None
     run.dropout_key = key
+    trainable = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    plan = memory.plan(config, model, device, compute_dtype(device), max(run.lengths), trainable)
+    run.micro_plan = dataclasses.replace(plan, tokens=dist.smallest(plan.tokens, device))  # the ranks split alike
     restored = (
         checkpoint.restore_newest(run.out, config, model, optimizer, rank) if config.resume is not False else None
     )
@@ -360,6 +364,8 @@ def _start_tracking(run: Run, model_path, manifest: dict, resumed: Path | None) 
                 "world_size": run.world,
                 "micro_batch_per_process": run.micro,
                 "accumulation_per_process": run.accum,
+                "micro_batch_tokens_used": run.micro_plan.tokens,
+                "micro_batch_tokens_source": run.micro_plan.source,
             }
         )
         (run.out / "instruction_manifest.json").write_text(json.dumps(manifest, indent=2))
@@ -372,9 +378,11 @@ def _start_tracking(run: Run, model_path, manifest: dict, resumed: Path | None) 
         f"qloraner: training {len(run.examples)} "
         f"sequences, {run.total} steps of {config.batch_size} (about {tokens / 1e6:.2f}M tokens) on {where}, "
         f"compile {'on' if config.compile else 'off'}, "
-        f"frozen weights {_frozen_form(config)}, recipe {config.recipe or 'none'}",
+        f"frozen weights {_frozen_form(config)}, recipe {config.recipe or 'none'}; {run.micro_plan.describe()}",
         flush=True,
     )
+    if not run.micro_plan.fits_one_row:
+        print(run.micro_plan.warning(max(run.lengths)), flush=True)
     if run.device.type == "cpu" and tokens > 1e6:
         print(
             "qloraner: training on a CPU takes hours at this size; --limit and --max-steps make a short run", flush=True
@@ -399,6 +407,7 @@ class Queued:
     micro_batches: int  # this rank's forward passes: more where --micro-batch-tokens split the step
     lr: float
     t0: float  # perf_counter when it began to be queued
+    t1: float  # perf_counter when it was queued: on a CPU, which runs a step as it is queued, when it was done
 
 
 def train_step(run: Run, step: int, stop_asked: bool = False) -> Queued:
@@ -435,7 +444,7 @@ def train_step(run: Run, step: int, stop_asked: bool = False) -> Queued:
     update(run.optimizer)
     run.optimizer.zero_grad(set_to_none=False)  # in place: the model's gradients are views into the flat ones
     lr = run.optimizer.param_groups[0]["lr"]
-    return Queued(step + 1, values, ready, n_sup, n_tok, sum(map(bool, mine)), lr, t0)
+    return Queued(step + 1, values, ready, n_sup, n_tok, sum(map(bool, mine)), lr, t0, time.perf_counter())
 
 
 @torch.no_grad()
@@ -459,7 +468,8 @@ def update(optimizer) -> None:
 def settle(run: Run, queued: Queued, since: float) -> tuple[dict[str, float], bool]:
     """A queued step's metrics, and whether any rank asked to stop: its numbers read from the device (the loop's one
     wait for it, a step behind). A non-finite loss or gradient norm stops the run here, before any checkpoint holds
-    its update. Its time runs from `since` (when the step before was read) or from its start, whichever is later."""
+    its update. On a GPU its time runs from `since` (when the step before was read) or from its start, whichever is
+    later."""
     if queued.ready:
         queued.ready.synchronize()
     loss_total, stops, grad_norm = queued.values.tolist()
@@ -468,7 +478,8 @@ def settle(run: Run, queued: Queued, since: float) -> tuple[dict[str, float], bo
             f"non-finite {'loss' if not math.isfinite(loss_total) else 'gradient norm'} at step {queued.step}; "
             f"stopped before saving its update. Last good checkpoint: {run.last_good or 'none'}"
         )
-    dt = time.perf_counter() - max(since, queued.t0)
+    # a GPU's step ends when its numbers are read; a CPU ran it while it was queued (and the next one since)
+    dt = time.perf_counter() - max(since, queued.t0) if queued.ready else queued.t1 - queued.t0
     metrics = {
         "loss": loss_total / queued.n_sup,
         "grad_norm": grad_norm,

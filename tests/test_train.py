@@ -13,7 +13,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from safetensors.torch import load_file
 
-from qloraner import QloranerError, checkpoint
+from qloraner import QloranerError, checkpoint, memory
 from qloraner.checkpoint import latest as latest_checkpoint
 from qloraner.config import DEFAULT_RECIPE, TrainConfig
 from qloraner.train import get_lr, prepare, train_adapter
@@ -146,18 +146,31 @@ def test_the_flat_optimizer_updates_like_one_tensor_at_a_time(tiny_model):
     )
 
 
-def test_accumulation_matches_one_big_batch(tmp_path, tiny_model, conll_dir):
-    """Micro-batches of 3 (accumulation 6, uneven sizes) and micro-batches of at most 300 padded tokens (as many as
-    each step's lengths need) give the gradient and update of one batch of 16 (fp32)."""
-    big, accum, bounded = (
+def test_accumulation_matches_one_big_batch(tmp_path, tiny_model, conll_dir, capsys):
+    """Micro-batches of 3 (accumulation 6, uneven sizes), micro-batches of at most 300 padded tokens (as many as
+    each step's lengths need) and a memory budget that holds about 300 tokens give the gradient and update of one
+    batch of 16 (fp32); the plan line names the budget's bound and where it came from."""
+    model = lora_model(tiny_model, 0)
+    trainable = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    per_token = memory.token_bytes(model, torch.float32, checkpointing=True)
+    gib = (memory.RESERVE + 2 * trainable + 300.5 * per_token) / memory.GIB  # a half token: no rounding down
+    big, accum, bounded, budgeted = (
         _norms_and_adapter(
             _config(tmp_path, tiny_model, conll_dir, name, batch_size=16, max_steps=3, max_grad_norm=0.0, **settings)
         )
-        for name, settings in [("big", {}), ("accum", {"micro_batch_size": 3}), ("tokens", {"micro_batch_tokens": 300})]
+        for name, settings in [
+            ("big", {"micro_batch_tokens": 0}),
+            ("accum", {"micro_batch_size": 3}),
+            ("tokens", {"micro_batch_tokens": 300}),
+            ("budget", {"memory_gib": gib}),
+        ]
     )
     assert big[2] == [1, 1, 1] and accum[2] == [6, 6, 6] and min(bounded[2]) > 1  # each split as asked
+    assert budgeted[2] == bounded[2]  # the budget holds 300 tokens: the same split
     _assert_same_training(big, accum, rel=1e-5)
     _assert_same_training(big, bounded, rel=1e-5)
+    _assert_same_training(big, budgeted, rel=1e-5)
+    assert f"micro-batches of at most 300 padded tokens (--memory-gib {gib:g}" in capsys.readouterr().out
 
 
 def test_compiled_layers_train_like_eager(tmp_path, tiny_model, conll_dir):

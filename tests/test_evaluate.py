@@ -315,3 +315,19 @@ def test_an_overlong_prompt_drops_its_context_before_cutting_the_sentence(conll_
     assert _prompts(tok, [s], prompting, len(full) - 1) == ([bare], [len(s.tokens)])
     (ids,), (kept,) = _prompts(tok, [s], prompting, len(bare) - 1)
     assert kept < len(s.tokens) and len(ids) <= len(bare) - 1
+
+
+def test_cut_answers_are_counted_in_metrics_and_the_end_line(tmp_path, tiny_model, conll_dir):
+    """An answer whose token budget ran out before it stopped is marked cut in responses.jsonl (its length is its
+    budget), counted as cut_answers in metrics.json and comparison.md, and the evaluation's last line says how many."""
+    out = tmp_path / "o"
+    args = ("--model", str(tiny_model), "--data-dir", str(conll_dir), "--limit", "3", "--max-new-tokens", "4")
+    proc = run_entry("evaluate", *args, "--output-dir", str(out), "--experiment", "test")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    metrics = json.loads((out / "metrics.json").read_text())
+    rows = [json.loads(line) for line in (out / "responses.jsonl").read_text().splitlines()]
+    assert all(r["generated_tokens"] == r["budget"] <= 4 for r in rows if r["cut"])
+    assert metrics["cut_answers"] == sum(r["cut"] for r in rows) > 0  # a random model does not stop in 4 tokens
+    assert f"| cut answers | {metrics['cut_answers']} |" in (out / "comparison.md").read_text()
+    assert last_line(proc.stdout).startswith(f"qloraner: done: F1 {100 * metrics['f1']:.2f} ")
+    assert f"; {metrics['cut_answers']} of 3 answers cut at their token budget" in last_line(proc.stdout)

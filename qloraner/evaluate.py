@@ -12,14 +12,13 @@ from pathlib import Path
 import torch
 
 from qloraner import ENTITY_TYPES, ROOT, QloranerError, dist, make_dir, run_main
-from qloraner.bio import entities_to_bio
 from qloraner.config import EvalConfig, as_dict, from_args
 from qloraner.conll import Sentence, read_split, resolve_data_dir
 from qloraner.data import build_prompt
 from qloraner.decode import auto_batch_size, generate_greedy, response_budget
 from qloraner.metrics import error_analysis, score
 from qloraner.model import DEFAULT_MODEL, load_base, load_tokenizer, resolve_model
-from qloraner.parse import is_explicit_empty, parse_response
+from qloraner.parse import is_explicit_empty, parse_response, tag_response
 from qloraner.progress import Progress
 
 
@@ -88,7 +87,7 @@ def respond(
     for s, k, toks, budget, cut in zip(sentences, kept, gen.tokens, budgets, gen.cut):
         raw = tokenizer.decode(toks, skip_special_tokens=True)
         entities = parse_response(raw)
-        pred = entities_to_bio(s.tokens[:k], entities) + ["O"] * (len(s.tokens) - k)
+        pred = tag_response(s.tokens[:k], raw) + ["O"] * (len(s.tokens) - k)
         rows.append(
             {
                 "tokens": list(s.tokens),

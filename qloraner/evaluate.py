@@ -313,16 +313,17 @@ def write_artifacts(out: Path, metrics: dict, responses: dict[str, list[dict]], 
 
 def output_dirs(config: EvalConfig) -> tuple[Path, Path]:
     """(where the files go, where a local MLflow store goes). Files: --output-dir, else eval/ beside a final/ adapter
-    and eval-step-NNNNNN/ beside a step checkpoint (eval-valid/, eval-step-NNNNNN-valid/ for another split than
-    test), so that none overwrites another. MLflow: the adapter's run
-    folder, beside its training run; without an adapter, the files' folder."""
+    and eval-step-NNNNNN/ beside a step checkpoint, -SPLIT added for another split than test and -limitN for a
+    --limit run (eval-valid/, eval-step-NNNNNN-valid-limit20/), so that none overwrites another: a smoke run never
+    replaces a full evaluation. MLflow: the adapter's run folder, beside its training run; without an adapter, the
+    files' folder (outputs/eval/, outputs/eval-limitN/)."""
+    suffix = ("" if config.split == "test" else f"-{config.split}") + (f"-limit{config.limit}" if config.limit else "")
     if not config.adapter:
-        out = Path(config.output_dir or ROOT / "outputs" / "eval")
+        out = Path(config.output_dir or ROOT / "outputs" / f"eval{suffix}")
         return out, out
     adapter = Path(config.adapter)
-    split = "" if config.split == "test" else f"-{config.split}"
-    default = adapter.parent / (f"eval{split}" if adapter.name == "final" else f"eval-{adapter.name}{split}")
-    return Path(config.output_dir or default), adapter.parent
+    name = ("eval" if adapter.name == "final" else f"eval-{adapter.name}") + suffix
+    return Path(config.output_dir or adapter.parent / name), adapter.parent
 
 
 def log_to_mlflow(out: Path, store: Path, config: EvalConfig, context: dict, results: dict[str, dict]) -> None:

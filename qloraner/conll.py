@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -13,6 +14,10 @@ from qloraner.bio import to_iob2
 SPLITS = ("train", "valid", "test")
 TAGS = ("O", *(f"{p}-{t}" for t in ENTITY_TYPES for p in "BI"))  # the CoNLL-2003 scheme, IOB1 or IOB2
 QUOTE_CHARS = 80  # of a bad line quoted in an error: enough to recognise it
+# One line end: LF, CRLF, CR CR LF (a CRLF file converted once more), or a lone CR (old Mac files): a blank line
+# is two of them. Not str.splitlines: it reads CR CR LF as a blank line (every token a sentence), and splits at
+# characters (NEL, U+2028) that a token may hold.
+LINE_BREAK = re.compile(r"\r*\n|\r")
 
 
 @dataclass(frozen=True)
@@ -60,7 +65,7 @@ def read_conll(path: str | Path) -> list[Sentence]:
             tags.clear()
 
     docs_seen = 0
-    for lineno, line in enumerate(text.splitlines(), start=1):
+    for lineno, line in enumerate(LINE_BREAK.split(text), start=1):
         fields = line.split()
         if not fields:
             flush()

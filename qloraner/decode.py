@@ -28,9 +28,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from qloraner import QloranerError, first_line
+from qloraner import ENTITY_TYPES, QloranerError, first_line
 from qloraner.model import compile_unavailable, dequantize_four_bit, dequantized_bytes
-from qloraner.parse import is_explicit_empty, parse_response
+from qloraner.parse import RENDERERS, is_explicit_empty, parse_response
 
 STOP_TEXT = "\n\n"  # our responses hold no blank line: one after the answer ends it
 _TAIL = 4  # tokens decoded to look for STOP_TEXT; it never spans more
@@ -44,6 +44,7 @@ KEY_BLOCK = 64  # PyTorch attention reads the cache up to a multiple of this: fe
 PREFILL_TOKENS = 1 << 16  # prompt tokens per prefill pass: bounds its activations
 DEQUANT_SHARE = 0.25  # of the free accelerator memory, what dequantized copies of the 4-bit weights may take
 PREFILL_SHARE = 0.75  # a prefill pass takes rows down to this share of its longest: padding stays under a third
+BUDGET_SLACK = 1  # response_budget's tokens past the longest answer: the EOS that ends it
 
 
 @dataclass
@@ -51,11 +52,24 @@ class Generation:
     tokens: list[list[int]]  # per prompt, in input order, without the stopping EOS
     forward_passes: int
     stats: dict = field(default_factory=dict)  # prefills, pools and CUDA graphs the engine used
+    cut: list[bool] = field(default_factory=list)  # per prompt: its budget ran out before it stopped
 
 
-def response_budget(tokenizer, tokens: tuple[str, ...] | list[str], cap: int) -> int:
-    """An answer can't need more than one `[MISC] token` line per token of the sentence."""
-    return min(cap, len(tokenizer(" ".join(tokens), add_special_tokens=False)["input_ids"]) + 6 * len(tokens) + 4)
+def _worst_tags(n: int) -> list[list[str]]:
+    """Tags of the longest perfect answers a sentence of n tokens can have: every token a one-token mention, all of
+    one type (each type's name tokenizes differently), or the types in turn (JSON: a group per type)."""
+    return [[f"B-{t}"] * n for t in ENTITY_TYPES] + [[f"B-{ENTITY_TYPES[i % len(ENTITY_TYPES)]}" for i in range(n)]]
+
+
+def response_budget(
+    tokenizer, tokens: tuple[str, ...] | list[str], cap: int | None = None, response_format: str | None = None
+) -> int:
+    """New tokens a perfect answer to the sentence may need in `response_format` (None: any of RENDERERS), its stop
+    included: the longest answer it can have, tokenized, plus BUDGET_SLACK; `cap` (> 0) only lowers it."""
+    formats = [response_format] if response_format else list(RENDERERS)
+    answers = [RENDERERS[f](list(tokens), tags) for f in formats for tags in _worst_tags(len(tokens))]
+    need = max(map(len, tokenizer(answers, add_special_tokens=False)["input_ids"])) + BUDGET_SLACK
+    return min(cap, need) if cap else need
 
 
 def kv_bytes_per_token(model_config, dtype: torch.dtype) -> int:
@@ -429,6 +443,7 @@ def _generate(net: _Llama, tokenizer, prompts, budgets, batch_size, progress, gr
     made = [0] * pool.rows  # per slot: tokens generated so far (host mirror of pool.n)
     checked = [0] * pool.rows  # per slot: tokens the stop rule has seen
     out: list[list[int]] = [[] for _ in prompts]
+    cut = [False] * len(prompts)
     stats = {
         "prefill_passes": 1 if p else 0,
         "decode_steps": 0,
@@ -492,6 +507,7 @@ def _generate(net: _Llama, tokenizer, prompts, budgets, batch_size, progress, gr
             length = next((j + 1 for j in marks if _stopped(tokenizer, row[: j + 1], eos, newline)), None)
             if length is not None or ended[k]:
                 out[live[slot]] = row[: length or len(row)]
+                cut[live[slot]] = length is None
                 done.append(slot)
         for slot, upto in zip(slots, hi.tolist()):
             checked[slot] = upto
@@ -503,4 +519,4 @@ def _generate(net: _Llama, tokenizer, prompts, budgets, batch_size, progress, gr
     for row in out:
         if row and row[-1] == eos:
             row.pop()
-    return Generation(out, stats["prefill_passes"] + stats["decode_steps"], stats)
+    return Generation(out, stats["prefill_passes"] + stats["decode_steps"], stats, cut)

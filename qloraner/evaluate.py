@@ -12,14 +12,13 @@ from pathlib import Path
 import torch
 
 from qloraner import ENTITY_TYPES, ROOT, QloranerError, dist, make_dir, run_main
-from qloraner.bio import entities_to_bio
 from qloraner.config import EvalConfig, as_dict, from_args
 from qloraner.conll import Sentence, read_split, resolve_data_dir
 from qloraner.data import build_prompt
 from qloraner.decode import auto_batch_size, generate_greedy, response_budget
 from qloraner.metrics import error_analysis, score
 from qloraner.model import DEFAULT_MODEL, load_base, load_tokenizer, resolve_model
-from qloraner.parse import is_explicit_empty, parse_response
+from qloraner.parse import is_explicit_empty, parse_response, tag_response
 from qloraner.progress import Progress
 
 
@@ -67,7 +66,8 @@ def respond(
         warnings.warn(
             f"{truncated} sentence(s) cut to fit --max-prompt-tokens {config.max_prompt_tokens}", stacklevel=2
         )
-    budgets = [response_budget(tokenizer, s.tokens[:k], config.max_new_tokens) for s, k in zip(sentences, kept)]
+    fmt = prompting["response_format"]
+    budgets = [response_budget(tokenizer, s.tokens[:k], config.max_new_tokens, fmt) for s, k in zip(sentences, kept)]
     start = time.perf_counter()
     progress = Progress(len(sentences), f"eval {label}", "sentences", enabled=show)
     try:
@@ -84,10 +84,10 @@ def respond(
         "engine": gen.stats,
     }
     rows = []
-    for s, k, toks in zip(sentences, kept, gen.tokens):
+    for s, k, toks, budget, cut in zip(sentences, kept, gen.tokens, budgets, gen.cut):
         raw = tokenizer.decode(toks, skip_special_tokens=True)
         entities = parse_response(raw)
-        pred = entities_to_bio(s.tokens[:k], entities) + ["O"] * (len(s.tokens) - k)
+        pred = tag_response(s.tokens[:k], raw) + ["O"] * (len(s.tokens) - k)
         rows.append(
             {
                 "tokens": list(s.tokens),
@@ -97,6 +97,8 @@ def respond(
                 "pred_tags": pred,
                 "parse_failure": bool(raw.strip()) and not entities and not is_explicit_empty(raw),
                 "generated_tokens": len(toks),
+                "budget": budget,
+                "cut": cut,  # the budget ran out before the answer ended: it may have lost entities
             }
         )
     return rows, stats
@@ -110,7 +112,8 @@ def batch_size_for(model, tokenizer, sentences: list[Sentence], prompting: dict,
         return 1
     longest = max(sentences, key=lambda s: len(s.tokens))
     prompt = tokenizer(build_prompt(longest.tokens, prompting["prompt"], prompting["response_format"]))["input_ids"]
-    row = min(len(prompt), config.max_prompt_tokens) + response_budget(tokenizer, longest.tokens, config.max_new_tokens)
+    budget = response_budget(tokenizer, longest.tokens, config.max_new_tokens, prompting["response_format"])
+    row = min(len(prompt), config.max_prompt_tokens) + budget
     return auto_batch_size(model, row)
 
 
@@ -121,6 +124,7 @@ def summarize(rows: list[dict], stats: dict) -> dict:
         **score(gold, pred),
         "errors": error_analysis(gold, pred),
         "parse_failures": sum(r["parse_failure"] for r in rows),
+        "cut_answers": sum(r["cut"] for r in rows),
         "sentences": len(rows),
         "generated_tokens": sum(r["generated_tokens"] for r in rows),
         **stats,
@@ -212,7 +216,7 @@ def comparison_table(results: dict[str, dict]) -> str:
         lines.append(
             f"| F1 {t} | " + " | ".join(f"{100 * results[n]['per_type'][t]['f1-score']:.2f}" for n in names) + " |"
         )
-    counts = {n: {"parse_failures": results[n]["parse_failures"], **results[n]["errors"]} for n in names}
+    counts = {n: {k: results[n][k] for k in ("parse_failures", "cut_answers")} | results[n]["errors"] for n in names}
     for key in counts[names[0]]:
         lines.append(f"| {key.replace('_', ' ')} | " + " | ".join(str(counts[n][key]) for n in names) + " |")
     lines.append("| sentences/s | " + " | ".join(f"{results[n]['sentences_per_s']:.2f}" for n in names) + " |")
@@ -309,16 +313,17 @@ def write_artifacts(out: Path, metrics: dict, responses: dict[str, list[dict]], 
 
 def output_dirs(config: EvalConfig) -> tuple[Path, Path]:
     """(where the files go, where a local MLflow store goes). Files: --output-dir, else eval/ beside a final/ adapter
-    and eval-step-NNNNNN/ beside a step checkpoint (eval-valid/, eval-step-NNNNNN-valid/ for another split than
-    test), so that none overwrites another. MLflow: the adapter's run
-    folder, beside its training run; without an adapter, the files' folder."""
+    and eval-step-NNNNNN/ beside a step checkpoint, -SPLIT added for another split than test and -limitN for a
+    --limit run (eval-valid/, eval-step-NNNNNN-valid-limit20/), so that none overwrites another: a smoke run never
+    replaces a full evaluation. MLflow: the adapter's run folder, beside its training run; without an adapter, the
+    files' folder (outputs/eval/, outputs/eval-limitN/)."""
+    suffix = ("" if config.split == "test" else f"-{config.split}") + (f"-limit{config.limit}" if config.limit else "")
     if not config.adapter:
-        out = Path(config.output_dir or ROOT / "outputs" / "eval")
+        out = Path(config.output_dir or ROOT / "outputs" / f"eval{suffix}")
         return out, out
     adapter = Path(config.adapter)
-    split = "" if config.split == "test" else f"-{config.split}"
-    default = adapter.parent / (f"eval{split}" if adapter.name == "final" else f"eval-{adapter.name}{split}")
-    return Path(config.output_dir or default), adapter.parent
+    name = ("eval" if adapter.name == "final" else f"eval-{adapter.name}") + suffix
+    return Path(config.output_dir or adapter.parent / name), adapter.parent
 
 
 def log_to_mlflow(out: Path, store: Path, config: EvalConfig, context: dict, results: dict[str, dict]) -> None:
@@ -339,7 +344,7 @@ def log_to_mlflow(out: Path, store: Path, config: EvalConfig, context: dict, res
         )
         for label, m in results.items():
             prefix = "" if label == context["name"] else f"{label}_"
-            keys = ("precision", "recall", "f1", "parse_failures", "sentences_per_s", "batch_size")
+            keys = ("precision", "recall", "f1", "parse_failures", "cut_answers", "sentences_per_s", "batch_size")
             mlflow.log_metrics({f"{prefix}{k}": m[k] for k in keys})
             mlflow.log_metrics({f"{prefix}f1_{t}": m["per_type"][t]["f1-score"] for t in ENTITY_TYPES})
         for f in sorted(out.glob("*")):
@@ -385,11 +390,30 @@ def evaluate_model(config: EvalConfig, device: torch.device | None = None) -> di
     return results
 
 
+def done_line(m: dict, split: str, out: Path) -> str:
+    """The evaluation's last line: F1, and what may have scored wrong (cut answers, parse failures) when any."""
+    warn = [
+        f"{m['cut_answers']} of {m['sentences']} answers cut at their token budget (--max-new-tokens)",
+        f"{m['parse_failures']} unreadable answers (parse failures)",
+    ]
+    shown = [text for text, n in zip(warn, (m["cut_answers"], m["parse_failures"])) if n]
+    return "; ".join(
+        [
+            f"qloraner: done: F1 {100 * m['f1']:.2f} (P {100 * m['precision']:.2f}, R {100 * m['recall']:.2f}) on "
+            f"{m['sentences']} {split} sentences",
+            *shown,
+            f"files in {out}",
+        ]
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     def body() -> int:
-        evaluate_model(
-            from_args(EvalConfig, argv, "Evaluate a base model or LoRA adapter on CoNLL-2003 (./run_eval.sh)")
-        )
+        config = from_args(EvalConfig, argv, "Evaluate a base model or LoRA adapter on CoNLL-2003 (./run_eval.sh)")
+        results = evaluate_model(config)
+        if results:  # rank 0
+            label = "fine-tuned" if config.adapter else "base"
+            print(done_line(results[label], config.split, output_dirs(config)[0]), flush=True)
         return 0
 
     return run_main(body)

@@ -16,7 +16,7 @@ import re
 from collections.abc import Callable, Sequence
 
 from qloraner import ENTITY_TYPES
-from qloraner.bio import Entities, bio_to_entities, spans
+from qloraner.bio import Entities, bio_to_entities, entities_to_bio, spans
 
 MAX_CHARS = 20_000  # responses are bounded by max_new_tokens; this bounds pathological input
 EMPTY_ANSWER = "[NONE]"
@@ -210,13 +210,24 @@ def render_json(entities: Entities) -> str:
     return json.dumps(dict(entities), ensure_ascii=False)
 
 
+_OPENERS = {f"[{t}": t for t in ENTITY_TYPES}  # the words that open a mention in an inline answer
+_LOOK_ALIKE = re.compile(r"\[+(?:" + "|".join(ENTITY_TYPES) + ")")
+
+
+def _inline_word(token: str) -> str:
+    """A token as an inline answer writes it: with one `[` more when it reads as an opener (`[PER` -> `[[PER`, `[[PER`
+    -> `[[[PER`), so that no token can pass for the start of a mention, and one answer has one reading."""
+    return "[" + token if _LOOK_ALIKE.fullmatch(token) else token
+
+
 def render_inline(tokens: Sequence[str], tags: Sequence[str]) -> str:
-    """The sentence with each entity bracketed as `[TYPE mention]`; EMPTY_ANSWER when there are none.
+    """The sentence with each entity bracketed as `[TYPE mention]`; EMPTY_ANSWER when there are none. A token that
+    reads as an opener (`[PER`) gets one `[` more (see _inline_word).
 
     >>> render_inline("EU rejects German call".split(), ["B-ORG", "O", "B-MISC", "O"])
     '[ORG EU] rejects [MISC German] call'
     """
-    words = list(tokens)
+    words = [_inline_word(t) for t in tokens]
     found = spans(tags)
     for type_, start, end in found:
         words[start] = f"[{type_} {words[start]}"
@@ -235,3 +246,33 @@ RENDERERS: dict[str, Callable[[Sequence[str], Sequence[str]], str]] = {
 def render_response(tokens: Sequence[str], tags: Sequence[str], response_format: str = "lines") -> str:
     """The training target for a sentence with gold `tags` in one of RENDERERS' formats."""
     return RENDERERS[response_format](tokens, tags)
+
+
+def inline_tags(tokens: Sequence[str], text: str) -> list[str] | None:
+    """Tags of an inline answer read word by word against the tokens: `[TYPE` opens a mention, a token's word with
+    one `]` more closes it (render_inline's words, exactly). None when the answer is not one line that aligns so,
+    or tags nothing. Tokens holding brackets stay tokens: the tokens are known, so only openers need telling apart,
+    and render_inline writes no token as one.
+
+    >>> inline_tags(["[PER", "Mary]", "said"], "[[PER [PER Mary]] said")
+    ['O', 'B-PER', 'O']
+    """
+    lines = [line for line in str(text).strip().split("\n\n")[0].splitlines() if line.strip()]
+    words = lines[0].split() if len(lines) == 1 else []
+    tags, kind, w = [], "", 0
+    for token in map(_inline_word, tokens):
+        begins = not kind and w < len(words) and words[w] in _OPENERS
+        if begins:
+            kind, w = _OPENERS[words[w]], w + 1
+        word = words[w] if w < len(words) else None
+        if word not in (token, kind and token + "]"):
+            return None
+        tags.append(f"{'B' if begins else 'I'}-{kind}" if kind else "O")
+        kind, w = ("" if word != token else kind), w + 1
+    return tags if w == len(words) and not kind and any(t != "O" for t in tags) else None
+
+
+def tag_response(tokens: Sequence[str], text: str) -> list[str]:
+    """IOB2 tags of a response for the sentence's tokens: an inline answer aligned to them word by word
+    (inline_tags), else its parsed entities found in them (bio.entities_to_bio)."""
+    return inline_tags(tokens, text) or entities_to_bio(tokens, parse_response(text))

@@ -13,6 +13,9 @@ WORD_CHARS = string.ascii_letters + string.punctuation + "éüßØ“”’"
 word = st.text(alphabet=WORD_CHARS, min_size=1, max_size=6)
 inline_word = st.text(alphabet=WORD_CHARS.replace("[", "").replace("]", ""), min_size=1, max_size=6)
 entity_type = st.sampled_from(ENTITY_TYPES)
+# Tokens holding the inline format's own brackets, as user data may: an opener's look-alike, halves of a mention.
+BRACKET_TOKENS = ("[PER", "[LOC", "[MISC", "[ORG", "[[PER", "[", "]", "]]", "[PER]", "Mary]", "[Mary", "[NONE]")
+bracket_word = st.one_of(word, st.sampled_from(BRACKET_TOKENS))
 
 
 @st.composite

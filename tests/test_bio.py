@@ -7,12 +7,12 @@ from hypothesis import strategies as st
 from qloraner import ENTITY_TYPES
 from qloraner.bio import Entities, entities_to_bio, is_valid_iob2, spans, to_iob2
 from qloraner.parse import EMPTY_ANSWER, parse_response, render_response
-from tests.strategies import inline_word, json_like, tag_sequence, tagged_sentence, word
+from tests.strategies import bracket_word, inline_word, json_like, tag_sequence, tagged_sentence, word
 
 
-@given(tagged_sentence())
+@given(tagged_sentence(bracket_word))
 def test_render_parse_tag_round_trip(sentence):
-    """render -> parse -> tag reproduces any tag sequence the strategy builds."""
+    """render -> parse -> tag reproduces any tag sequence the strategy builds, its tokens holding brackets or not."""
     tokens, tags = sentence
     text = render_response(tokens, tags)
     assert entities_to_bio(tokens, parse_response(text)) == tags
@@ -115,6 +115,11 @@ CASES = [
         id="absent-and-empty-mentions-dropped",
     ),
     pytest.param("Smith Smith".split(), {"PER": ["Smith", "Smith"]}, "B-PER B-PER".split(), id="adjacent-same-type"),
+    pytest.param(
+        "[PER Mary] said".split(), {"PER": ["[PER Mary]"]}, "B-PER I-PER O".split(), id="mention-holds-the-brackets"
+    ),
+    pytest.param("[PER Mary] said".split(), {"PER": ["Mary]"]}, "O B-PER O".split(), id="mention-ends-in-a-bracket"),
+    pytest.param("the [ Paris ] hotel".split(), {"LOC": ["Paris"]}, "O O B-LOC O O".split(), id="lone-brackets-around"),
 ]
 
 

@@ -1,8 +1,11 @@
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from qloraner import QloranerError
 from qloraner.bio import spans
 from qloraner.conll import read_conll, read_split, resolve_data_dir
+from tests.strategies import valid_iob2, word
 
 README_COUNTS = {"train": (14041, 23499), "valid": (3250, 5942), "test": (3453, 5648)}
 
@@ -148,3 +151,58 @@ def test_fetch_script_unpacks_the_three_splits_or_says_how_to_point_at_a_copy(tm
     data = resolve_data_dir(None, project)
     assert data == project / "datasets" / "conll2003"
     assert len(read_split(data, "test")) == 3453
+
+
+def _conll_text(sentences, ending: str, blank: str) -> str:
+    """CoNLL text of (tokens, tags) sentences: each line ended by `ending` after `blank` trailing blanks."""
+    lines = ["-DOCSTART- -X- -X- O", ""]
+    for tokens, tags in sentences:
+        lines += [f"{t} NNP I-NP {g}" for t, g in zip(tokens, tags)] + [""]
+    return "".join(line + (blank if line else "") + ending for line in lines)
+
+
+@given(
+    st.lists(
+        st.lists(word, min_size=1, max_size=6).flatmap(lambda t: st.tuples(st.just(t), valid_iob2(len(t)))), max_size=5
+    ),
+    st.sampled_from(["\n", "\r\n", "\r\r\n", "\r"]),
+    st.sampled_from(["", " ", "\t "]),
+)
+def test_any_line_ending_and_trailing_blanks_read_back_the_same_sentences(sentences, ending, blank):
+    """Sentences written with LF, CRLF, CR CR LF or lone CR line endings, with or without trailing blanks, read back
+    as exactly the sentences written."""
+    import tempfile
+    from pathlib import Path
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "x.txt"
+        path.write_bytes(_conll_text(sentences, ending, blank).encode())
+        assert [(list(s.tokens), list(s.tags)) for s in read_conll(path)] == [(t, g) for t, g in sentences]
+
+
+@pytest.mark.parametrize(
+    "ending",
+    [
+        pytest.param("\r\n", id="crlf"),
+        pytest.param("\r\r\n", id="cr-cr-lf"),
+        pytest.param("\r", id="lone-cr"),
+        pytest.param("  \t\n", id="trailing-blanks"),
+    ],
+)
+def test_a_line_ending_never_splits_a_sentence(tmp_path, ending):
+    """The first real test sentences, each ending written as `ending`, read as the same sentences as with LF."""
+    real = tmp_path / "lf.txt"
+    real.write_text(_conll_text([("EU rejects German call".split(), "B-ORG O B-MISC O".split())] * 2, "\n", ""))
+    other = tmp_path / "other.txt"
+    other.write_bytes(real.read_bytes().replace(b"\n", ending.encode()))
+    assert [s.tokens for s in read_conll(other)] == [s.tokens for s in read_conll(real)]
+    assert len(read_conll(other)) == 2
+
+
+def test_mixed_line_endings_in_one_file(tmp_path):
+    """One file mixing LF, CRLF and CR CR LF (pasted pieces) reads as its sentences: each break is one line end."""
+    f = tmp_path / "x.txt"
+    f.write_bytes(
+        b"EU NNP I-NP I-ORG\r\r\nrejects VBZ I-VP O\r\n\r\nPeter NNP I-NP I-PER\nBlackburn NNP I-NP I-PER\r\n"
+    )
+    assert [s.tags for s in read_conll(f)] == [("B-ORG", "O"), ("B-PER", "I-PER")]

@@ -1,5 +1,7 @@
 """The generation engine (qloraner/decode.py) against one-prompt-at-a-time decoding with the model's own forward."""
 
+import functools
+
 import bitsandbytes as bnb
 import pytest
 import torch
@@ -8,7 +10,7 @@ from hypothesis import strategies as st
 
 from qloraner.config import EvalConfig
 from qloraner.conll import read_split
-from qloraner.data import build_prompt
+from qloraner.data import IGNORE_INDEX, build_prompt, encode
 from qloraner.decode import (
     PREFILL_SHARE,
     PREFILL_TOKENS,
@@ -19,9 +21,12 @@ from qloraner.decode import (
     generate_greedy,
     kv_bytes_per_token,
     newline_table,
+    response_budget,
 )
 from qloraner.evaluate import load_for_eval
 from qloraner.model import load_base, load_tokenizer
+from qloraner.parse import RENDERERS, render_response
+from tests.strategies import valid_iob2, word
 
 CPU = torch.device("cpu")
 
@@ -254,3 +259,58 @@ def test_decode_attention_kernel_equals_pytorch_sdpa(batch, kv, group, keys, dat
     )
     ours = decode_attention(q, k, v, n_own, 16**-0.5, (pk, pv))
     torch.testing.assert_close(ours, expected.transpose(1, 2).reshape(batch, 1, -1), atol=1e-5, rtol=1e-5)
+
+
+@functools.cache
+def _tokenizer(path):
+    return load_tokenizer(path)
+
+
+def _trained_answer_length(tok, tokens, tags, response_format: str) -> int:
+    """Tokens a model is trained to generate for this sentence: the perfect answer as it follows the prompt, then
+    the EOS (the labels of data.encode)."""
+    prompt = build_prompt(tokens, "simple", response_format)
+    (example,) = encode(tok, [prompt], [render_response(tokens, tags, response_format)])
+    return sum(label != IGNORE_INDEX for label in example.labels)
+
+
+@pytest.mark.parametrize("which", ["smol", "llama2"])
+@settings(max_examples=60, deadline=None)
+@given(data=st.data())
+def test_a_perfect_answer_always_fits_its_budget(which, data, smol_checkpoint, llama2_tokenizer_dir):
+    """For any tokens (brackets, quotes and backslashes included) and any valid tags, the perfect answer in every
+    response format, with its EOS, fits the budget derived from the sentence alone; a cap only lowers it."""
+    tok = _tokenizer(smol_checkpoint if which == "smol" else llama2_tokenizer_dir)
+    tokens = data.draw(st.lists(word, min_size=1, max_size=25))
+    tags = data.draw(valid_iob2(len(tokens)))
+    for response_format in RENDERERS:
+        budget = response_budget(tok, tokens, response_format=response_format)
+        assert _trained_answer_length(tok, tokens, tags, response_format) <= budget
+        assert response_budget(tok, tokens, 3, response_format) == min(3, budget)
+
+
+def test_every_perfect_answer_to_the_test_split_fits_its_budget(conll_dir, smol_checkpoint):
+    """Each gold answer of the test split (its longest sentence: 124 tokens, whose inline answer needs more than
+    256) in each response format, with its EOS, fits the budget derived from its sentence."""
+    tok = _tokenizer(smol_checkpoint)
+    for s in read_split(conll_dir, "test"):
+        for response_format in RENDERERS:
+            need = _trained_answer_length(tok, s.tokens, s.tags, response_format)
+            assert need <= response_budget(tok, s.tokens, response_format=response_format), (s.tokens, response_format)
+
+
+def test_an_answer_is_cut_exactly_when_its_budget_ends_before_its_stop(tiny_adapter, tiny_model, conll_dir):
+    """Generation.cut marks a row exactly when its budget ran out before it stopped: when no prefix of the budget's
+    tokens, decoded without the stop rule, stops (EOS, or a blank line after an answer)."""
+    model, tok, prompting, _ = load_for_eval(EvalConfig(model=str(tiny_model), adapter=str(tiny_adapter)), CPU)
+    prompts = [
+        tok(build_prompt(s.tokens, prompting["prompt"], prompting["response_format"]))["input_ids"]
+        for s in read_split(conll_dir, "train")[:8]
+    ]
+    budgets = [1, 2, 4, 8, 16, 32, 48, 64]
+    gen = generate_greedy(model, tok, prompts, budgets, batch_size=3)
+    forced = generate_greedy(model, tok, prompts, budgets, batch_size=3, stop=False).tokens
+    newline = newline_table(tok, len(tok))
+    cut = [not any(_stopped(tok, row[:k], tok.eos_token_id, newline) for k in range(1, len(row) + 1)) for row in forced]
+    assert gen.cut == cut
+    assert True in cut and False in cut  # both kinds are checked

@@ -255,7 +255,7 @@ def test_sbatch_job_trains_then_evaluates(tmp_path, tiny_model, conll_dir):
     )
     assert info["JobState"] == "COMPLETED", _log(job)
     assert (out / "final" / "adapter_model.safetensors").is_file()
-    assert json.loads((out / "eval" / "metrics.json").read_text())["sentences"] == 3
+    assert json.loads((out / "eval-limit3" / "metrics.json").read_text())["sentences"] == 3  # beside eval/
     assert f"qloraner job {job}, restart 0" in _log(job)
 
 

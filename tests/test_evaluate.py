@@ -292,15 +292,22 @@ def test_a_full_disk_while_writing_the_evaluation_leaves_no_cut_file(small_disk,
 
 
 @pytest.mark.parametrize(
-    ("adapter", "split", "folder"),
-    [("final", "test", "eval"), ("final", "valid", "eval-valid"), ("step-000040", "valid", "eval-step-000040-valid")],
+    ("adapter", "split", "limit", "folder"),
+    [
+        ("final", "test", 0, "eval"),
+        ("final", "valid", 0, "eval-valid"),
+        ("step-000040", "valid", 0, "eval-step-000040-valid"),
+        ("final", "test", 1, "eval-limit1"),
+        ("step-000040", "valid", 20, "eval-step-000040-valid-limit20"),
+    ],
 )
-def test_each_split_and_checkpoint_gets_its_own_evaluation_folder(tmp_path, adapter, split, folder):
-    """Without --output-dir, an adapter's files go beside it, in a folder named by the checkpoint and, for another
-    split than test, by the split: a valid score never overwrites the test one. MLflow: the run folder."""
+def test_each_split_and_checkpoint_gets_its_own_evaluation_folder(tmp_path, adapter, split, limit, folder):
+    """Without --output-dir, an adapter's files go beside it, in a folder named by the checkpoint, for another
+    split than test by the split, and for a --limit run by its limit: a valid score or a smoke run never overwrites
+    the full test one. MLflow: the run folder."""
     from qloraner.evaluate import output_dirs
 
-    config = EvalConfig(adapter=str(tmp_path / "run" / adapter), split=split)
+    config = EvalConfig(adapter=str(tmp_path / "run" / adapter), split=split, limit=limit)
     assert output_dirs(config) == (tmp_path / "run" / folder, tmp_path / "run")
 
 
@@ -315,3 +322,38 @@ def test_an_overlong_prompt_drops_its_context_before_cutting_the_sentence(conll_
     assert _prompts(tok, [s], prompting, len(full) - 1) == ([bare], [len(s.tokens)])
     (ids,), (kept,) = _prompts(tok, [s], prompting, len(bare) - 1)
     assert kept < len(s.tokens) and len(ids) <= len(bare) - 1
+
+
+def test_cut_answers_are_counted_in_metrics_and_the_end_line(tmp_path, tiny_model, conll_dir):
+    """An answer whose token budget ran out before it stopped is marked cut in responses.jsonl (its length is its
+    budget), counted as cut_answers in metrics.json and comparison.md, and the evaluation's last line says how many."""
+    out = tmp_path / "o"
+    args = ("--model", str(tiny_model), "--data-dir", str(conll_dir), "--limit", "3", "--max-new-tokens", "4")
+    proc = run_entry("evaluate", *args, "--output-dir", str(out), "--experiment", "test")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    metrics = json.loads((out / "metrics.json").read_text())
+    rows = [json.loads(line) for line in (out / "responses.jsonl").read_text().splitlines()]
+    assert all(r["generated_tokens"] == r["budget"] <= 4 for r in rows if r["cut"])
+    assert metrics["cut_answers"] == sum(r["cut"] for r in rows) > 0  # a random model does not stop in 4 tokens
+    assert f"| cut answers | {metrics['cut_answers']} |" in (out / "comparison.md").read_text()
+    assert last_line(proc.stdout).startswith(f"qloraner: done: F1 {100 * metrics['f1']:.2f} ")
+    assert f"; {metrics['cut_answers']} of 3 answers cut at their token budget" in last_line(proc.stdout)
+
+
+def test_a_limited_evaluation_writes_beside_the_full_one(tmp_path, tiny_adapter, conll_dir):
+    """./run_eval.sh's module with --limit 1 on a run's final/ writes into eval-limit1/ and leaves the full
+    evaluation's eval/ files as they were, byte for byte."""
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "test.txt").write_text("".join(f"{s}\n\n" for s in (conll_dir / "test.txt").read_text().split("\n\n")[1:4]))
+    run = tmp_path / "run"
+    shutil.copytree(tiny_adapter, run / "final")
+    args = ("--adapter", str(run / "final"), "--data-dir", str(data), "--max-new-tokens", "4", "--experiment", "test")
+    assert run_entry("evaluate", *args).returncode == 0
+    full = {p.name: p.read_bytes() for p in (run / "eval").iterdir()}
+    assert json.loads(full["metrics.json"])["sentences"] == 3
+    proc = run_entry("evaluate", *args, "--limit", "1")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert {p.name: p.read_bytes() for p in (run / "eval").iterdir()} == full
+    assert json.loads((run / "eval-limit1" / "metrics.json").read_text())["sentences"] == 1
+    assert last_line(proc.stdout).endswith(f"files in {run / 'eval-limit1'}")

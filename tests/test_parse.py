@@ -6,8 +6,15 @@ from hypothesis import strategies as st
 
 from qloraner import ENTITY_TYPES
 from qloraner.bio import Entities
-from qloraner.parse import RENDERERS, is_explicit_empty, parse_response, render_json, render_response
-from tests.strategies import json_like, mention, type_name
+from qloraner.parse import (
+    RENDERERS,
+    is_explicit_empty,
+    parse_response,
+    render_json,
+    render_response,
+    tag_response,
+)
+from tests.strategies import bracket_word, json_like, mention, tagged_sentence, type_name
 
 text_with_structure = st.lists(
     st.sampled_from(["[PER] ", "LOC: ", "{", "}", "'", '"', "\n", "\n\n", ",", " - ", "(ORG)", "[", "]", "\\", "None"])
@@ -182,3 +189,33 @@ def test_real_responses(response, expected, provenance):
 def test_explicit_empty(text, empty):
     """Explicit 'no entities' answers are told apart from unparseable text."""
     assert is_explicit_empty(text) is empty
+
+
+@pytest.mark.parametrize("response_format", ["lines", "inline"])
+@given(sentence=tagged_sentence(bracket_word))
+def test_a_perfect_answer_tags_back_to_its_gold_tags_whatever_brackets_the_tokens_hold(response_format, sentence):
+    """The perfect answer (RENDERERS) of any tagged sentence, its tokens holding the answer format's own brackets
+    (`[PER`, `Mary]`, `[`, `]`) or not, tags back to exactly its gold tags."""
+    tokens, tags = sentence
+    assert tag_response(tokens, render_response(tokens, tags, response_format)) == tags
+
+
+# Sentences whose tokens hold brackets: (tokens, gold tags); each format's perfect answer must tag back to the gold.
+BRACKETED = [
+    pytest.param("[PER Mary] said".split(), "B-PER I-PER O".split(), id="a-token-looks-like-an-opener-in-a-mention"),
+    pytest.param("[PER Mary] said".split(), "O B-PER O".split(), id="an-opener-look-alike-before-a-mention"),
+    pytest.param("[PER Mary] said".split(), "O O B-PER".split(), id="an-opener-look-alike-outside"),
+    pytest.param("the [ Paris ] hotel".split(), "O O B-LOC O O".split(), id="lone-brackets-around-a-mention"),
+    pytest.param("the [ Paris ] hotel".split(), "O B-LOC I-LOC I-LOC O".split(), id="lone-brackets-in-a-mention"),
+    pytest.param("Mary] met John".split(), "B-PER O B-PER".split(), id="a-mention-ending-in-a-bracket"),
+    pytest.param("[NONE] Bonn".split(), "O B-LOC".split(), id="the-empty-answer-as-a-token"),
+    pytest.param("[PER] Bonn".split(), "O B-LOC".split(), id="a-canonical-line-head-as-a-token"),
+    pytest.param("[[PER x".split(), "B-ORG I-ORG".split(), id="an-escaped-look-alike-as-a-token"),
+]
+
+
+@pytest.mark.parametrize("response_format", ["lines", "inline"])
+@pytest.mark.parametrize("tokens,tags", BRACKETED)
+def test_bracketed_tokens_real_cases(tokens, tags, response_format):
+    """Each nasty bracketed sentence's perfect answer tags back to its gold tags."""
+    assert tag_response(tokens, render_response(tokens, tags, response_format)) == tags

@@ -193,7 +193,9 @@ class EvalConfig:
         gt=0,
         parse=batch_size_or_auto,
     )
-    max_new_tokens: int = opt(256, "upper bound on generated tokens (also bounded by sentence length)", gt=0)
+    max_new_tokens: int = opt(
+        0, "cap on generated tokens; 0 = what a perfect answer to the sentence can need (cut answers are counted)", ge=0
+    )
     max_prompt_tokens: int = opt(1024, "prompts longer than this are truncated (counted and reported)", gt=0)
     prompt: str | None = opt(None, "prompt template; default: the adapter's, else simple", choices=tuple(TEMPLATES))
     response_format: str | None = opt(

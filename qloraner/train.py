@@ -669,6 +669,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"{m['sentences']} {config.eval_split} sentences; trained {result.seconds or 0:.0f} s, "
                 f"evaluated {m['seconds']:.0f} s "
                 f"({m['sentences_per_s']:.1f} sentences/s); recipe {config.recipe or 'none'}"
+                + (f"; {m['cut_answers']} answers cut at their token budget" if m["cut_answers"] else "")
                 + (f"; base model F1 {100 * results['base']['f1']:.2f}" if "base" in results else ""),
                 flush=True,
             )

@@ -498,6 +498,15 @@ def settle(run: Run, queued: Queued, since: float) -> tuple[dict[str, float], bo
     return metrics, stops > 0
 
 
+def _pace_line(step_s: float, steps: int) -> str:
+    """After a CPU run's first step: how long all its steps would take at that pace, and how to make a short run."""
+    hours, rest = divmod(round(step_s * steps), 3600)
+    return (
+        f"qloraner: the first step took {step_s:.0f} s: {steps} steps would take about {hours}:{rest // 60:02d} "
+        "(h:mm) at this pace; --limit N and --max-steps N make a short run"
+    )
+
+
 class _StopFlag:
     """SIGTERM, SIGUSR1 and a first Ctrl-C ask the loop to checkpoint at the end of the current step and exit;
     a second Ctrl-C stops at once."""
@@ -550,7 +559,7 @@ def train_adapter(config: TrainConfig, device: torch.device | None = None, on_st
     config, stop, start = run.config, _StopFlag(), time.perf_counter()
     progress = Progress(run.total, "train", "steps", initial=run.state["step"], enabled=run.main)
     run.model.train()
-    settled = start
+    settled, first = start, run.state["step"]
 
     def record(queued: Queued) -> bool:
         """Read a queued step's numbers, log them and show progress; whether a rank asked to stop."""
@@ -560,6 +569,8 @@ def train_adapter(config: TrainConfig, device: torch.device | None = None, on_st
         if run.main and (queued.step % config.log_every == 0 or queued.step == run.total):
             mlflow.log_metrics(metrics, step=queued.step, synchronous=False)  # written by MLflow's thread
         progress.update(1, **{k: metrics[k] for k in ("loss", "tokens_per_s", "gpu_mem_gib") if k in metrics})
+        if run.main and run.device.type == "cpu" and queued.step == first + 1:
+            print(_pace_line(metrics["step_s"], run.total - first), flush=True)
         if on_step:
             on_step(queued.step, metrics)
         return asked

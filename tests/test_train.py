@@ -149,7 +149,8 @@ def test_the_flat_optimizer_updates_like_one_tensor_at_a_time(tiny_model):
 def test_accumulation_matches_one_big_batch(tmp_path, tiny_model, conll_dir, capsys):
     """Micro-batches of 3 (accumulation 6, uneven sizes), micro-batches of at most 300 padded tokens (as many as
     each step's lengths need) and a memory budget that holds about 300 tokens give the gradient and update of one
-    batch of 16 (fp32); the plan line names the budget's bound and where it came from."""
+    batch of 16 (fp32); the plan line names the budget's bound and where it came from, and a CPU run says after its
+    first step how long the run will take."""
     model = lora_model(tiny_model, 0)
     trainable = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
     per_token = memory.token_bytes(model, torch.float32, checkpointing=True)
@@ -170,7 +171,9 @@ def test_accumulation_matches_one_big_batch(tmp_path, tiny_model, conll_dir, cap
     _assert_same_training(big, accum, rel=1e-5)
     _assert_same_training(big, bounded, rel=1e-5)
     _assert_same_training(big, budgeted, rel=1e-5)
-    assert f"micro-batches of at most 300 padded tokens (--memory-gib {gib:g}" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert f"micro-batches of at most 300 padded tokens (--memory-gib {gib:g}" in out
+    assert re.search(r"the first step took \d+ s: 3 steps would take about 0:\d\d \(h:mm\)", out)  # on a CPU
 
 
 def test_compiled_layers_train_like_eager(tmp_path, tiny_model, conll_dir):

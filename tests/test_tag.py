@@ -104,6 +104,15 @@ def test_every_entity_is_the_text_at_its_offsets(tagger, train_text):
     check()
 
 
+def test_the_package_exports_the_tagger():
+    """`from qloraner import Tagger` is the API the issue documents; an unknown name is still an AttributeError."""
+    import qloraner
+
+    assert qloraner.Tagger is Tagger
+    with pytest.raises(AttributeError):
+        qloraner.NoSuchThing  # noqa: B018
+
+
 def test_no_text_and_empty_texts_give_no_entities(tagger):
     """No texts, an empty one and one of whitespace give nothing, without decoding anything."""
     assert tagger.tag([]) == []

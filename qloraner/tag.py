@@ -1,8 +1,7 @@
 """Tag any text with a trained adapter: entities with character offsets, decoded as the evaluator decodes.
 
->>> tagger = Tagger.load("outputs/run/final")  # doctest: +SKIP
->>> tagger.tag(["Peter Blackburn flew to Bonn."])  # doctest: +SKIP
-[[Entity(start=0, end=15, label='PER', text='Peter Blackburn'), Entity(start=24, end=28, label='LOC', text='Bonn')]]
+tagger = Tagger.load("outputs/run/final")
+tagger.tag(["Peter Blackburn flew to Bonn."])  # per text: [Entity(start, end, label, text), ...]
 """
 
 from __future__ import annotations

@@ -47,3 +47,12 @@ def run_main(body) -> int:
         return EXIT_INTERRUPTED
     finally:
         dist.shutdown()
+
+
+def __getattr__(name: str):
+    """`from qloraner import Tagger` (qloraner.tag), imported on first use: the other entry points don't pay for it."""
+    if name == "Tagger":
+        from qloraner.tag import Tagger
+
+        return Tagger
+    raise AttributeError(f"module 'qloraner' has no attribute {name!r}")

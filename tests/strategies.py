@@ -98,3 +98,16 @@ def type_name(draw, type_: str) -> str:
     """A name the parser must read as `type_`: its tag or a full-word synonym, in any letter case."""
     name = draw(st.sampled_from(_NAMES[type_]))
     return "".join(c.upper() if draw(st.booleans()) else c.lower() for c in name)
+
+
+# Raw text for the sentence splitter and tokenizer: any Unicode, plus the pieces that break tokenizers (odd whitespace,
+# brackets, quotes, periods, hyphens, apostrophes, emoji with joiners and variation selectors), often side by side.
+_NASTY = [
+    " ", "  ", "\t", "\n", "\r\n", "\r", "\n\n", "\u00a0", "\u2028", "\u200b", "\x1c", "\x85", "\u3000",
+    "(", ")", "[", "]", "{", "}", "<", ">", "\"", "'", "’", "“", "”", ".", "...", ",", ";", ":", "!", "?", "-", "—",
+    "_", "U.S.", "Dr.", "Peter", "'s", "n't", "AL-AIN", "McDonald", "1996-12-06", "😀", "❤️", "👨‍👩‍👧", "é", "\ufe0f",
+]  # fmt: skip
+raw_text = st.one_of(
+    st.text(max_size=40),
+    st.lists(st.one_of(st.sampled_from(_NASTY), st.text(max_size=3)), max_size=25).map("".join),
+)

@@ -64,7 +64,7 @@ class Tagger:
         batch_size: int | str = "auto",
         *,
         model: str | None = None,
-        max_new_tokens: int = 256,
+        max_new_tokens: int = 0,
         max_prompt_tokens: int = 1024,
         cuda_graphs: bool = True,
         progress: bool = True,

@@ -37,7 +37,9 @@ class TagConfig:
     batch_size: int | str = opt(
         "auto", "prompts per generation batch; auto sizes it from free GPU memory", gt=0, parse=batch_size_or_auto
     )
-    max_new_tokens: int = opt(256, "upper bound on generated tokens (also bounded by sentence length)", gt=0)
+    max_new_tokens: int = opt(
+        0, "cap on generated tokens; 0 = what a perfect answer to the sentence can need (cut answers are counted)", ge=0
+    )
     max_prompt_tokens: int = opt(
         1024, "longer prompts drop their context, then cut their sentence (the rest is O)", gt=0
     )

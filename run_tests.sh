@@ -1,9 +1,18 @@
 #!/usr/bin/env bash
-# Runs the test suite. Usage: ./run_tests.sh [pytest args]
+# Runs the test suite (what CI runs). Usage: ./run_tests.sh [--quick] [pytest args]
+# --quick: the pure and small tests and the linter, a few minutes on two cores: run it between edits.
 set -euo pipefail
 # shellcheck source=env.sh
 . "$(dirname "$0")/env.sh"
 cd "$QLORANER_ROOT"
+if [ "${1:-}" = --quick ]; then
+  shift
+  "$PY" -m ruff check qloraner tests benchmarks
+  "$PY" -m ruff format --check qloraner tests benchmarks
+  set -- -m "not slow" tests/test_bio.py tests/test_parse.py tests/test_conll.py tests/test_config.py \
+    tests/test_memory.py tests/test_text.py tests/test_metrics.py tests/test_progress.py tests/test_results_doc.py \
+    tests/test_data.py "$@"
+fi
 set +e
 "$PY" -m pytest "$@"
 rc=$?

@@ -16,9 +16,9 @@ GIB = 2**30
 # input and output feature of every LoRA-wrapped linear layer (its dropout's output and mask, its A product).
 HIDDEN_SAVED, MLP_SAVED, LORA_SAVED = 8.3, 4.0, 1.8
 ESTIMATE_MARGIN = 1.15  # the estimate errs high: under-estimating gets the process killed
-CHECKPOINTED_SHARE = 0.6  # with checkpointing the measured peak fell to 0.53 of the above: recompute keeps less
-CPU_SHARE = 0.25  # of a CPU machine's available memory: larger micro-batches run no faster on a CPU (RESULTS), and
-# the rest stays free for the machine
+CHECKPOINTED_SHARE = 0.6  # with checkpointing the peak falls (RESULTS.md, table "Training memory"): it keeps less
+CPU_SHARE = 0.25  # of a CPU machine's available memory: wider micro-batches run no faster on a CPU (RESULTS.md,
+# table "Training memory"), and the rest stays free for the machine
 GPU_SHARE = 0.85  # of the card's free memory: the card is this process's
 RESERVE = GIB // 2  # allocator slack, the LM head's logits and the loss, beside the optimizer's state
 

@@ -207,7 +207,7 @@ def _build_model(config: TrainConfig, model_path, device: torch.device, rank: in
     if nf4_in_graph:
         dequantize_in_graph(model)
     # A CUDA graph cannot hold the RNG state replayed by the recomputed dropout: masks from a hash instead. Only
-    # there: without graphs the 7B recipe peaked 0.16 GiB higher with them (benchmarks/RESULTS.md).
+    # there: without graphs the hashed masks raised the 7B recipe's peak (docs/ENGINE.md, speed defaults).
     key = use_counter_dropout(model) if in_graph and config.cuda_graphs else None
     if config.compile:
         # The first layer's input (the frozen embedding's output) must require grad like every later layer's, or

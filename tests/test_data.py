@@ -121,6 +121,7 @@ def test_split_step_within_uses_the_fewest_micro_batches_that_fit(case):
             assert any(padded_tokens(p, lengths) > max_tokens and len(p) > 1 for p in fewer)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("which", ["smollm2", "llama2"])
 def test_masks_on_every_train_sentence_and_template(which, conll_dir, smol_checkpoint, llama2_tokenizer_dir):
     """For all 14,041 train sentences, every template and the JSON and inline formats: the prompt's ids prefix the full

@@ -126,7 +126,7 @@ RESPONSES = [
         "junk label line from the original project's report",
     ),
     ("DATE: Friday\nPER: []\nMISC: N/A", {}, "unknown types and empty values"),
-    # Recorded on the H100, 2026-11-27 (benchmarks/RESULTS.md): SmolLM2-135M-Instruct base, simple prompt ...
+    # Real answers of the SmolLM2-135M-Instruct base to the simple prompt ...
     (
         "\nThe answer is:\n\nSoccer, China, Victory, China, Soccer, China, China,",
         {},

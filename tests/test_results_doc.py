@@ -48,3 +48,13 @@ def test_every_named_raw_file_exists():
     named = {name for cell in cells for name in re.findall(r"`([\w.+-]+\.(?:json|txt|log|jsonl\.gz))`", cell)}
     missing = named - set(_raw_files())
     assert named and not missing, missing
+
+
+def test_the_readme_fits_a_screen_and_names_revisions_only_in_its_results():
+    """README.md stays a page a newcomer reads in two minutes: at most 150 lines of at most 120 characters, and commit
+    hashes only in its Results excerpt (history lives in RESULTS.md and git)."""
+    lines = (RESULTS.parents[1] / "README.md").read_text(encoding="utf-8").splitlines()
+    assert len(lines) <= 150
+    assert [i + 1 for i, line in enumerate(lines) if len(line) > 120] == []
+    results = lines.index("## Results")
+    assert [line for line in lines[:results] if re.search(r"`[0-9a-f]{7}`", line)] == []

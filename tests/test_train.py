@@ -518,14 +518,33 @@ def test_ctrl_c_saves_a_checkpoint_and_exits_75(tmp_path, tiny_model, conll_dir)
     assert latest_checkpoint(out) is not None
 
 
-def test_sigterm_during_the_evaluation_then_a_rerun_only_evaluates(tmp_path, tiny_model, conll_dir):
-    """SIGTERM while ./run_train.sh evaluates its adapter exits 75; the same command again does not train again:
-    it evaluates final/ and ends with the F1 line, which with --compare-base names the base model's F1 too."""
+def test_sighup_saves_a_checkpoint_and_ends_the_mlflow_run(tmp_path, tiny_model, conll_dir):
+    """Closing the terminal (SIGHUP) during training saves a checkpoint at the end of the step and exits 75 without
+    a traceback, its MLflow run ended KILLED (not left RUNNING), as SIGTERM does."""
+    from mlflow.tracking import MlflowClient
+
+    out = tmp_path / "run"
+    args = tiny_args(tiny_model, conll_dir, out, "--no-eval", "--max-steps", "100000", "--save-every", "0")
+    proc = start_entry(sys.executable, "-m", "qloraner.train", *args)
+    wait_for(proc, "train ")
+    proc.send_signal(signal.SIGHUP)
+    rest = proc.stdout.read()
+    assert proc.wait() == 75 and "Traceback" not in rest, rest[-2000:]
+    assert re.search(r"stopped at step (\d+): saved .*step-0*\1; run again to resume", last_line(rest))
+    run_id = json.loads((latest_checkpoint(out) / "trainer_state.json").read_text())["run_id"]
+    assert MlflowClient(f"sqlite:///{out / 'mlflow.db'}").get_run(run_id).info.status == "KILLED"
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP], ids=["SIGTERM", "SIGHUP"])
+def test_sigterm_during_the_evaluation_then_a_rerun_only_evaluates(signum, tmp_path, tiny_model, conll_dir):
+    """SIGTERM (or SIGHUP: the terminal closed) while ./run_train.sh evaluates its adapter exits 75; the same command
+    again does not train again: it evaluates final/ and ends with the F1 line, which with --compare-base names the
+    base model's F1 too."""
     out = tmp_path / "run"
     args = tiny_args(tiny_model, conll_dir, out, "--max-steps", "2", "--eval-limit", "400")
     proc = start_entry(str(ROOT / "run_train.sh"), *args)
     wait_for(proc, "qloraner: evaluating")
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(signum)
     rest = proc.stdout.read()
     assert proc.wait() == 75 and "Traceback" not in rest, rest[-2000:]
     assert last_line(rest) == f"qloraner: stopped while evaluating {out / 'final'}; run again to evaluate it"

@@ -364,10 +364,11 @@ def evaluate_model(config: EvalConfig, device: torch.device | None = None) -> di
     device = device or rank_device
     out, store = output_dirs(config)
     if rank == 0:  # before decoding: a bad folder or tracking URI must not cost the decoding
-        from qloraner.tracking import check_tracking
+        from qloraner.tracking import check_experiment, check_tracking
 
         make_dir(out)
         check_tracking(store)
+        check_experiment(config.experiment)
     responses, stats, context = decode(config, device)
     if not responses:  # not rank 0
         return {}

@@ -17,6 +17,7 @@ SERVER_SCHEMES = ("http", "https")
 PROBE_S = 5.0  # seconds a tracking server has to answer before training or decoding starts
 # What SQLAlchemy reads as URI syntax in a sqlite path: a query, or a %XX escape (another file, elsewhere). Quoting
 # them does not help: MLflow creates the quoted name's parent folder as it stands, beside the real one.
+EXPERIMENT_NAME_MAX = 256  # MLflow's experiments.name column: sqlite stores longer names, server databases refuse
 SQLITE_URI_SYNTAX = re.compile(r"\?|%[0-9A-Fa-f]{2}")
 
 
@@ -75,8 +76,21 @@ def check_tracking(output_dir: Path) -> str:
     return uri
 
 
+def check_experiment(name: str) -> str:
+    """--experiment, or one line saying why MLflow cannot store it: empty or blank (a run nobody finds by name), or
+    longer than the experiments table's name column."""
+    if not name.strip():
+        raise QloranerError("--experiment: empty; give a name (default: qloraner)")
+    if len(name) > EXPERIMENT_NAME_MAX:
+        raise QloranerError(
+            f"--experiment: {len(name)} characters, more than {EXPERIMENT_NAME_MAX}; give a shorter name"
+        )
+    return name
+
+
 def start_run(output_dir: Path, experiment: str, run_id: str | None = None, run_name: str | None = None):
     """Start (or, given run_id, continue) a run. A local store keeps its artifacts beside it."""
+    check_experiment(experiment)
     output_dir = Path(output_dir).resolve()
     uri = tracking_uri(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)

@@ -77,3 +77,16 @@ def test_an_output_folder_name_never_moves_or_breaks_the_mlflow_store(name, tmp_
         client = MlflowClient(f"sqlite:///{out / 'mlflow.db'}")
         assert client.get_run(run_id).info.status == "FINISHED"
     assert [p.name for p in tmp_path.iterdir()] == [name]
+
+
+@pytest.mark.parametrize("name", ["", "   ", "x" * 300], ids=["empty", "blank", "huge"])
+def test_an_experiment_name_mlflow_cannot_store_is_one_line(name, tmp_path, tiny_model, conll_dir):
+    """An empty, blank or over-long (> 256 characters, MLflow's column) --experiment ends in one line naming the
+    flag and exit code 2, not a traceback, and no MLflow run is started."""
+    out = tmp_path / "run"
+    proc = run_entry(
+        "train", *tiny_args(tiny_model, conll_dir, out, "--max-steps", "1", "--no-eval"), "--experiment", name
+    )
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert last_line(proc.stderr).startswith("error: --experiment: ")
+    assert not (out / "final").exists()

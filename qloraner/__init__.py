@@ -18,9 +18,17 @@ def first_line(err: Exception) -> str:
     return str(err).splitlines()[0][:160] if str(err).strip() else type(err).__name__
 
 
+def refuse_empty(value, flag: str):
+    """`value`, unless it is an empty path (an unset shell variable, say): Path("") is the current folder, and an
+    empty flag must not mean that, the project folder or the default."""
+    if value is not None and not str(value).strip():
+        raise QloranerError(f"{flag}: empty; give a path")
+    return value
+
+
 def make_dir(path, flag: str = "--output-dir"):
     """Create the folder `path` (with its parents), or say in one line why it cannot be."""
-    path = Path(path)
+    path = Path(refuse_empty(path, flag))
     try:
         path.mkdir(parents=True, exist_ok=True)
     except (FileExistsError, NotADirectoryError):

@@ -110,19 +110,20 @@ def _save(path: Path, tmp: Path, model, optimizer, state: dict, config: TrainCon
 
 
 def complete(output_dir: Path) -> list[Path]:
-    """The complete step-NNNNNN/ checkpoints, newest first; half-written folders are skipped."""
+    """The complete checkpoints, newest first: step-NNNNNN/ and final/ (a finished run is extended from it);
+    half-written folders are skipped. At one step, a step folder comes before final/."""
     found = []
-    for d in Path(output_dir).glob("step-*"):
-        if STEP_DIR.match(d.name) and all((d / f).is_file() for f in FILES):
+    for d in [*Path(output_dir).glob("step-*"), Path(output_dir) / "final"]:
+        if (STEP_DIR.match(d.name) or d.name == "final") and all((d / f).is_file() for f in FILES):
             try:
-                found.append((json.loads((d / "trainer_state.json").read_text())["step"], d))
-            except (ValueError, KeyError):
+                found.append((json.loads((d / "trainer_state.json").read_text())["step"], d.name != "final", d))
+            except (ValueError, KeyError, TypeError):
                 continue
-    return [d for _, d in sorted(found, reverse=True)]
+    return [d for *_, d in sorted(found, reverse=True)]
 
 
 def latest(output_dir: Path) -> Path | None:
-    """The newest complete step-NNNNNN/ checkpoint."""
+    """The newest complete checkpoint (step-NNNNNN/ or final/)."""
     found = complete(output_dir)
     return found[0] if found else None
 
@@ -156,6 +157,12 @@ def check_compatible(ckpt: Path, config: TrainConfig) -> None:
     if diff:
         raise QloranerError(
             f"{ckpt}: incompatible checkpoint, trained with {', '.join(diff)}; use another --output-dir or --no-resume"
+        )
+    step = json.loads((ckpt / "trainer_state.json").read_text())["step"]
+    if config.max_steps and step > config.max_steps:  # resuming would relabel its steps as a shorter run
+        raise QloranerError(
+            f"{ckpt}: trained {step} steps, more than --max-steps {config.max_steps}; give --max-steps {step} or "
+            "more, another --output-dir, or --no-resume"
         )
 
 

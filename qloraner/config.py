@@ -79,7 +79,9 @@ class TrainConfig:
     data_dir: str | None = opt(
         None, "CoNLL-2003 folder (train/valid/test.txt); default $CONLL_DIR, else datasets/conll2003"
     )
-    output_dir: str = opt("outputs/run", "where checkpoints, the final adapter and the MLflow store go")
+    output_dir: str = opt(
+        str(ROOT / "outputs" / "run"), "where checkpoints, the final adapter and the MLflow store go"
+    )  # the project's, wherever the command runs: as the evaluation's outputs/eval
     prompt: str = opt("simple", "prompt template", choices=tuple(TEMPLATES))
     response_format: str = opt(
         "lines",

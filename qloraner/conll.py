@@ -8,7 +8,7 @@ import subprocess
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from qloraner import ENTITY_TYPES, QloranerError
+from qloraner import ENTITY_TYPES, QloranerError, refuse_empty
 from qloraner.bio import to_iob2
 
 SPLITS = ("train", "valid", "test")
@@ -104,7 +104,7 @@ def read_split(data_dir: str | Path, split: str) -> list[Sentence]:
 def resolve_data_dir(cli_value: str | None, project_root: Path) -> Path:
     """--data-dir, else $CONLL_DIR, else datasets/conll2003 (fetched there by datasets/fetch_conll2003.sh)."""
     default = project_root / "datasets" / "conll2003"
-    chosen = cli_value or os.environ.get("CONLL_DIR")
+    chosen = refuse_empty(cli_value, "--data-dir") or os.environ.get("CONLL_DIR")
     fetch = project_root / "datasets" / "fetch_conll2003.sh"
     if chosen is None and not default.is_dir() and fetch.is_file():
         if subprocess.run(["bash", str(fetch)], check=False).returncode != 0:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from qloraner import ENTITY_TYPES, ROOT, QloranerError, dist, make_dir, run_main
+from qloraner import ENTITY_TYPES, ROOT, QloranerError, dist, make_dir, refuse_empty, run_main
 from qloraner.config import EvalConfig, as_dict, from_args
 from qloraner.conll import Sentence, read_split, resolve_data_dir
 from qloraner.data import build_prompt
@@ -358,14 +358,17 @@ def evaluate_model(config: EvalConfig, device: torch.device | None = None) -> di
     Under torchrun each rank decodes every world-th sentence; rank 0 gathers the rows, scores them
     and writes the same artifacts as one process would, in sentence order.
     """
+    for flag, value in (("--model", config.model), ("--adapter", config.adapter), ("--output-dir", config.output_dir)):
+        refuse_empty(value, flag)  # else an empty flag would mean the default
     rank, _, rank_device = dist.setup()
     device = device or rank_device
     out, store = output_dirs(config)
     if rank == 0:  # before decoding: a bad folder or tracking URI must not cost the decoding
-        from qloraner.tracking import check_tracking
+        from qloraner.tracking import check_experiment, check_tracking
 
         make_dir(out)
         check_tracking(store)
+        check_experiment(config.experiment)
     responses, stats, context = decode(config, device)
     if not responses:  # not rank 0
         return {}

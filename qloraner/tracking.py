@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 from pathlib import Path
 
@@ -14,6 +15,10 @@ from qloraner import ROOT, QloranerError
 DATABASE_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql")
 SERVER_SCHEMES = ("http", "https")
 PROBE_S = 5.0  # seconds a tracking server has to answer before training or decoding starts
+# What SQLAlchemy reads as URI syntax in a sqlite path: a query, or a %XX escape (another file, elsewhere). Quoting
+# them does not help: MLflow creates the quoted name's parent folder as it stands, beside the real one.
+EXPERIMENT_NAME_MAX = 256  # MLflow's experiments.name column: sqlite stores longer names, server databases refuse
+SQLITE_URI_SYNTAX = re.compile(r"\?|%[0-9A-Fa-f]{2}")
 
 
 def git_revision() -> str:
@@ -31,8 +36,17 @@ def git_revision() -> str:
 
 
 def tracking_uri(output_dir: Path) -> str:
-    """$MLFLOW_TRACKING_URI, else a sqlite store in `output_dir`."""
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path(output_dir).resolve() / 'mlflow.db'}"
+    """$MLFLOW_TRACKING_URI, else a sqlite store in `output_dir` (refused where its path would read as a URI's
+    query or escapes: the store would land in another file, or not open)."""
+    if uri := os.environ.get("MLFLOW_TRACKING_URI"):
+        return uri
+    path = Path(output_dir).resolve()
+    if found := SQLITE_URI_SYNTAX.search(str(path)):
+        raise QloranerError(
+            f"{output_dir}: MLflow's sqlite store cannot be in a path holding {found.group()[0]!r} (sqlite reads it as "
+            "part of a URI); rename the folder, or set MLFLOW_TRACKING_URI"
+        )
+    return f"sqlite:///{path / 'mlflow.db'}"
 
 
 def check_tracking(output_dir: Path) -> str:
@@ -62,8 +76,21 @@ def check_tracking(output_dir: Path) -> str:
     return uri
 
 
+def check_experiment(name: str) -> str:
+    """--experiment, or one line saying why MLflow cannot store it: empty or blank (a run nobody finds by name), or
+    longer than the experiments table's name column."""
+    if not name.strip():
+        raise QloranerError("--experiment: empty; give a name (default: qloraner)")
+    if len(name) > EXPERIMENT_NAME_MAX:
+        raise QloranerError(
+            f"--experiment: {len(name)} characters, more than {EXPERIMENT_NAME_MAX}; give a shorter name"
+        )
+    return name
+
+
 def start_run(output_dir: Path, experiment: str, run_id: str | None = None, run_name: str | None = None):
     """Start (or, given run_id, continue) a run. A local store keeps its artifacts beside it."""
+    check_experiment(experiment)
     output_dir = Path(output_dir).resolve()
     uri = tracking_uri(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)

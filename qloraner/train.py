@@ -47,7 +47,8 @@ from qloraner.model import (
 from qloraner.progress import Progress
 from qloraner.step import GRAPH_PADDING, PAD_MULTIPLE, MicroStepGraphs, SupervisedLoss, collate, forward_backward
 
-EXIT_PREEMPTED = 75  # EX_TEMPFAIL: a checkpoint was saved on SIGTERM/SIGUSR1; run again to resume
+EXIT_PREEMPTED = 75  # EX_TEMPFAIL: a checkpoint was saved on SIGTERM/SIGUSR1/SIGHUP; run again to resume
+PREEMPT_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGHUP)  # SIGHUP: the terminal was closed
 FROZEN_COPIES_MAX_BYTES = 2**30  # --frozen-copies by default up to this size: a small model's launches and
 # dequantizations dominate its steps; a large one's 4-bit weights are what makes it fit
 RECOMPUTE_IN_GRAPH_ON = ("cuda",)  # with compile, checkpointing recomputes inside the compiled graphs (replayable RNG)
@@ -508,12 +509,12 @@ def _pace_line(step_s: float, steps: int) -> str:
 
 
 class _StopFlag:
-    """SIGTERM, SIGUSR1 and a first Ctrl-C ask the loop to checkpoint at the end of the current step and exit;
-    a second Ctrl-C stops at once."""
+    """SIGTERM, SIGUSR1, SIGHUP (the terminal closed) and a first Ctrl-C ask the loop to checkpoint at the end of
+    the current step and exit; a second Ctrl-C stops at once."""
 
     def __init__(self) -> None:
         self.signal: int | None = None
-        self._old = {s: signal.signal(s, self._set) for s in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)}
+        self._old = {s: signal.signal(s, self._set) for s in (*PREEMPT_SIGNALS, signal.SIGINT)}
 
     def _set(self, signum, _frame) -> None:
         self.signal = signum
@@ -625,18 +626,18 @@ def train_adapter(config: TrainConfig, device: torch.device | None = None, on_st
 
 
 class _Preempted(Exception):
-    """SIGTERM or SIGUSR1 arrived while the trained adapter was being evaluated."""
+    """SIGTERM, SIGUSR1 or SIGHUP arrived while the trained adapter was being evaluated."""
 
 
 def _evaluate_preemptibly(config: EvalConfig) -> dict | None:
-    """evaluate_model, or None when SIGTERM/SIGUSR1 stops it: final/ is complete, so a rerun goes straight to
+    """evaluate_model, or None when SIGTERM/SIGUSR1/SIGHUP stops it: final/ is complete, so a rerun goes straight to
     evaluating it."""
     from qloraner.evaluate import evaluate_model
 
     def preempt(_signum, _frame):
         raise _Preempted
 
-    old = {s: signal.signal(s, preempt) for s in (signal.SIGTERM, signal.SIGUSR1)}
+    old = {s: signal.signal(s, preempt) for s in PREEMPT_SIGNALS}
     try:
         return evaluate_model(config)
     except _Preempted:

@@ -101,3 +101,11 @@ def test_eval_batch_size_is_auto_or_a_number(value, expected):
     assert from_args(EvalConfig, ["--batch-size", value], "test").batch_size == expected
     with pytest.raises(QloranerError, match="--batch-size: 'big' is neither auto nor a whole number"):
         EvalConfig(batch_size="big")
+
+
+def test_the_default_output_folder_is_the_projects_wherever_the_command_runs():
+    """Without --output-dir a training writes into the project's outputs/run/, not into the folder the command runs
+    from (the entry points no longer change into the project folder)."""
+    from qloraner import ROOT
+
+    assert TrainConfig().output_dir == str(ROOT / "outputs" / "run")

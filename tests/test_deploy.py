@@ -305,3 +305,42 @@ def test_usr1_checkpoints_requeues_and_resumes(tmp_path, tiny_model, conll_dir, 
     assert f"{nproc} process(es)" in log
     assert json.loads((out / "final" / "trainer_state.json").read_text())["step"] == 160
     assert nproc == 1 or (out / "final" / "rng-1.pt").is_file()
+
+
+def _entry(script: str, *args: str, cwd: Path) -> subprocess.CompletedProcess:
+    """./run_<script>.sh ARGS run from `cwd` (MLflow in the output folder); no traceback allowed."""
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    proc = subprocess.run([str(ROOT / f"run_{script}.sh"), *args], cwd=cwd, env=env, capture_output=True, text=True)
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    return proc
+
+
+def test_relative_paths_are_the_users_not_the_projects(tmp_path, tiny_model, conll_dir):
+    """Run from another folder, the entry points read --data-dir and write --output-dir relative to that folder
+    (not the project's), and an evaluation finds a relative --adapter there; nothing lands in the project."""
+    shutil.copytree(conll_dir, tmp_path / "mydata")
+    flags = ["--model", str(tiny_model), "--limit", "4", "--batch-size", "4", "--lora-r", "4", "--max-steps", "1"]
+    proc = _entry("train", *flags, "--data-dir", "mydata", "--output-dir", "myout", "--no-eval", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert (tmp_path / "myout" / "final" / "adapter_model.safetensors").is_file() and not (ROOT / "myout").exists()
+    proc = _entry("eval", "--adapter", "myout/final", "--data-dir", "mydata", "--limit", "2", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert (tmp_path / "myout" / "eval-limit2" / "metrics.json").is_file()
+
+
+@pytest.mark.parametrize(
+    ("script", "flag"),
+    [("train", "--output-dir"), ("train", "--data-dir"), ("train", "--model"), ("eval", "--output-dir")],
+)
+def test_an_empty_path_is_refused_in_one_line(script, flag, tmp_path, tiny_model, conll_dir):
+    """An empty path flag (an unset shell variable, say) ends in one line naming the flag and exit code 2; it is
+    never taken as the current folder, the project folder or the default, and no run is written."""
+    out, cwd = tmp_path / "out", tmp_path / "cwd"
+    cwd.mkdir()
+    args = ["--model", str(tiny_model), "--data-dir", str(conll_dir), "--output-dir", str(out), "--limit", "2"]
+    more = ["--max-steps", "1", "--no-eval"] if script == "train" else []
+    proc = _entry(script, *args, *more, flag, "", cwd=cwd)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines()[-1] == f"error: {flag}: empty; give a path"
+    assert not list(cwd.iterdir()) and not (ROOT / "mlflow.db").exists()
+    assert not (out / "mlflow.db").exists() and not (out / "final").exists()

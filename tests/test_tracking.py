@@ -1,3 +1,4 @@
+import json
 import socket
 import time
 
@@ -5,7 +6,7 @@ import pytest
 
 from qloraner import QloranerError
 from qloraner.tracking import check_tracking
-from tests.conftest import last_line, run_entry
+from tests.conftest import last_line, run_entry, tiny_args
 
 
 def _free_port() -> int:
@@ -50,3 +51,42 @@ def tmp_model_args(request, tiny_model, conll_dir):
     if request.node.callspec.params["module"] == "train":
         return [*common, "--max-steps", "2", "--batch-size", "2", "--no-eval"]
     return [*common, "--max-new-tokens", "4"]
+
+
+@pytest.mark.parametrize(
+    "name", ["run #1", "a:b&c", "run?1", "50%20off", "50%"], ids=["hash-space", "colon", "?", "%20", "%"]
+)
+def test_an_output_folder_name_never_moves_or_breaks_the_mlflow_store(name, tmp_path, tiny_model, conll_dir):
+    """A training into a folder whose name holds URI characters keeps its MLflow store in that folder (a finished
+    run in it, nothing written beside it), or, where sqlite would read the name as another path ('?', '%'), is
+    refused at once in one line naming the character (a lone '%' is no escape: it works)."""
+    from mlflow.tracking import MlflowClient
+
+    out = tmp_path / name
+    proc = run_entry("train", *tiny_args(tiny_model, conll_dir, out, "--max-steps", "1", "--no-eval"), timeout=300)
+    bad = "?" if "?" in name else "%" if "%20" in name else None
+    if bad:
+        assert proc.returncode == 2 and last_line(proc.stderr) == (
+            f"error: {out}: MLflow's sqlite store cannot be in a path holding {bad!r} (sqlite reads it as part of a "
+            "URI); rename the folder, or set MLFLOW_TRACKING_URI"
+        ), proc.stderr[-2000:]
+        assert not (out / "final").exists()
+    else:
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        run_id = json.loads((out / "final" / "trainer_state.json").read_text())["run_id"]
+        client = MlflowClient(f"sqlite:///{out / 'mlflow.db'}")
+        assert client.get_run(run_id).info.status == "FINISHED"
+    assert [p.name for p in tmp_path.iterdir()] == [name]
+
+
+@pytest.mark.parametrize("name", ["", "   ", "x" * 300], ids=["empty", "blank", "huge"])
+def test_an_experiment_name_mlflow_cannot_store_is_one_line(name, tmp_path, tiny_model, conll_dir):
+    """An empty, blank or over-long (> 256 characters, MLflow's column) --experiment ends in one line naming the
+    flag and exit code 2, not a traceback, and no MLflow run is started."""
+    out = tmp_path / "run"
+    proc = run_entry(
+        "train", *tiny_args(tiny_model, conll_dir, out, "--max-steps", "1", "--no-eval"), "--experiment", name
+    )
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert last_line(proc.stderr).startswith("error: --experiment: ")
+    assert not (out / "final").exists()

@@ -293,15 +293,46 @@ def test_resume_after_sigterm_matches_an_uninterrupted_run(tmp_path, tiny_model,
         torch.testing.assert_close(b[key], a[key], rtol=1e-6, atol=1e-8)
 
 
+def test_extending_a_finished_run_continues_from_final(tmp_path, tiny_model, conll_dir, capsys):
+    """A finished 2-step run, run again with --max-steps 3, resumes from final/ (step 2) and trains only step 3: the
+    same adapter to 1e-6 as 3 steps from scratch (warm-up covers steps 1-2, so their learning rates agree)."""
+    kw = dict(lora_dropout=0.1, lr=5e-3, warmup_steps=2)
+    straight = train_adapter(_config(tmp_path, tiny_model, conll_dir, "straight", max_steps=3, **kw))
+    assert train_adapter(_config(tmp_path, tiny_model, conll_dir, "extended", max_steps=2, **kw)).step == 2
+    steps = []
+    longer = train_adapter(
+        _config(tmp_path, tiny_model, conll_dir, "extended", max_steps=3, **kw),
+        on_step=lambda step, m: steps.append(step),
+    )
+    assert steps == [3] and longer.step == 3
+    assert f"resuming from {tmp_path / 'extended' / 'final'} at step 2" in capsys.readouterr().out
+    a = load_file(straight.final / "adapter_model.safetensors")
+    b = load_file(longer.final / "adapter_model.safetensors")
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=1e-6, atol=1e-8)
+
+
+def test_a_shorter_run_than_the_finished_one_is_refused(tmp_path, tiny_model, conll_dir):
+    """A finished 3-step run, run again with --max-steps 2, is refused with one line naming final/ and its step,
+    and final/ stays as it was (it is never relabelled as a 2-step run)."""
+    train_adapter(_config(tmp_path, tiny_model, conll_dir, "run", max_steps=3))
+    before = (tmp_path / "run" / "final" / "adapter_model.safetensors").read_bytes()
+    with pytest.raises(QloranerError, match=r"final: trained 3 steps, more than --max-steps 2; .*--no-resume"):
+        train_adapter(_config(tmp_path, tiny_model, conll_dir, "run", max_steps=2))
+    assert (tmp_path / "run" / "final" / "adapter_model.safetensors").read_bytes() == before
+    assert json.loads((tmp_path / "run" / "final" / "train_config.json").read_text())["max_steps"] == 3
+
+
 def test_incompatible_checkpoint_is_refused(tmp_path, tiny_model, conll_dir):
-    """Resuming with another LoRA rank or response format names the checkpoint and the differing setting; a
-    checkpoint saved before --response-format existed resumes as the line format it was trained on."""
+    """Resuming with another LoRA rank or response format names the checkpoint (the newest: final/) and the
+    differing setting; a checkpoint saved before --response-format existed resumes as the line format it was trained
+    on."""
     train_adapter(_config(tmp_path, tiny_model, conll_dir, "run", max_steps=2, save_every=1))
-    with pytest.raises(QloranerError, match=r"step-000001: incompatible checkpoint.*lora_r=8"):
+    with pytest.raises(QloranerError, match=r"final: incompatible checkpoint.*lora_r=8"):
         train_adapter(_config(tmp_path, tiny_model, conll_dir, "run", max_steps=4, lora_r=4))
     with pytest.raises(QloranerError, match=r"incompatible checkpoint.*response_format='lines' \(now 'json'\)"):
         train_adapter(_config(tmp_path, tiny_model, conll_dir, "run", max_steps=4, response_format="json"))
-    for saved in (tmp_path / "run").glob("step-*/train_config.json"):
+    for saved in (tmp_path / "run").glob("*/train_config.json"):  # step-000001/ and final/
         settings = json.loads(saved.read_text())
         del settings["response_format"]
         saved.write_text(json.dumps(settings))
@@ -369,11 +400,11 @@ def test_a_checkpoint_with_one_optimizer_tensor_per_matrix_is_refused(tmp_path, 
     """A checkpoint whose optimizer state holds a tensor per LoRA matrix (written before the flat parameter) is
     refused with one line that names it and the way out, not skipped as damaged."""
     train_adapter(_config(tmp_path, tiny_model, conll_dir, "old", max_steps=2, save_every=1))
-    for saved in (tmp_path / "old").glob("step-*/optimizer.pt"):
+    for saved in (tmp_path / "old").glob("*/optimizer.pt"):  # step-000001/ and final/
         state = torch.load(saved, weights_only=False)
         state["param_groups"][0]["params"] = [0, 1, 2]  # the old layout's ids, one per tensor
         torch.save(state, saved)
-    with pytest.raises(QloranerError, match=r"step-000001: its optimizer state holds 3 tensors.*--no-resume"):
+    with pytest.raises(QloranerError, match=r"final: its optimizer state holds 3 tensors.*--no-resume"):
         train_adapter(_config(tmp_path, tiny_model, conll_dir, "old", max_steps=4))
 
 
@@ -490,14 +521,33 @@ def test_ctrl_c_saves_a_checkpoint_and_exits_75(tmp_path, tiny_model, conll_dir)
     assert latest_checkpoint(out) is not None
 
 
-def test_sigterm_during_the_evaluation_then_a_rerun_only_evaluates(tmp_path, tiny_model, conll_dir):
-    """SIGTERM while ./run_train.sh evaluates its adapter exits 75; the same command again does not train again:
-    it evaluates final/ and ends with the F1 line, which with --compare-base names the base model's F1 too."""
+def test_sighup_saves_a_checkpoint_and_ends_the_mlflow_run(tmp_path, tiny_model, conll_dir):
+    """Closing the terminal (SIGHUP) during training saves a checkpoint at the end of the step and exits 75 without
+    a traceback, its MLflow run ended KILLED (not left RUNNING), as SIGTERM does."""
+    from mlflow.tracking import MlflowClient
+
+    out = tmp_path / "run"
+    args = tiny_args(tiny_model, conll_dir, out, "--no-eval", "--max-steps", "100000", "--save-every", "0")
+    proc = start_entry(sys.executable, "-m", "qloraner.train", *args)
+    wait_for(proc, "train ")
+    proc.send_signal(signal.SIGHUP)
+    rest = proc.stdout.read()
+    assert proc.wait() == 75 and "Traceback" not in rest, rest[-2000:]
+    assert re.search(r"stopped at step (\d+): saved .*step-0*\1; run again to resume", last_line(rest))
+    run_id = json.loads((latest_checkpoint(out) / "trainer_state.json").read_text())["run_id"]
+    assert MlflowClient(f"sqlite:///{out / 'mlflow.db'}").get_run(run_id).info.status == "KILLED"
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP], ids=["SIGTERM", "SIGHUP"])
+def test_sigterm_during_the_evaluation_then_a_rerun_only_evaluates(signum, tmp_path, tiny_model, conll_dir):
+    """SIGTERM (or SIGHUP: the terminal closed) while ./run_train.sh evaluates its adapter exits 75; the same command
+    again does not train again: it evaluates final/ and ends with the F1 line, which with --compare-base names the
+    base model's F1 too."""
     out = tmp_path / "run"
     args = tiny_args(tiny_model, conll_dir, out, "--max-steps", "2", "--eval-limit", "400")
     proc = start_entry(str(ROOT / "run_train.sh"), *args)
     wait_for(proc, "qloraner: evaluating")
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(signum)
     rest = proc.stdout.read()
     assert proc.wait() == 75 and "Traceback" not in rest, rest[-2000:]
     assert last_line(rest) == f"qloraner: stopped while evaluating {out / 'final'}; run again to evaluate it"

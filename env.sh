@@ -62,3 +62,6 @@ qloraner_launch() {
 
 qloraner_setup
 export PYTHONUNBUFFERED=1
+# Entry points run in the user's folder (relative paths in flags are theirs), with the code of this checkout, never a
+# module of that folder (PYTHONSAFEPATH: the folder is not put first on the module path).
+export PYTHONPATH="$QLORANER_ROOT${PYTHONPATH:+:$PYTHONPATH}" PYTHONSAFEPATH=1

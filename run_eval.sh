@@ -5,9 +5,6 @@
 set -euo pipefail
 # shellcheck source=env.sh
 . "$(dirname "$0")/env.sh"
-# Run in the user's folder (relative paths in flags are theirs), with the code of this checkout, never a module of
-# that folder (PYTHONSAFEPATH: the folder is not put first on the module path).
-export PYTHONPATH="$QLORANER_ROOT${PYTHONPATH:+:$PYTHONPATH}" PYTHONSAFEPATH=1
 defaults=()
 [ -n "${QLORANER_MODEL:-}" ] && defaults+=(--model "$QLORANER_MODEL")
 [ -n "${QLORANER_ADAPTER:-}" ] && defaults+=(--adapter "$QLORANER_ADAPTER")

@@ -5,7 +5,6 @@
 set -euo pipefail
 # shellcheck source=env.sh
 . "$(dirname "$0")/env.sh"
-cd "$QLORANER_ROOT"
 defaults=()
 [ -n "${QLORANER_MODEL:-}" ] && defaults+=(--model "$QLORANER_MODEL")
 [ -n "${QLORANER_ADAPTER:-}" ] && defaults+=(--adapter "$QLORANER_ADAPTER")

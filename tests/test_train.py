@@ -16,7 +16,8 @@ from safetensors.torch import load_file
 from qloraner import QloranerError, checkpoint, memory
 from qloraner.checkpoint import latest as latest_checkpoint
 from qloraner.config import DEFAULT_RECIPE, TrainConfig
-from qloraner.train import get_lr, prepare, train_adapter
+from qloraner.prepare import prepare
+from qloraner.train import get_lr, train_adapter
 from tests.conftest import (
     ROOT,
     last_line,
@@ -118,7 +119,7 @@ def test_the_flat_optimizer_updates_like_one_tensor_at_a_time(tiny_model):
     kernels."""
     import bitsandbytes as bnb
 
-    from qloraner.train import FLAT_ALIGN, flatten_trainable, update
+    from qloraner.optim import FLAT_ALIGN, flatten_trainable, update
 
     flat_model, plain_model = lora_model(tiny_model, 0), lora_model(tiny_model, 0)
     flats = flatten_trainable(flat_model)
@@ -221,7 +222,7 @@ def test_an_over_long_context_example_keeps_its_answer(tmp_path, tiny_model, con
     """With the context template, an example over --max-length loses its document context, not its answer: every
     example keeps all its response labels and its final EOS, and only over-long ones lose their context."""
     from qloraner.model import load_tokenizer
-    from qloraner.train import _examples
+    from qloraner.prepare import _examples
 
     tokenizer = load_tokenizer(tiny_model)
     settings = dict(prompt="context", response_format="inline", limit=200)
@@ -586,7 +587,7 @@ def test_a_final_run_learns_from_train_and_valid(tmp_path, tiny_model, conll_dir
     from qloraner.conll import read_split
     from qloraner.data import build_prompt, data_sha256
     from qloraner.model import load_tokenizer
-    from qloraner.train import _examples
+    from qloraner.prepare import _examples
 
     tok = load_tokenizer(tiny_model)
     both, manifest = _examples(_config(tmp_path, tiny_model, conll_dir, "run", limit=0, train_split="train+valid"), tok)

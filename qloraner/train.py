@@ -8,6 +8,7 @@ import math
 import signal
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -175,15 +176,36 @@ def _already_trained(config: TrainConfig) -> TrainResult | None:
     return TrainResult(state["step"], final, state["run_id"])
 
 
+@dataclass
+class _Reader:
+    """Reads queued steps' numbers (a step behind on a GPU): logs them to MLflow, shows progress, tells a CPU run's
+    pace after its first step; whether any rank asked to stop."""
+
+    run: Run
+    progress: Progress
+    on_step: Callable[[int, dict], None] | None
+    settled: float  # when the step before was read
+    first: int  # the step this invocation started from
+
+    def __call__(self, queued: Queued) -> bool:
+        import mlflow
+
+        run = self.run
+        metrics, asked = settle(run, queued, self.settled)
+        self.settled = time.perf_counter()
+        if run.main and (queued.step % run.config.log_every == 0 or queued.step == run.total):
+            mlflow.log_metrics(metrics, step=queued.step, synchronous=False)  # written by MLflow's thread
+        self.progress.update(1, **{k: metrics[k] for k in ("loss", "tokens_per_s", "gpu_mem_gib") if k in metrics})
+        if run.main and run.device.type == "cpu" and queued.step == self.first + 1:
+            print(_pace_line(metrics["step_s"], run.total - self.first), flush=True)
+        if self.on_step:
+            self.on_step(queued.step, metrics)
+        return asked
+
+
 def train_adapter(config: TrainConfig, device: torch.device | None = None, on_step=None) -> TrainResult:
-    """Fine-tune a LoRA adapter on the NF4 base; resumable, preemptible, logged to MLflow.
-
-    Under torchrun every rank runs this: each step's `batch_size` sequences are split into micro-batches
-    the same way on all ranks and dealt out by a DistributedSampler, so what a step computes does not
-    depend on the number of processes; the ranks sum their LoRA gradients (the frozen base is never sent).
-    """
-    import mlflow
-
+    """Fine-tune a LoRA adapter on the NF4 base; resumable, preemptible, logged to MLflow. Under torchrun every rank
+    runs this, and a step computes the same whatever the number of processes (Run.micro_batches, train_step)."""
     from qloraner.tracking import end_run
 
     if done := _already_trained(config):
@@ -191,23 +213,8 @@ def train_adapter(config: TrainConfig, device: torch.device | None = None, on_st
     run = prepare(config, device)
     config, stop, start = run.config, _StopFlag(), time.perf_counter()
     progress = Progress(run.total, "train", "steps", initial=run.state["step"], enabled=run.main)
+    record = _Reader(run, progress, on_step, start, run.state["step"])
     run.model.train()
-    settled, first = start, run.state["step"]
-
-    def record(queued: Queued) -> bool:
-        """Read a queued step's numbers, log them and show progress; whether a rank asked to stop."""
-        nonlocal settled
-        metrics, asked = settle(run, queued, settled)
-        settled = time.perf_counter()
-        if run.main and (queued.step % config.log_every == 0 or queued.step == run.total):
-            mlflow.log_metrics(metrics, step=queued.step, synchronous=False)  # written by MLflow's thread
-        progress.update(1, **{k: metrics[k] for k in ("loss", "tokens_per_s", "gpu_mem_gib") if k in metrics})
-        if run.main and run.device.type == "cpu" and queued.step == first + 1:
-            print(_pace_line(metrics["step_s"], run.total - first), flush=True)
-        if on_step:
-            on_step(queued.step, metrics)
-        return asked
-
     try:
         pending = None  # the step before, still on the device
         while run.state["step"] < run.total:
@@ -237,15 +244,8 @@ def train_adapter(config: TrainConfig, device: torch.device | None = None, on_st
                     checkpoint.step_dir(run.out, step), run.model, run.optimizer, run.state, config, run.rank
                 )
             if stopping:
-                if run.main:
-                    print(f"qloraner: stopped at step {step}: saved {run.last_good}; run again to resume", flush=True)
-                    end_run(status="KILLED")
-                return TrainResult(step, None, run.state["run_id"], True, time.perf_counter() - start)
-        final = checkpoint.save(run.out / "final", run.model, run.optimizer, run.state, config, run.rank)
-        if run.main:
-            mlflow.log_artifacts(str(final), artifact_path="adapter")
-            end_run()
-        return TrainResult(run.state["step"], final, run.state["run_id"], False, time.perf_counter() - start)
+                return _stopped(run, step, start)
+        return _finished(run, start)
     except BaseException:
         if run.main:
             end_run(status="FAILED")
@@ -255,6 +255,29 @@ def train_adapter(config: TrainConfig, device: torch.device | None = None, on_st
         stop.restore()
         if run.lock:
             run.lock.close()  # releases the output folder for the next run in this process
+
+
+def _stopped(run: Run, step: int, start: float) -> TrainResult:
+    """A run stopped by a signal after saving `step`: say so, and mark its MLflow run KILLED."""
+    from qloraner.tracking import end_run
+
+    if run.main:
+        print(f"qloraner: stopped at step {step}: saved {run.last_good}; run again to resume", flush=True)
+        end_run(status="KILLED")
+    return TrainResult(step, None, run.state["run_id"], True, time.perf_counter() - start)
+
+
+def _finished(run: Run, start: float) -> TrainResult:
+    """The final adapter saved to final/ and logged; the MLflow run ended."""
+    import mlflow
+
+    from qloraner.tracking import end_run
+
+    final = checkpoint.save(run.out / "final", run.model, run.optimizer, run.state, run.config, run.rank)
+    if run.main:
+        mlflow.log_artifacts(str(final), artifact_path="adapter")
+        end_run()
+    return TrainResult(run.state["step"], final, run.state["run_id"], False, time.perf_counter() - start)
 
 
 class _Preempted(Exception):

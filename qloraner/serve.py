@@ -24,6 +24,11 @@ from concurrent.futures import Future
 from contextlib import asynccontextmanager
 from dataclasses import asdict, dataclass, field
 
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException
+
 from qloraner import QloranerError, run_main
 from qloraner.config import _field_errors, _raise_if, batch_size_or_auto, opt, parser_for
 
@@ -198,9 +203,7 @@ async def read_body(request, limit: int) -> bytes:
     return bytes(data)
 
 
-def _error(status: int, message: str):
-    from fastapi.responses import JSONResponse
-
+def _error(status: int, message: str) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=status)
 
 
@@ -208,10 +211,8 @@ def _entities(found: list) -> dict:
     return {"entities": [asdict(e) for e in found]}
 
 
-def create_app(config: ServeConfig, batcher: Batcher):
+def create_app(config: ServeConfig, batcher: Batcher) -> FastAPI:
     """The FastAPI app over `batcher`; its shutdown (after uvicorn has answered every open request) stops it."""
-    from fastapi import FastAPI, Request
-    from starlette.exceptions import HTTPException
 
     @asynccontextmanager
     async def lifespan(_app):
@@ -227,6 +228,11 @@ def create_app(config: ServeConfig, batcher: Batcher):
     @app.exception_handler(HTTPException)
     async def http_error(_request, err: HTTPException):  # 404, 405: JSON like every other error
         return _error(err.status_code, str(err.detail))
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(_request, err: RequestValidationError):  # FastAPI's own checks: one line too
+        first = err.errors()[0] if err.errors() else {}
+        return _error(422, f"{'.'.join(map(str, first.get('loc', ())))}: {first.get('msg', 'invalid request')}")
 
     body_schema = {"type": "object", "properties": {"text": {"type": "string"}, "texts": {"type": "array"}}}
     openapi = {"requestBody": {"required": True, "content": {"application/json": {"schema": body_schema}}}}
@@ -256,8 +262,6 @@ def create_app(config: ServeConfig, batcher: Batcher):
         body = {"status": status, "adapter": config.adapter, "queued": batcher.queued, **batcher.stats}
         if status == "serving":
             return body
-        from fastapi.responses import JSONResponse
-
         return JSONResponse({"error": "shutting down", **body}, status_code=503)
 
     return app

@@ -295,11 +295,11 @@ def _server(app, on_exit: Callable[[], None]):
     return Server(config)
 
 
-def serve(config: ServeConfig) -> None:
-    """Load the adapter, listen, log one line, serve until SIGTERM (or Ctrl-C), answer what is in flight, return."""
+def load_tagger(config: ServeConfig):
+    """The Tagger the server decodes with (bench.py serve loads the same for its offline figure)."""
     from qloraner.tag import Tagger
 
-    tagger = Tagger.load(
+    return Tagger.load(
         config.adapter,
         batch_size=config.batch_size,
         model=config.model,
@@ -308,6 +308,11 @@ def serve(config: ServeConfig) -> None:
         cuda_graphs=config.cuda_graphs,
         progress=False,
     )
+
+
+def serve(config: ServeConfig) -> None:
+    """Load the adapter, listen, log one line, serve until SIGTERM (or Ctrl-C), answer what is in flight, return."""
+    tagger = load_tagger(config)
     tagger.tag(["Warm up in Berlin."])  # the first decode compiles and captures; no client should wait for that
     sock = listen(config.host, config.port)
     batcher = Batcher(tagger.tag, config.max_queue, config.max_batch_texts)
@@ -321,10 +326,14 @@ def serve(config: ServeConfig) -> None:
     server.run(sockets=[sock])
 
 
+def settings(argv: list[str] | None) -> ServeConfig:
+    parser = parser_for(ServeConfig, "Serve a trained adapter as an HTTP JSON API (./run_serve.sh)")
+    return ServeConfig(**vars(parser.parse_args(argv)))
+
+
 def main(argv: list[str] | None = None) -> int:
     def body() -> int:
-        parser = parser_for(ServeConfig, "Serve a trained adapter as an HTTP JSON API (./run_serve.sh)")
-        serve(ServeConfig(**vars(parser.parse_args(argv))))
+        serve(settings(argv))
         return 0
 
     return run_main(body)

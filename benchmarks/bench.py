@@ -7,6 +7,7 @@ the same run where a question has one, writes the raw JSON and prints the benchm
   python3 benchmarks/bench.py eval-speed --shape llama2-7b --lengths outputs/run/eval/responses.jsonl
   python3 benchmarks/bench.py accuracy --recipe smollm2-135m --seeds 42,43,44
   python3 benchmarks/bench.py scale-out --recipe llama2-7b-chat --shape llama2-7b --gpus 2
+  python3 benchmarks/bench.py serve --adapter outputs/run/final --clients 1,16,128
 
 Flags after `--` go to the product unchanged (an ablation is a flag or a recipe key: `-- --no-compile`).
 `--shape tiny` runs the same code on a tiny random LLaMA, on a CPU (a smoke test).
@@ -514,6 +515,107 @@ def scale_out(a: argparse.Namespace, work: Path) -> dict:
     return result
 
 
+def _start_server(args: list[str], log: Path) -> tuple[subprocess.Popen, str]:
+    """./run_serve.sh on a free port of 127.0.0.1, its stderr to `log`; the process and its URL once it listens."""
+    import re
+
+    command = [str(ROOT / "run_serve.sh"), "--port", "0", *args]
+    print(f"bench: {' '.join(shlex.quote(c) for c in command)}", flush=True)
+    f = open(log, "w")  # noqa: SIM115 -- the server writes to it until _stop_server
+    proc = subprocess.Popen(command, stdout=f, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 1800  # a 7B base loads and captures its CUDA graphs first
+    while time.monotonic() < deadline and proc.poll() is None:
+        if m := re.search(r"qloraner serve: listening on (http://\S+)", log.read_text()):
+            return proc, m[1]
+        time.sleep(0.5)
+    proc.kill()
+    sys.exit(f"bench: ./run_serve.sh did not start; see {log}")
+
+
+def _stop_server(proc: subprocess.Popen) -> None:
+    """SIGTERM, as a deployment stops it; its exit code must be 0."""
+    proc.terminate()
+    if proc.wait(timeout=600):
+        sys.exit(f"bench: ./run_serve.sh exited {proc.returncode} on SIGTERM")
+
+
+def _clients(url: str, texts: list[str], n: int) -> dict:
+    """`n` clients on keep-alive connections, each posting the next text as {"text": ...} until none is left;
+    sentences/s over the whole run and each request's latency percentiles."""
+    import http.client
+    import threading
+    from urllib.parse import urlsplit
+
+    where = urlsplit(url)
+    todo, latencies, failures, lock = iter(texts), [], [], threading.Lock()
+
+    def client() -> None:
+        conn = http.client.HTTPConnection(where.hostname, where.port, timeout=600)
+        while True:
+            with lock:
+                text = next(todo, None)
+            if text is None:
+                return
+            start = time.perf_counter()
+            conn.request("POST", "/tag", json.dumps({"text": text}), {"Content-Type": "application/json"})
+            answer = conn.getresponse()
+            body = answer.read()
+            with lock:
+                latencies.append(time.perf_counter() - start)
+                if answer.status != 200:
+                    failures.append(f"{answer.status} {body[:200]!r}")
+
+    threads = [threading.Thread(target=client) for _ in range(n)]
+    start = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    seconds = time.perf_counter() - start
+    if failures:
+        sys.exit(f"bench: {len(failures)} requests failed at {n} clients, e.g. {failures[0]}")
+    q = statistics.quantiles(latencies, n=100, method="inclusive")
+    return {
+        "clients": n,
+        "sentences": len(texts),
+        "seconds": seconds,
+        "sentences_per_s": len(texts) / seconds,
+        "p50_ms": 1000 * q[49],
+        "p99_ms": 1000 * q[98],
+    }
+
+
+def serve_speed(a: argparse.Namespace, work: Path) -> dict:
+    """./run_serve.sh on the adapter: --sentences test sentences (one per request) at each client count, then the
+    offline Tagger on the same sentences in one call, in this process once the server is gone (one model on the
+    GPU at a time)."""
+    texts = [" ".join(s.tokens) for s in _test_sentences()[: a.sentences]]
+    proc, url = _start_server(["--adapter", a.adapter, *a.flags], work / "serve.log")
+    try:
+        _clients(url, texts[:32], 4)  # warm-up: the first shapes of the engine's batches
+        result: dict = {"clients": [_clients(url, texts, int(n)) for n in a.clients.split(",")]}
+    finally:
+        _stop_server(proc)
+    from qloraner.serve import load_tagger, settings
+
+    tagger = load_tagger(settings(["--adapter", a.adapter, *a.flags]))  # the server's settings, flags included
+    tagger.tag(texts[:32])  # the same warm-up
+    _sync()
+    start = time.perf_counter()
+    tagger.tag(texts)
+    _sync()
+    seconds = time.perf_counter() - start
+    result["offline"] = {"sentences": len(texts), "seconds": seconds, "sentences_per_s": len(texts) / seconds}
+    offline = result["offline"]["sentences_per_s"]
+    cells = [f"offline Tagger {offline:.1f} sentences/s"] + [
+        f"{c['clients']} clients {c['sentences_per_s']:.1f} sentences/s (**{100 * c['sentences_per_s'] / offline:.0f}"
+        f" %** of offline), p50 {c['p50_ms']:.0f} ms, p99 {c['p99_ms']:.0f} ms"
+        for c in result["clients"]
+    ]
+    result["row"] = [f"serve {len(texts)} test sentences over HTTP, adapter {a.adapter}", "; ".join(cells)]
+    return result
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     flags = argv[argv.index("--") + 1 :] if "--" in argv else []
@@ -552,6 +654,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--shape", default="llama2-7b", choices=SHAPES)
     p.add_argument("--gpus", type=int, default=2)
     p.add_argument("--steps", type=int, default=30)
+    p = sub.add_parser("serve")
+    p.set_defaults(measure=serve_speed)
+    p.add_argument("--adapter", required=True, help="the fine-tuned adapter")
+    p.add_argument("--clients", default="1,16,128", help="concurrent clients, one run each")
+    p.add_argument("--sentences", type=int, default=2000, help="the first N test sentences, each one request")
     a = parser.parse_args(argv)
     a.flags = flags
     stamp = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d")

@@ -25,6 +25,8 @@ SCRIPTS = [
     "env.sh",
     "run_train.sh",
     "run_eval.sh",
+    "run_tag.sh",
+    "run_serve.sh",
     "run_tests.sh",
     "slurm_job.sbatch",
     ".ci/run",

@@ -13,7 +13,7 @@ import json
 import os
 import shutil
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -52,9 +52,10 @@ class ExportConfig:
         _raise_if(errors)
 
 
-def lora_deltas(adapter: Path) -> dict[str, torch.Tensor]:
-    """Per base weight name (model.layers.0.self_attn.q_proj.weight), its adapter's update scale * B @ A in f32,
-    as peft's merge computes it."""
+def lora_deltas(adapter: Path) -> dict[str, Callable[[], torch.Tensor]]:
+    """Per base weight name (model.layers.0.self_attn.q_proj.weight), a function giving its adapter's update
+    scale * B @ A in f32, as peft's merge computes it: made when its tensor streams by, since all the updates at
+    once would take the f32 size of every adapted weight."""
     from safetensors.torch import load_file
 
     config = json.loads((adapter / "adapter_config.json").read_text())
@@ -69,7 +70,7 @@ def lora_deltas(adapter: Path) -> dict[str, torch.Tensor]:
             continue
         b = weights[key.replace(".lora_A.", ".lora_B.")]
         name = key.removeprefix("base_model.model.").replace(".lora_A.weight", ".weight")
-        deltas[name] = (b.float() @ a.float()) * scale
+        deltas[name] = lambda a=a, b=b: (b.float() @ a.float()) * scale
     if len(deltas) * 2 != len(weights):
         raise QloranerError(f"{adapter}: adapter holds weights other than LoRA A/B pairs; cannot merge them")
     return deltas
@@ -112,7 +113,7 @@ def merged_tensors(base: Path, adapter: Path, dtype: torch.dtype) -> Iterator[tu
         if is_quantized(name, tensor):
             weight = nf4_round_trip(tensor)
             delta = deltas.pop(name, None)
-            tensor = weight if delta is None else weight + delta
+            tensor = weight if delta is None else weight + delta()
         elif name in deltas:
             raise QloranerError(f"{adapter}: LoRA on {name}, which the NF4 base does not quantize; cannot merge it")
         yield name, tensor.to(dtype).contiguous()

@@ -254,10 +254,9 @@ RECIPE_KEYS = ("model", "recipe", "prompt", "response_format", "target_modules",
 RECIPE_KEYS += ("lora_dropout", "lr", "batch_size", "epochs", "max_steps", "train_split", "seed")
 
 
-def model_card(trained: dict, settings: dict, metrics: dict | None, license_name: str | None) -> str:
-    """README.md: the Hub's metadata block, then results, recipe, training data and how to use the model."""
-    recipe = [f"| {k} | {trained[k]} |" for k in RECIPE_KEYS if trained.get(k) not in (None, "")]
-    usage = [
+def _usage() -> list[str]:
+    """The model card's how-to: qloraner's Tagger, then plain transformers."""
+    return [
         "```python",
         "from qloraner import Tagger",
         "",
@@ -280,6 +279,11 @@ def model_card(trained: dict, settings: dict, metrics: dict | None, license_name
         "print(tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True))",
         "```",
     ]
+
+
+def model_card(trained: dict, settings: dict, metrics: dict | None, license_name: str | None) -> str:
+    """README.md: the Hub's metadata block, then results, recipe, training data and how to use the model."""
+    recipe = [f"| {k} | {trained[k]} |" for k in RECIPE_KEYS if trained.get(k) not in (None, "")]
     return "\n".join(
         [
             card_metadata(trained, metrics, license_name),
@@ -303,7 +307,7 @@ def model_card(trained: dict, settings: dict, metrics: dict | None, license_name
             "",
             "## Use",
             "",
-            *usage,
+            *_usage(),
             "",
         ]
     )

@@ -228,3 +228,12 @@ def test_missing_settings_are_reported_together():
     """Without --adapter and --output the settings fail on one QloranerError naming both flags."""
     with pytest.raises(QloranerError, match="--adapter.*--output"):
         ExportConfig()
+
+
+def test_a_full_disk_is_one_error_and_leaves_nothing(small_disk, tiny_adapter):
+    """An export onto a disk too small for it stops with one QloranerError naming the full disk, and leaves
+    neither the output folder nor its temporary one."""
+    with pytest.raises(QloranerError, match="the disk is full") as err:
+        export(ExportConfig(adapter=str(tiny_adapter), output=str(small_disk / "merged"), dtype="f32"))
+    assert "\n" not in str(err.value)
+    assert list(small_disk.iterdir()) == []

@@ -179,6 +179,11 @@ def load_for_eval(config: EvalConfig, device: torch.device):
     """
     from peft import PeftModel
 
+    from qloraner.export import is_export, load_export
+
+    exported = config.adapter if is_export(config.adapter) else config.model if is_export(config.model) else None
+    if exported:  # a merged model from ./run_export.sh: plain weights, its prompt settings in qloraner.json
+        return load_export(Path(exported), device, config)
     trained = _adapter_settings(Path(config.adapter)) if config.adapter else {}
     base_name = config.model or trained.get("model") or DEFAULT_MODEL
     base_path = resolve_model(base_name)

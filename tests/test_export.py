@@ -1,0 +1,239 @@
+"""qloraner.export and ./run_export.sh: a merged checkpoint that plain transformers loads and that answers as the
+adapter does, with its task settings and a model card; errors on one line; never a half-written export."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from qloraner import QloranerError
+from qloraner.config import EvalConfig
+from qloraner.conll import read_split
+from qloraner.decode import generate_greedy, response_budget
+from qloraner.evaluate import _prompts, load_for_eval
+from qloraner.export import SETTINGS_FILE, ExportConfig, card_metadata, export
+from qloraner.tag import Tagger
+from tests.conftest import ROOT, last_line
+
+MAX_NEW = 24  # enough for the tiny adapter's answers on short sentences; keeps CPU decoding short
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory, tiny_adapter) -> Path:
+    """The tiny adapter exported in f32, with small shards (several files and an index)."""
+    out = tmp_path_factory.mktemp("export") / "merged"
+    return export(ExportConfig(adapter=str(tiny_adapter), output=str(out), dtype="f32", max_shard_mb=4))
+
+
+@pytest.fixture(scope="module")
+def merged(tiny_adapter):
+    """qloraner's --merge: the adapter merged into its NF4 base dequantized to f32 (on the CPU)."""
+    return load_for_eval(EvalConfig(adapter=str(tiny_adapter), merge=True, max_new_tokens=MAX_NEW), CPU)
+
+
+@pytest.fixture(scope="module")
+def conll_sentences(conll_dir):
+    """16 sentences: 8 the adapter learned (it finds entities in them) and the first 8 test sentences."""
+    return read_split(conll_dir, "train")[:8] + read_split(conll_dir, "test")[:8]
+
+
+def test_export_weights_are_the_merge_weights_bit_for_bit(exported, merged):
+    """Every tensor of the f32 export equals, bit for bit, the same tensor of --merge's model (the adapter merged
+    into its NF4 base dequantized to f32): streaming re-quantizes each base weight exactly as load_base does."""
+    from safetensors import safe_open
+
+    state = merged[0].state_dict()
+    files = sorted(exported.glob("model-*.safetensors"))
+    assert len(files) > 1 and (exported / "model.safetensors.index.json").is_file()
+    seen = 0
+    for path in files:
+        with safe_open(str(path), "pt") as f:
+            for name in f.keys():
+                assert torch.equal(f.get_tensor(name), state[name]), name
+                seen += 1
+    assert seen == len(json.loads((exported / "model.safetensors.index.json").read_text())["weight_map"])
+
+
+def test_plain_transformers_gives_the_engines_greedy_answers(exported, merged, conll_sentences):
+    """The export loaded with plain AutoModelForCausalLM.from_pretrained and greedy `generate` gives, token for
+    token, the answers qloraner's engine gives with --merge (f32 on the CPU) on 16 CoNLL sentences: the engine's
+    answer (cut at its stop rule) is the start of transformers' (which runs on to EOS or its budget)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model, tokenizer, prompting, _ = merged
+    prompts, _ = _prompts(tokenizer, conll_sentences, prompting, 1024)
+    budgets = [response_budget(tokenizer, s.tokens, MAX_NEW, prompting["response_format"]) for s in conll_sentences]
+    ours = generate_greedy(model, tokenizer, prompts, budgets, batch_size=16, graphs=False).tokens
+    plain = AutoModelForCausalLM.from_pretrained(exported, dtype=torch.float32).eval()
+    plain_tokenizer = AutoTokenizer.from_pretrained(exported)
+    answered = 0
+    for prompt, budget, answer in zip(prompts, budgets, ours):
+        ids = torch.tensor([prompt])
+        with torch.no_grad():
+            out = plain.generate(ids, max_new_tokens=budget, do_sample=False, pad_token_id=plain_tokenizer.eos_token_id)
+        assert out[0, len(prompt) :].tolist()[: len(answer)] == answer
+        answered += bool(answer)
+    assert answered == len(prompts)
+
+
+def front_matter(card: str) -> dict:
+    import yaml
+
+    assert card.startswith("---\n")
+    return yaml.safe_load(card.split("---\n")[1])
+
+
+def test_model_card_metadata_is_yaml_with_the_evaluation(tmp_path, tiny_adapter):
+    """The model card's metadata block parses as YAML (yaml.safe_load) with the Hub's keys, and carries the
+    evaluation found beside the adapter (../eval/metrics.json) as model-index results and in its text."""
+    run = tmp_path / "run"
+    shutil.copytree(tiny_adapter, run / "final")
+    per_type = {t: {"f1-score": 0.5} for t in ("LOC", "MISC", "ORG", "PER")}
+    metrics = {
+        "f1": 0.8123,
+        "precision": 0.8,
+        "recall": 0.825,
+        "split": "test",
+        "sentences": 3453,
+        "per_type": per_type,
+    }
+    (run / "eval").mkdir()
+    (run / "eval" / "metrics.json").write_text(json.dumps(metrics))
+    out = export(ExportConfig(adapter=str(run / "final"), output=str(tmp_path / "merged")))
+    card = (out / "README.md").read_text()
+    meta = front_matter(card)
+    assert meta["datasets"] == ["conll2003"] and meta["license"] == "other" and "base_model" not in meta
+    assert {"f1", "precision", "recall"} <= set(meta["metrics"]) and "ner" in meta["tags"]
+    results = meta["model-index"][0]["results"][0]
+    assert {m["type"]: m["value"] for m in results["metrics"]} == {"f1": 81.23, "precision": 80.0, "recall": 82.5}
+    assert "F1 81.23" in card and "Tagger.load" in card and "AutoModelForCausalLM" in card
+    settings = json.loads((out / SETTINGS_FILE).read_text())
+    assert settings["labels"] == ["LOC", "MISC", "ORG", "PER"] and "{sentence}" in settings["prompt_text"]
+    assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
+    known = front_matter(card_metadata({"model": "smollm2-135m-instruct"}, None, None))
+    assert known["base_model"] == "HuggingFaceTB/SmolLM2-135M-Instruct" and known["license"] == "apache-2.0"
+
+
+def test_tagger_on_the_export_gives_the_adapters_tags(exported, tiny_adapter, conll_sentences):
+    """Tagger.load on the export (found by its qloraner.json: plain weights, the adapter's prompt settings) tags
+    16 CoNLL sentences exactly as Tagger.load on the adapter, entities included."""
+    tokens = [list(s.tokens) for s in conll_sentences]
+    on_export = Tagger.load(exported, "cpu", max_new_tokens=MAX_NEW, progress=False)
+    on_adapter = Tagger.load(tiny_adapter, "cpu", max_new_tokens=MAX_NEW, progress=False)
+    assert on_export.prompting == on_adapter.prompting
+    tags = on_export.tag_tokens(tokens)
+    assert tags == on_adapter.tag_tokens(tokens)
+    assert any(t != "O" for sentence in tags for t in sentence)
+
+
+def test_eval_takes_the_export_as_model(exported, tmp_path, conll_dir):
+    """./run_eval.sh --model EXPORT_DIR (no adapter) loads the export with its prompt settings and scores it."""
+    from qloraner.evaluate import evaluate_model
+
+    out = tmp_path / "eval"
+    config = EvalConfig(
+        model=str(exported), data_dir=str(conll_dir), limit=4, max_new_tokens=MAX_NEW, output_dir=str(out)
+    )
+    evaluate_model(config)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert (
+        metrics["sentences"] == 4 and metrics["prompt"] == json.loads((exported / SETTINGS_FILE).read_text())["prompt"]
+    )
+
+
+def run_export(*args: str) -> subprocess.CompletedProcess:
+    """./run_export.sh ARGS as a user runs it, in this interpreter's environment (env.sh's container mode)."""
+    env = {
+        **os.environ,
+        "QLORANER_IN_CONTAINER": "1",
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+    }
+    proc = subprocess.run([str(ROOT / "run_export.sh"), *args], capture_output=True, text=True, env=env, timeout=600)
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    return proc
+
+
+def test_errors_are_one_line_and_exit_2(tmp_path, tiny_adapter):
+    """A non-empty output folder (without --overwrite), a missing adapter and an adapter whose base is missing each
+    end ./run_export.sh with one `error:` line and exit code 2, writing nothing."""
+    full = tmp_path / "full"
+    full.mkdir()
+    (full / "keep.txt").write_text("mine")
+    gone_base = tmp_path / "orphan" / "final"
+    shutil.copytree(tiny_adapter, gone_base)
+    settings = json.loads((gone_base / "train_config.json").read_text())
+    (gone_base / "train_config.json").write_text(json.dumps({**settings, "model": str(tmp_path / "no-such-base")}))
+    cases = {
+        "not empty": ("--adapter", str(tiny_adapter), "--output", str(full)),
+        "adapter not found": ("--adapter", str(tmp_path / "nowhere"), "--output", str(tmp_path / "a")),
+        "base is missing": ("--adapter", str(gone_base), "--output", str(tmp_path / "b")),
+    }
+    for words, args in cases.items():
+        proc = run_export(*args)
+        assert proc.returncode == 2, proc.stderr[-2000:]
+        assert proc.stderr.strip().count("\n") == 0 and last_line(proc.stderr).startswith("error: ")
+        assert words in proc.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["full", "orphan"]
+    assert [p.name for p in full.iterdir()] == ["keep.txt"]
+
+
+def test_run_export_sh_writes_and_overwrites(tmp_path, tiny_adapter):
+    """./run_export.sh writes a loadable export and says where; --overwrite replaces a non-empty folder whole."""
+    out = tmp_path / "merged"
+    out.mkdir()
+    (out / "stale.txt").write_text("old")
+    proc = run_export("--adapter", str(tiny_adapter), "--output", str(out), "--overwrite")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert last_line(proc.stdout).endswith(str(out))
+    assert (
+        not (out / "stale.txt").exists() and (out / SETTINGS_FILE).is_file() and (out / "model.safetensors").is_file()
+    )
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["merged"]
+
+
+def test_an_interrupted_export_leaves_no_complete_looking_folder(tmp_path, tiny_adapter, monkeypatch):
+    """Interrupted while writing its second shard (Ctrl-C), an export leaves no output folder and no temporary
+    one; interrupted while replacing an earlier export (--overwrite), it leaves the earlier export as it was."""
+    import safetensors.torch
+
+    real, calls = safetensors.torch.save_file, []
+
+    def interrupted(*args, **kw):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kw)
+
+    monkeypatch.setattr(safetensors.torch, "save_file", interrupted)
+    config = ExportConfig(adapter=str(tiny_adapter), output=str(tmp_path / "merged"), max_shard_mb=1)
+    with pytest.raises(KeyboardInterrupt):
+        export(config)
+    assert list(tmp_path.iterdir()) == []
+    earlier = tmp_path / "merged"
+    earlier.mkdir()
+    (earlier / "earlier.txt").write_text("kept")
+    calls.clear()
+    with pytest.raises(KeyboardInterrupt):
+        export(ExportConfig(**{**config.__dict__, "overwrite": True}))
+    assert [p.name for p in tmp_path.iterdir()] == ["merged"] and [p.name for p in earlier.iterdir()] == ["earlier.txt"]
+
+
+def test_missing_settings_are_reported_together():
+    """Without --adapter and --output the settings fail on one QloranerError naming both flags."""
+    with pytest.raises(QloranerError, match="--adapter.*--output"):
+        ExportConfig()
+
+
+def test_a_full_disk_is_one_error_and_leaves_nothing(small_disk, tiny_adapter):
+    """An export onto a disk too small for it stops with one QloranerError naming the full disk, and leaves
+    neither the output folder nor its temporary one."""
+    with pytest.raises(QloranerError, match="the disk is full") as err:
+        export(ExportConfig(adapter=str(tiny_adapter), output=str(small_disk / "merged"), dtype="f32"))
+    assert "\n" not in str(err.value)
+    assert list(small_disk.iterdir()) == []

@@ -63,5 +63,9 @@ qloraner_launch() {
 qloraner_setup
 export PYTHONUNBUFFERED=1
 # Entry points run in the user's folder (relative paths in flags are theirs), with the code of this checkout, never a
-# module of that folder (PYTHONSAFEPATH: the folder is not put first on the module path).
-export PYTHONPATH="$QLORANER_ROOT${PYTHONPATH:+:$PYTHONPATH}" PYTHONSAFEPATH=1
+# module of that folder (PYTHONSAFEPATH: the folder is not put first on the module path). The module path gets a
+# folder holding only a link to qloraner/: the project folder itself would pass its datasets/ folder off as the
+# `datasets` package that transformers' Trainer imports.
+pypath="$QLORANER_ROOT/.cache/pypath"
+[ -e "$pypath/qloraner" ] || { mkdir -p "$pypath" && ln -s ../../qloraner "$pypath/qloraner"; } 2>/dev/null || true
+export PYTHONPATH="$pypath${PYTHONPATH:+:$PYTHONPATH}" PYTHONSAFEPATH=1

@@ -27,6 +27,7 @@ SCRIPTS = [
     "run_eval.sh",
     "run_tag.sh",
     "run_serve.sh",
+    "run_export.sh",
     "run_tests.sh",
     "slurm_job.sbatch",
     ".ci/run",

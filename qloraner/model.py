@@ -199,8 +199,20 @@ def load_base(model: Path | str, device: torch.device, dtype: torch.dtype | None
         raise QloranerError(f"cannot load model {model}: {str(err).splitlines()[0]}") from None
     finally:
         hf_logging.set_verbosity(verbosity)
+    require_llama_layout(loaded, model)
     _keep_cpu_compute_dtype(loaded)
     return loaded
+
+
+LLAMA_PARTS = ("embed_tokens", "layers", "norm", "rotary_emb")  # what training's memory plan and decoding use
+
+
+def require_llama_layout(model, name) -> None:
+    """Refuse, in one line naming `name`, a causal LM (under PEFT or not) without the LLaMA layout: training and
+    evaluation share this check at load, so neither fails later on a missing attribute."""
+    lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if not all(hasattr(getattr(lm, "model", None), part) for part in LLAMA_PARTS):
+        raise QloranerError(f"{name}: qloraner needs a LLaMA-architecture model; got {type(lm).__name__}")
 
 
 def _keep_cpu_compute_dtype(model) -> None:

@@ -153,6 +153,33 @@ def resolve_model(name: str | None) -> Path | str:
         raise QloranerError(
             f"model not found: {name} (give a checkpoint folder or a hub id like meta-llama/Llama-2-7b-chat-hf)"
         )
+    return _hub_model(name)
+
+
+HUB_PROBE_S = 5.0  # seconds the hub has to answer before a hub id is refused (transformers retries for a minute)
+
+
+def _hub_model(name: str) -> str:
+    """A hub id that the local Hugging Face cache holds or that the hub answers for within seconds; else one line
+    saying what to pass, before transformers would retry for a minute."""
+    from huggingface_hub import constants, get_hf_file_metadata, hf_hub_url, try_to_load_from_cache
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
+
+    if isinstance(try_to_load_from_cache(name, "config.json"), str):
+        return name
+    local = f"pass --model /path/to/{name.rsplit('/', 1)[-1]} (a local copy), or set HF_TOKEN where the hub answers"
+    if constants.HF_HUB_OFFLINE:
+        raise QloranerError(
+            f"{name}: not in the local Hugging Face cache, and the hub is off (HF_HUB_OFFLINE); {local}"
+        )
+    try:
+        get_hf_file_metadata(hf_hub_url(name, "config.json"), timeout=HUB_PROBE_S)
+    except (GatedRepoError, RepositoryNotFoundError) as err:  # no token, or an account without access
+        raise QloranerError(f"{name}: the hub refuses it ({first_line(err)}); {local}") from None
+    except Exception as err:  # whatever the HTTP stack raises for a hub that does not answer
+        raise QloranerError(
+            f"{name}: not in the local Hugging Face cache, and the hub does not answer ({first_line(err)}); {local}"
+        ) from None
     return name
 
 

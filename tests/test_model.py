@@ -1,5 +1,7 @@
 import os
+import re
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -350,3 +352,25 @@ def test_recomputed_counter_dropout_gives_the_eager_gradients(tiny_model):
         return max(((a - b).norm() / a.norm()).item() for a, b in zip(x, y))
 
     assert gap(eager, compiled) < 1e-4 < 1e-2 < gap(eager, other), (gap(eager, compiled), gap(eager, other))
+
+
+@pytest.mark.parametrize("hub", ["offline", "unreachable"])
+def test_a_hub_model_neither_cached_nor_reachable_is_one_line_at_once(hub, tmp_path, conll_dir):
+    """The 7B recipe's hub id, with an empty Hugging Face cache and the hub offline (HF_HUB_OFFLINE=1) or not
+    answering, ends within seconds (no retries) in one line saying what to pass instead, exit code 2."""
+    from tests.conftest import last_line, run_entry
+
+    env = {"HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"}
+    if hub == "unreachable":
+        with socket.socket() as s:  # a port nobody listens on
+            s.bind(("127.0.0.1", 0))
+            env = {"HF_HOME": env["HF_HOME"], "HF_ENDPOINT": f"http://127.0.0.1:{s.getsockname()[1]}"}
+    start = time.monotonic()
+    args = ["--recipe", "llama2-7b-chat", "--data-dir", str(conll_dir), "--output-dir", str(tmp_path / "run")]
+    proc = run_entry("train", *args, env=env)
+    assert proc.returncode == 2 and time.monotonic() - start < 30, proc.stderr[-2000:]
+    assert re.match(
+        r"error: meta-llama/Llama-2-7b-chat-hf: not in the local Hugging Face cache, and the hub .*; pass --model "
+        r"/path/to/Llama-2-7b-chat-hf \(a local copy\), or set HF_TOKEN where the hub answers$",
+        last_line(proc.stderr),
+    ), proc.stderr[-2000:]

@@ -1,4 +1,6 @@
 import json
+import os
+import random
 import socket
 import time
 
@@ -90,3 +92,25 @@ def test_an_experiment_name_mlflow_cannot_store_is_one_line(name, tmp_path, tiny
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert last_line(proc.stderr).startswith("error: --experiment: ")
     assert not (out / "final").exists()
+
+
+@pytest.mark.parametrize("damage", ["cut", "random-bytes"])
+def test_a_damaged_mlflow_store_is_one_line_before_any_work(damage, tmp_path, tiny_model, conll_dir):
+    """An mlflow.db cut in half or holding random bytes ends training in one line naming it and what to do (move it
+    away, or set MLFLOW_TRACKING_URI), exit code 2, before the model loads; the file is left as it was."""
+    from mlflow.tracking import MlflowClient
+
+    out = tmp_path / "run"
+    out.mkdir()
+    db = out / "mlflow.db"
+    if damage == "cut":
+        MlflowClient(f"sqlite:///{db}").create_experiment("test")
+        os.truncate(db, db.stat().st_size // 2)
+    else:
+        db.write_bytes(random.Random(0).randbytes(50_000))
+    before = db.read_bytes()
+    proc = run_entry("train", *tiny_args(tiny_model, conll_dir, out, "--max-steps", "1", "--no-eval"))
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert last_line(proc.stderr).startswith(f"error: {db}: not a readable MLflow store (")
+    assert last_line(proc.stderr).endswith("move it away to start a new one, or set MLFLOW_TRACKING_URI")
+    assert not proc.stdout.strip() and db.read_bytes() == before

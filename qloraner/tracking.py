@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import subprocess
@@ -10,7 +11,7 @@ from pathlib import Path
 import mlflow
 from mlflow.tracking import MlflowClient
 
-from qloraner import ROOT, QloranerError
+from qloraner import ROOT, QloranerError, first_line
 
 DATABASE_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql")
 SERVER_SCHEMES = ("http", "https")
@@ -55,6 +56,8 @@ def check_tracking(output_dir: Path) -> str:
     uri = tracking_uri(output_dir)
     scheme = uri.partition(":")[0].split("+")[0].lower() if "://" in uri else ""
     unset = "unset it to log to <output-dir>/mlflow.db"
+    if scheme == "sqlite" and uri.startswith("sqlite:///"):
+        check_sqlite_store(Path(uri.removeprefix("sqlite:///")))
     if scheme in DATABASE_SCHEMES:
         return uri
     if scheme not in SERVER_SCHEMES:
@@ -74,6 +77,47 @@ def check_tracking(output_dir: Path) -> str:
             f"MLFLOW_TRACKING_URI={uri}: no MLflow server answers ({reason}); start it, or {unset}"
         ) from None
     return uri
+
+
+def check_sqlite_store(path: Path) -> None:
+    """One line naming an existing sqlite store that sqlite cannot read (cut, or not a database), before any work:
+    MLflow would fail on it only when the run starts, in a traceback. Read-only; a new or empty file passes."""
+    import sqlite3
+
+    if not path.is_file() or path.stat().st_size == 0:
+        return
+    try:
+        with contextlib.closing(sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, timeout=PROBE_S)) as db:
+            found = db.execute("PRAGMA quick_check").fetchone()[0]
+    except sqlite3.Error as err:
+        found = first_line(err)
+    if found != "ok":
+        raise QloranerError(
+            f"{path}: not a readable MLflow store ({found}); "
+            "move it away to start a new one, or set MLFLOW_TRACKING_URI"
+        )
+
+
+@contextlib.contextmanager
+def _store_lock(uri: str):
+    """Creating a sqlite store (tables, migrations) and its experiment takes turns under a lock beside the file: two
+    runs starting on one new store at once would both create it, and one fail. Other stores need no lock."""
+    import fcntl
+
+    if not uri.startswith("sqlite:///"):
+        yield
+        return
+    try:
+        handle = open(uri.removeprefix("sqlite:///") + ".lock", "a")
+    except OSError:  # its folder is missing or read-only: MLflow's own error says which
+        yield
+        return
+    with handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        except OSError:  # a filesystem without locks: as before, unserialized
+            pass
+        yield
 
 
 def check_experiment(name: str) -> str:
@@ -98,14 +142,15 @@ def start_run(output_dir: Path, experiment: str, run_id: str | None = None, run_
     mlflow.set_tracking_uri(uri)  # it also exports MLFLOW_TRACKING_URI: a later run here would inherit this store
     if before is None:
         os.environ.pop("MLFLOW_TRACKING_URI", None)
-    client = MlflowClient()
-    found = client.get_experiment_by_name(experiment)
-    if found is None:
-        local = uri.startswith("sqlite:")
-        artifacts = (output_dir / "mlartifacts").as_uri() if local else None
-        exp_id = client.create_experiment(experiment, artifact_location=artifacts)
-    else:
-        exp_id = found.experiment_id
+    with _store_lock(uri):
+        client = MlflowClient()
+        found = client.get_experiment_by_name(experiment)
+        if found is None:
+            local = uri.startswith("sqlite:")
+            artifacts = (output_dir / "mlartifacts").as_uri() if local else None
+            exp_id = client.create_experiment(experiment, artifact_location=artifacts)
+        else:
+            exp_id = found.experiment_id
     return mlflow.start_run(run_id=run_id, experiment_id=None if run_id else exp_id, run_name=run_name)
 
 

@@ -1,4 +1,10 @@
 import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import time
 
 import bitsandbytes as bnb
 import pytest
@@ -80,6 +86,51 @@ def test_default_conversion_on_a_nonzero_rank_is_complete(tmp_path):
     (transformers alone writes config.json on global rank 0 only)."""
     mp.spawn(_convert_on_rank_1, args=(str(tmp_path / "store"), str(tmp_path / "cache")), nprocs=2)
     assert (tmp_path / "cache" / "smollm2-135m-instruct" / "config.json").is_file()
+
+
+@pytest.mark.parametrize("damage", ["cut-weights", "empty-tokenizer"])
+def test_a_damaged_converted_default_is_converted_again(damage, tmp_path, monkeypatch, smol_checkpoint):
+    """A converted default whose weights file is cut or whose tokenizer file is emptied is found damaged before it
+    loads and converted again: its tokenizer and weights then load. (A copy in a temporary QLORANER_CACHE: the
+    shared cache is never damaged.)"""
+    target = tmp_path / "cache" / smol_checkpoint.name
+    shutil.copytree(smol_checkpoint, target)
+    if damage == "cut-weights":
+        os.truncate(target / "model.safetensors", 1_000_000)
+    else:
+        (target / "tokenizer.json").write_text("")
+    monkeypatch.setenv("QLORANER_CACHE", str(tmp_path / "cache"))
+    path = default_checkpoint()
+    assert load_tokenizer(path).eos_token == "<|im_end|>"
+    assert load_base(path, torch.device("cpu")).config.model_type == "llama"
+    assert not [p.name for p in target.parent.iterdir() if p.name != target.name and not p.name.endswith(".lock")]
+
+
+def _convert(cache, **kw) -> subprocess.Popen:
+    code = "from qloraner.model import default_checkpoint; default_checkpoint()"
+    env = {**os.environ, "QLORANER_CACHE": str(cache)}
+    return subprocess.Popen([sys.executable, "-c", code], env=env, text=True, **kw)
+
+
+def test_a_killed_conversion_leaves_nothing_behind_after_the_next(tmp_path):
+    """A conversion killed while it writes leaves its temporary folder; the next conversion removes it. Two
+    conversions started at once both end with the checkpoint, one converting while the other waits (neither
+    removes the other's live folder), and only the checkpoint (and the conversion lock) stays."""
+    cache = tmp_path / "cache"
+    killed = _convert(cache)
+    deadline = time.monotonic() + 300
+    while not list(cache.glob(".smollm2-135m-instruct.tmp*/*")) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    killed.kill()
+    killed.wait()
+    assert list(cache.glob(".smollm2-135m-instruct.tmp*")), "the conversion ended before it could be killed"
+    pair = [_convert(cache, stdout=subprocess.PIPE) for _ in range(2)]
+    outputs = [p.communicate(timeout=300)[0] for p in pair]
+    assert [p.returncode for p in pair] == [0, 0]
+    assert sum(out.count("converting") for out in outputs) == 1, outputs
+    left = sorted(p.name for p in cache.iterdir())
+    assert left == [".smollm2-135m-instruct.lock", "smollm2-135m-instruct"], left
+    assert AutoConfig.from_pretrained(cache / "smollm2-135m-instruct").model_type == "llama"
 
 
 def test_frozen_weights_keep_their_load_dtype(tiny_model):
@@ -301,3 +352,25 @@ def test_recomputed_counter_dropout_gives_the_eager_gradients(tiny_model):
         return max(((a - b).norm() / a.norm()).item() for a, b in zip(x, y))
 
     assert gap(eager, compiled) < 1e-4 < 1e-2 < gap(eager, other), (gap(eager, compiled), gap(eager, other))
+
+
+@pytest.mark.parametrize("hub", ["offline", "unreachable"])
+def test_a_hub_model_neither_cached_nor_reachable_is_one_line_at_once(hub, tmp_path, conll_dir):
+    """The 7B recipe's hub id, with an empty Hugging Face cache and the hub offline (HF_HUB_OFFLINE=1) or not
+    answering, ends within seconds (no retries) in one line saying what to pass instead, exit code 2."""
+    from tests.conftest import last_line, run_entry
+
+    env = {"HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"}
+    if hub == "unreachable":
+        with socket.socket() as s:  # a port nobody listens on
+            s.bind(("127.0.0.1", 0))
+            env = {"HF_HOME": env["HF_HOME"], "HF_ENDPOINT": f"http://127.0.0.1:{s.getsockname()[1]}"}
+    start = time.monotonic()
+    args = ["--recipe", "llama2-7b-chat", "--data-dir", str(conll_dir), "--output-dir", str(tmp_path / "run")]
+    proc = run_entry("train", *args, env=env)
+    assert proc.returncode == 2 and time.monotonic() - start < 30, proc.stderr[-2000:]
+    assert re.match(
+        r"error: meta-llama/Llama-2-7b-chat-hf: not in the local Hugging Face cache, and the hub .*; pass --model "
+        r"/path/to/Llama-2-7b-chat-hf \(a local copy\), or set HF_TOKEN where the hub answers$",
+        last_line(proc.stderr),
+    ), proc.stderr[-2000:]

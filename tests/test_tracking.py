@@ -1,5 +1,9 @@
 import json
+import os
+import random
 import socket
+import subprocess
+import sys
 import time
 
 import pytest
@@ -90,3 +94,48 @@ def test_an_experiment_name_mlflow_cannot_store_is_one_line(name, tmp_path, tiny
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert last_line(proc.stderr).startswith("error: --experiment: ")
     assert not (out / "final").exists()
+
+
+@pytest.mark.parametrize("damage", ["cut", "random-bytes"])
+def test_a_damaged_mlflow_store_is_one_line_before_any_work(damage, tmp_path, tiny_model, conll_dir):
+    """An mlflow.db cut in half or holding random bytes ends training in one line naming it and what to do (move it
+    away, or set MLFLOW_TRACKING_URI), exit code 2, before the model loads; the file is left as it was."""
+    from mlflow.tracking import MlflowClient
+
+    out = tmp_path / "run"
+    out.mkdir()
+    db = out / "mlflow.db"
+    if damage == "cut":
+        MlflowClient(f"sqlite:///{db}").create_experiment("test")
+        os.truncate(db, db.stat().st_size // 2)
+    else:
+        db.write_bytes(random.Random(0).randbytes(50_000))
+    before = db.read_bytes()
+    proc = run_entry("train", *tiny_args(tiny_model, conll_dir, out, "--max-steps", "1", "--no-eval"))
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert last_line(proc.stderr).startswith(f"error: {db}: not a readable MLflow store (")
+    assert last_line(proc.stderr).endswith("move it away to start a new one, or set MLFLOW_TRACKING_URI")
+    assert not proc.stdout.strip() and db.read_bytes() == before
+
+
+RACE = """
+import sys, time
+from qloraner.tracking import end_run, start_run
+time.sleep(max(0.0, float(sys.argv[2]) - time.time()))
+start_run(sys.argv[1], "test")
+end_run()
+"""
+
+
+def test_two_runs_creating_one_store_at_once_both_start(tmp_path):
+    """Two processes starting an MLflow run in one fresh output folder at the same instant (three folders at once)
+    both start it, without a traceback: creating the sqlite store and its experiment takes turns."""
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    at = str(time.time() + 20)  # every process imported by then, even on a busy machine
+    procs = [
+        subprocess.Popen([sys.executable, "-c", RACE, str(tmp_path / f"run{i}"), at], env=env, stderr=subprocess.PIPE)
+        for i in range(3)
+        for _ in range(2)
+    ]
+    errors = [p.communicate(timeout=120)[1].decode() for p in procs]
+    assert [p.returncode for p in procs] == [0] * 6, "\n".join(e[-1500:] for e in errors)

@@ -508,6 +508,62 @@ def test_settings_that_cannot_train_are_one_line(flags, message, tmp_path, tiny_
     assert proc.returncode == 2 and re.match(message, last_line(proc.stderr)), proc.stderr[-2000:]
 
 
+def _tiny_run(module: str, model, conll_dir, out) -> list[str]:
+    if module == "train":
+        return tiny_args(model, conll_dir, out, "--no-eval", "--max-steps", "1")
+    return ["--model", str(model), "--data-dir", str(conll_dir), "--output-dir", str(out), "--limit", "1"]
+
+
+@pytest.fixture
+def read_only_folder(tmp_path):
+    """An existing folder nobody can write in, even root (whom chmod 555 does not stop): a read-only tmpfs."""
+    folder = tmp_path / "read-only"
+    folder.mkdir()
+    if (
+        os.geteuid() != 0
+        or subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(folder)]).returncode
+    ):
+        folder.chmod(0o555)  # as a user, chmod does stop writes
+    yield folder
+    subprocess.run(["umount", str(folder)], check=False, capture_output=True)
+
+
+@pytest.mark.parametrize("module", ["train", "evaluate"])
+def test_a_read_only_output_folder_is_one_line_before_the_model_loads(module, read_only_folder, tiny_model, conll_dir):
+    """An existing --output-dir that cannot be written in ends in one line naming it, exit code 2, before any model
+    loads (no MLflow store, no plan line)."""
+    proc = run_entry(module, *_tiny_run(module, tiny_model, conll_dir, read_only_folder))
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    line = re.escape(f"error: --output-dir {read_only_folder}")
+    assert re.match(rf"{line}(/eval-limit1)?: cannot (write in|create) it \(", last_line(proc.stderr)), proc.stderr
+    assert not proc.stdout.strip(), proc.stdout[-2000:]
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2(tmp_path_factory, tiny_model) -> Path:
+    """A random 2-layer GPT-2 (no LLaMA layout) with the tiny model's tokenizer, saved as a checkpoint."""
+    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
+
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    path = tmp_path_factory.mktemp("tiny-gpt2")
+    config = GPT2Config(vocab_size=len(tok), n_embd=64, n_layer=2, n_head=4, eos_token_id=tok.eos_token_id)
+    GPT2LMHeadModel(config).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize("module", ["train", "evaluate"])
+def test_a_model_without_the_llama_layout_is_refused_alike(module, tmp_path, tiny_gpt2, conll_dir):
+    """Training and evaluation both refuse a model without the LLaMA layout (GPT-2) in the same one line naming
+    its class, exit code 2, before any step."""
+    proc = run_entry(module, *_tiny_run(module, tiny_gpt2, conll_dir, tmp_path / "run"))
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert last_line(proc.stderr) == (
+        f"error: {tiny_gpt2}: qloraner needs a LLaMA-architecture model; got GPT2LMHeadModel"
+    )
+    assert not (tmp_path / "run" / "final").exists()
+
+
 def test_ctrl_c_saves_a_checkpoint_and_exits_75(tmp_path, tiny_model, conll_dir):
     """Ctrl-C (SIGINT) during training saves a checkpoint at the end of the step and exits 75 without a
     traceback; running again resumes from it."""

@@ -51,7 +51,7 @@ def _bound_message(meta: dict) -> str:
     return f"must be {_BOUNDS[key][0]} {meta[key]}"
 
 
-def _field_errors(config) -> list[str]:
+def field_errors(config) -> list[str]:
     """One error per field whose value breaks its bounds, is not finite, or is not among its choices."""
     errors = []
     for f in fields(config):
@@ -67,9 +67,32 @@ def _field_errors(config) -> list[str]:
     return errors
 
 
-def _raise_if(errors: list[str]) -> None:
+def raise_if(errors: list[str]) -> None:
     if errors:
         raise QloranerError("invalid settings: " + "; ".join(errors))
+
+
+@dataclass(frozen=True)
+class DecodeSettings:
+    """The decoding engine's settings that tagging and serving share (their classes add theirs)."""
+
+    batch_size: int | str = opt(
+        "auto", "prompts per generation batch; auto sizes it from free GPU memory", gt=0, parse=batch_size_or_auto
+    )
+    max_new_tokens: int = opt(
+        0, "cap on generated tokens; 0 = what a perfect answer to the sentence can need (cut answers are counted)", ge=0
+    )
+    max_prompt_tokens: int = opt(
+        1024, "longer prompts drop their context, then cut their sentence (the rest is O)", gt=0
+    )
+    cuda_graphs: bool = opt(True, "replay the decode step as CUDA graphs on a GPU")
+
+    def decode_errors(self) -> list[str]:
+        """Every field's bound errors, and a --batch-size that is neither auto nor a number."""
+        errors = field_errors(self)
+        if isinstance(self.batch_size, str) and self.batch_size != "auto":
+            errors.append(f"--batch-size: {self.batch_size!r} is neither auto nor a whole number")
+        return errors
 
 
 @dataclass(frozen=True)
@@ -157,7 +180,7 @@ class TrainConfig:
     experiment: str = opt("qloraner", "MLflow experiment name")
 
     def __post_init__(self) -> None:
-        errors = _field_errors(self)
+        errors = field_errors(self)
         if self.max_steps == 0 and self.epochs == 0:
             errors.append("--epochs or --max-steps: one must be > 0")
         if self.dequantize_in_graph and (self.compile is False or self.frozen_copies):
@@ -170,7 +193,7 @@ class TrainConfig:
             errors.append(
                 f"--eval-split {self.eval_split}: the adapter learns from it (--train-split {self.train_split})"
             )
-        _raise_if(errors)
+        raise_if(errors)
 
     @property
     def train_splits(self) -> tuple[str, ...]:
@@ -210,14 +233,14 @@ class EvalConfig:
     experiment: str = opt("qloraner", "MLflow experiment name")
 
     def __post_init__(self) -> None:
-        errors = _field_errors(self)
+        errors = field_errors(self)
         if isinstance(self.batch_size, str) and self.batch_size != "auto":
             errors.append(f"--batch-size: {self.batch_size!r} is neither auto nor a whole number")
         if self.compare_base and not self.adapter:
             errors.append("--compare-base: needs --adapter")
         if self.merge and not self.adapter:
             errors.append("--merge: needs --adapter")
-        _raise_if(errors)
+        raise_if(errors)
 
 
 def _base_type(f: dataclasses.Field) -> str:

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from qloraner import ENTITY_TYPES, QloranerError, run_main
-from qloraner.config import _field_errors, _raise_if, opt, parser_for
+from qloraner.config import field_errors, opt, parser_for, raise_if
 
 SETTINGS_FILE = "qloraner.json"  # marks a folder as a qloraner export (Tagger.load and ./run_eval.sh detect it)
 EXPORT_VERSION = 1  # bump when qloraner.json's keys change meaning
@@ -44,12 +44,12 @@ class ExportConfig:
     license: str | None = opt(None, "licence for the model card; default: the known base's, else other")
 
     def __post_init__(self) -> None:
-        errors = _field_errors(self)
+        errors = field_errors(self)
         if not self.adapter:
             errors.append("--adapter: name the trained adapter folder")
         if not self.output:
             errors.append("--output: name the folder to write")
-        _raise_if(errors)
+        raise_if(errors)
 
 
 def lora_deltas(adapter: Path) -> dict[str, Callable[[], torch.Tensor]]:

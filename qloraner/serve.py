@@ -30,25 +30,15 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
 from qloraner import QloranerError, run_main
-from qloraner.config import _field_errors, _raise_if, batch_size_or_auto, opt, parser_for
+from qloraner.config import DecodeSettings, opt, parser_for, raise_if
 
 
 @dataclass(frozen=True)
-class ServeConfig:
+class ServeConfig(DecodeSettings):
     adapter: str | None = opt(None, "trained LoRA adapter folder (e.g. outputs/run/final); required")
     model: str | None = opt(None, "base checkpoint; default: the adapter's base")
     host: str = opt("127.0.0.1", "address to listen on (0.0.0.0: every interface)")
     port: int = opt(8080, "TCP port; 0 takes a free one (the startup line names it)", ge=0, le=65535)
-    batch_size: int | str = opt(
-        "auto", "prompts per generation batch; auto sizes it from free GPU memory", gt=0, parse=batch_size_or_auto
-    )
-    max_new_tokens: int = opt(
-        0, "cap on generated tokens; 0 = what a perfect answer to the sentence can need (cut answers are counted)", ge=0
-    )
-    max_prompt_tokens: int = opt(
-        1024, "longer prompts drop their context, then cut their sentence (the rest is O)", gt=0
-    )
-    cuda_graphs: bool = opt(True, "replay the decode step as CUDA graphs on a GPU")
     max_body_bytes: int = opt(1 << 20, "largest request body; larger: 413", gt=0)
     max_texts: int = opt(256, "most texts in one request; more: 413", gt=0)
     max_chars: int = opt(20_000, "most characters in one text; more: 413", gt=0)
@@ -56,14 +46,12 @@ class ServeConfig:
     max_batch_texts: int = opt(1024, "most texts in one decode; requests beyond it wait for the next", gt=0)
 
     def __post_init__(self) -> None:
-        errors = _field_errors(self)
-        if isinstance(self.batch_size, str) and self.batch_size != "auto":
-            errors.append(f"--batch-size: {self.batch_size!r} is neither auto nor a whole number")
+        errors = self.decode_errors()
         if not self.adapter:
             errors.append("--adapter: name the trained adapter folder (or set QLORANER_ADAPTER)")
         if self.max_texts > self.max_batch_texts:
             errors.append("--max-texts: must be <= --max-batch-texts (a request is decoded in one batch)")
-        _raise_if(errors)
+        raise_if(errors)
 
 
 class QueueFull(Exception):

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from qloraner import QloranerError, run_main
-from qloraner.config import _field_errors, _raise_if, batch_size_or_auto, opt, parser_for
+from qloraner.config import DecodeSettings, opt, parser_for, raise_if
 from qloraner.conll import quote
 from qloraner.tag import Tagger, entities_of
 from qloraner.text import Token, is_space, sentences
@@ -17,7 +17,7 @@ STDIN = "<stdin>"
 
 
 @dataclass(frozen=True)
-class TagConfig:
+class TagConfig(DecodeSettings):
     adapter: str | None = opt(None, "trained LoRA adapter folder (e.g. outputs/run/final); required")
     model: str | None = opt(None, "base checkpoint; default: the adapter's base")
     input_format: str = opt(
@@ -34,25 +34,13 @@ class TagConfig:
         choices=("jsonl", "conll"),
         flag="format",
     )
-    batch_size: int | str = opt(
-        "auto", "prompts per generation batch; auto sizes it from free GPU memory", gt=0, parse=batch_size_or_auto
-    )
-    max_new_tokens: int = opt(
-        0, "cap on generated tokens; 0 = what a perfect answer to the sentence can need (cut answers are counted)", ge=0
-    )
-    max_prompt_tokens: int = opt(
-        1024, "longer prompts drop their context, then cut their sentence (the rest is O)", gt=0
-    )
-    cuda_graphs: bool = opt(True, "replay the decode step as CUDA graphs on a GPU")
     progress: bool = opt(True, "show the decoding's progress on standard error")
 
     def __post_init__(self) -> None:
-        errors = _field_errors(self)
-        if isinstance(self.batch_size, str) and self.batch_size != "auto":
-            errors.append(f"--batch-size: {self.batch_size!r} is neither auto nor a whole number")
+        errors = self.decode_errors()
         if not self.adapter:
             errors.append("--adapter: name the trained adapter folder (or set QLORANER_ADAPTER)")
-        _raise_if(errors)
+        raise_if(errors)
 
 
 @dataclass(frozen=True)

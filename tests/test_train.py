@@ -564,30 +564,17 @@ def test_a_model_without_the_llama_layout_is_refused_alike(module, tmp_path, tin
     assert not (tmp_path / "run" / "final").exists()
 
 
-def test_ctrl_c_saves_a_checkpoint_and_exits_75(tmp_path, tiny_model, conll_dir):
-    """Ctrl-C (SIGINT) during training saves a checkpoint at the end of the step and exits 75 without a
-    traceback; running again resumes from it."""
-    out = tmp_path / "run"
-    args = tiny_args(tiny_model, conll_dir, out, "--no-eval", "--max-steps", "100000", "--save-every", "0")
-    proc = start_entry(sys.executable, "-m", "qloraner.train", *args)
-    wait_for(proc, "train ")
-    proc.send_signal(signal.SIGINT)
-    rest = proc.stdout.read()
-    assert proc.wait() == 75 and "Traceback" not in rest
-    assert re.search(r"stopped at step (\d+): saved .*step-0*\1; run again to resume", last_line(rest))
-    assert latest_checkpoint(out) is not None
-
-
-def test_sighup_saves_a_checkpoint_and_ends_the_mlflow_run(tmp_path, tiny_model, conll_dir):
-    """Closing the terminal (SIGHUP) during training saves a checkpoint at the end of the step and exits 75 without
-    a traceback, its MLflow run ended KILLED (not left RUNNING), as SIGTERM does."""
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGHUP], ids=["Ctrl-C", "SIGHUP"])
+def test_a_stop_signal_saves_a_checkpoint_and_ends_the_mlflow_run(signum, tmp_path, tiny_model, conll_dir):
+    """Ctrl-C (SIGINT) or closing the terminal (SIGHUP) during training saves a checkpoint at the end of the step and
+    exits 75 without a traceback, its MLflow run ended KILLED (not left RUNNING), as SIGTERM does."""
     from mlflow.tracking import MlflowClient
 
     out = tmp_path / "run"
     args = tiny_args(tiny_model, conll_dir, out, "--no-eval", "--max-steps", "100000", "--save-every", "0")
     proc = start_entry(sys.executable, "-m", "qloraner.train", *args)
     wait_for(proc, "train ")
-    proc.send_signal(signal.SIGHUP)
+    proc.send_signal(signum)
     rest = proc.stdout.read()
     assert proc.wait() == 75 and "Traceback" not in rest, rest[-2000:]
     assert re.search(r"stopped at step (\d+): saved .*step-0*\1; run again to resume", last_line(rest))

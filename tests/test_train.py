@@ -437,13 +437,18 @@ def test_missing_model_exits_with_one_line(tmp_path, conll_dir):
 @pytest.mark.slow
 def test_run_train_sh_end_to_end(trained_default):
     """./run_train.sh with the embedded default, 32 sentences, 4 steps: checkpoints and an MLflow run; its output,
-    not a terminal, holds the plan and a progress line per step (each a quarter of the work)."""
+    not a terminal, holds the plan (with the micro-batch bound chosen from the machine's memory) and a progress line
+    per step (each a quarter of the work)."""
     from mlflow.tracking import MlflowClient
 
     out = trained_default
     log = (out.parent / "stdout.log").read_text().splitlines()
     plan = [line for line in log if line.startswith("qloraner: training 32 sequences, 4 steps of 8")]
-    assert plan and plan[0].endswith(f"on CPU, compile off, frozen weights NF4, recipe {DEFAULT_RECIPE}")
+    assert plan and re.search(
+        f"on CPU, compile off, frozen weights NF4, recipe {DEFAULT_RECIPE}; micro-batches of at most [0-9,]+ padded "
+        r"tokens \(25% of [0-9.]+ GiB (available|left under the cgroup's limit), about [0-9.]+ MiB a token\)$",
+        plan[0],
+    ), plan[0]
     steps = [re.match(r"train (\d)/4 \(\d+\.\d%\) loss=\S+ tokens_per_s=\S+ .* ETA \S+$", line) for line in log]
     assert [int(m.group(1)) for m in steps if m] == [1, 2, 3, 4]
     assert sorted(p.name for p in out.iterdir() if p.name.startswith(("step-", "final"))) == ["final", "step-000002"]

@@ -245,19 +245,20 @@ def test_a_damaged_adapter_is_one_line_naming_the_file(damage, file, message, tm
 
 def test_evaluation_files_are_one_evaluations_and_a_step_gets_its_own_folder(tmp_path, tiny_adapter, conll_dir):
     """An evaluation replaces every file of an earlier one in its folder (no stale responses_base.jsonl beside a
-    new metrics.json); a step-* checkpoint's default folder is eval-step-NNNNNN/, not final's eval/; the MLflow
-    runs go to the adapter's run folder beside its training run."""
+    new metrics.json); a step-* checkpoint's default folder is eval-step-NNNNNN/, not final's eval/ (these smoke runs
+    of 3 sentences: eval-limit3/ and eval-step-NNNNNN-limit3/); the MLflow runs go to the adapter's run folder beside
+    its training run."""
     run = tmp_path / "run"
     shutil.copytree(tiny_adapter, run / "final")
     shutil.copytree(tiny_adapter, run / "step-000040")
     common = dict(data_dir=str(conll_dir), limit=3, max_new_tokens=4, experiment="test")
     evaluate_model(EvalConfig(adapter=str(run / "final"), compare_base=True, **common), CPU)
-    assert (run / "eval" / "responses_base.jsonl").is_file()
+    assert (run / "eval-limit3" / "responses_base.jsonl").is_file()
     evaluate_model(EvalConfig(adapter=str(run / "final"), **common), CPU)
-    assert not (run / "eval" / "responses_base.jsonl").exists()
-    assert sorted(p.name for p in (run / "eval").iterdir()) == sorted(ARTIFACTS[:2] + ARTIFACTS[3:])
+    assert not (run / "eval-limit3" / "responses_base.jsonl").exists()
+    assert sorted(p.name for p in (run / "eval-limit3").iterdir()) == sorted(ARTIFACTS[:2] + ARTIFACTS[3:])
     evaluate_model(EvalConfig(adapter=str(run / "step-000040"), **common), CPU)
-    assert (run / "eval-step-000040" / "metrics.json").is_file()
+    assert (run / "eval-step-000040-limit3" / "metrics.json").is_file()
     client = MlflowClient(f"sqlite:///{run / 'mlflow.db'}")
     assert len(client.search_runs([client.get_experiment_by_name("test").experiment_id])) == 3
 

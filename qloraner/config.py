@@ -74,8 +74,10 @@ def raise_if(errors: list[str]) -> None:
 
 @dataclass(frozen=True)
 class DecodeSettings:
-    """The decoding engine's settings that tagging and serving share (their classes add theirs)."""
+    """The adapter and the decoding engine's settings that tagging and serving share (their classes add theirs)."""
 
+    adapter: str | None = opt(None, "trained LoRA adapter folder (e.g. outputs/run/final); required")
+    model: str | None = opt(None, "base checkpoint; default: the adapter's base")
     batch_size: int | str = opt(
         "auto", "prompts per generation batch; auto sizes it from free GPU memory", gt=0, parse=batch_size_or_auto
     )
@@ -88,8 +90,10 @@ class DecodeSettings:
     cuda_graphs: bool = opt(True, "replay the decode step as CUDA graphs on a GPU")
 
     def decode_errors(self) -> list[str]:
-        """Every field's bound errors, and a --batch-size that is neither auto nor a number."""
+        """Every field's bound errors, a missing adapter, and a --batch-size that is neither auto nor a number."""
         errors = field_errors(self)
+        if not self.adapter:
+            errors.append("--adapter: name the trained adapter folder (or set QLORANER_ADAPTER)")
         if isinstance(self.batch_size, str) and self.batch_size != "auto":
             errors.append(f"--batch-size: {self.batch_size!r} is neither auto nor a whole number")
         return errors

@@ -35,8 +35,6 @@ from qloraner.config import DecodeSettings, opt, parser_for, raise_if
 
 @dataclass(frozen=True)
 class ServeConfig(DecodeSettings):
-    adapter: str | None = opt(None, "trained LoRA adapter folder (e.g. outputs/run/final); required")
-    model: str | None = opt(None, "base checkpoint; default: the adapter's base")
     host: str = opt("127.0.0.1", "address to listen on (0.0.0.0: every interface)")
     port: int = opt(8080, "TCP port; 0 takes a free one (the startup line names it)", ge=0, le=65535)
     max_body_bytes: int = opt(1 << 20, "largest request body; larger: 413", gt=0)
@@ -47,8 +45,6 @@ class ServeConfig(DecodeSettings):
 
     def __post_init__(self) -> None:
         errors = self.decode_errors()
-        if not self.adapter:
-            errors.append("--adapter: name the trained adapter folder (or set QLORANER_ADAPTER)")
         if self.max_texts > self.max_batch_texts:
             errors.append("--max-texts: must be <= --max-batch-texts (a request is decoded in one batch)")
         raise_if(errors)
@@ -287,15 +283,7 @@ def load_tagger(config: ServeConfig):
     """The Tagger the server decodes with (bench.py serve loads the same for its offline figure)."""
     from qloraner.tag import Tagger
 
-    return Tagger.load(
-        config.adapter,
-        batch_size=config.batch_size,
-        model=config.model,
-        max_new_tokens=config.max_new_tokens,
-        max_prompt_tokens=config.max_prompt_tokens,
-        cuda_graphs=config.cuda_graphs,
-        progress=False,
-    )
+    return Tagger.from_settings(config, progress=False)
 
 
 def serve(config: ServeConfig) -> None:

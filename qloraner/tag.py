@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from qloraner.bio import spans
-from qloraner.config import EvalConfig
+from qloraner.config import DecodeSettings, EvalConfig
 from qloraner.conll import Sentence, _context
 from qloraner.evaluate import batch_size_for, load_for_eval, respond
 from qloraner.text import Token, sentences
@@ -81,6 +81,20 @@ class Tagger:
         )
         net, tokenizer, prompting, _ = load_for_eval(config, torch.device(device) if device else _default_device())
         return cls(net, tokenizer, prompting, config, progress)
+
+    @classmethod
+    def from_settings(cls, settings: DecodeSettings, progress: bool = True) -> Tagger:
+        """The Tagger that ./run_tag.sh and ./run_serve.sh decode with: their shared settings' adapter, base and
+        engine settings."""
+        return cls.load(
+            settings.adapter,
+            batch_size=settings.batch_size,
+            model=settings.model,
+            max_new_tokens=settings.max_new_tokens,
+            max_prompt_tokens=settings.max_prompt_tokens,
+            cuda_graphs=settings.cuda_graphs,
+            progress=progress,
+        )
 
     def tag(self, texts: Sequence[str]) -> list[list[Entity]]:
         """Per text, its entities in character offsets of that text; each text is one document (its sentences

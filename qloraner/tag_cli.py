@@ -18,8 +18,6 @@ STDIN = "<stdin>"
 
 @dataclass(frozen=True)
 class TagConfig(DecodeSettings):
-    adapter: str | None = opt(None, "trained LoRA adapter folder (e.g. outputs/run/final); required")
-    model: str | None = opt(None, "base checkpoint; default: the adapter's base")
     input_format: str = opt(
         "text",
         'text: each file one document, split into sentences and tokens; jsonl: a {"text": ...} or '
@@ -38,8 +36,6 @@ class TagConfig(DecodeSettings):
 
     def __post_init__(self) -> None:
         errors = self.decode_errors()
-        if not self.adapter:
-            errors.append("--adapter: name the trained adapter folder (or set QLORANER_ADAPTER)")
         raise_if(errors)
 
 
@@ -174,15 +170,7 @@ def conll_out(doc: Document, tags: list[list[str]]) -> list[str]:
 def tag_files(config: TagConfig, names: list[str]) -> None:
     """Read every input, tag all its sentences in one batched pass, write the records to standard output."""
     docs = read_documents(names or [STDIN], config.input_format)
-    tagger = Tagger.load(
-        config.adapter,
-        batch_size=config.batch_size,
-        model=config.model,
-        max_new_tokens=config.max_new_tokens,
-        max_prompt_tokens=config.max_prompt_tokens,
-        cuda_graphs=config.cuda_graphs,
-        progress=config.progress,
-    )
+    tagger = Tagger.from_settings(config, progress=config.progress)
     tags = tagger.tag_documents([[[t.text for t in s] for s in doc.sentences] for doc in docs])
     write = jsonl_out if config.output_format == "jsonl" else conll_out
     out = "".join(line + "\n" for doc, doc_tags in zip(docs, tags) for line in write(doc, doc_tags))

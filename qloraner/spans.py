@@ -28,7 +28,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from qloraner import QloranerError
-from qloraner.conll import Sentence, _context, _decode, quote
+from qloraner.conll import QUOTE_CHARS, Sentence, _context, _decode, quote
 from qloraner.text import Token, is_space
 from qloraner.text import sentences as split_sentences
 
@@ -45,10 +45,16 @@ class Document:
     """How many spans cut a token and were widened to whole tokens."""
 
 
+def _shown(span: RawSpan) -> str:
+    """A span as the file gives it, in JSON, cut to a readable length."""
+    text = json.dumps(list(span), ensure_ascii=False)
+    return text if len(text) <= QUOTE_CHARS else f"{text[:QUOTE_CHARS]}…"
+
+
 def _checked(text: str, span: RawSpan, where: str) -> tuple[int, int, str]:
     """(start, end, type) of a span that fits `text` and whose type can make a tag."""
     start, end, type_ = span
-    shown = f"span {quote(str(list(span)))}"
+    shown = f"span {_shown(span)}"
     if not all(isinstance(x, int) and not isinstance(x, bool) for x in (start, end)):
         raise QloranerError(f"{where}: {shown}: start and end must be whole numbers (character offsets)")
     if not 0 <= start < end <= len(text):
@@ -73,16 +79,14 @@ def tag_document(text: str, spans: list[RawSpan], where: str) -> Document:
         while end > start and is_space(text[end - 1]):
             end -= 1
         if start == end:
-            raise QloranerError(f"{where}: span {quote(str(list(span)))} holds only white space")
+            raise QloranerError(f"{where}: span {_shown(span)} holds only white space")
         first, last = bisect_right(ends, start), bisect_left(starts, end) - 1  # every non-space character is in one
         widened += starts[first] < start or ends[last] > end
         placed.append((first, last, type_, span))
     placed.sort(key=lambda p: p[:2])
     for (_, a_last, _, a), (b_first, _, _, b) in zip(placed, placed[1:]):
         if b_first <= a_last:
-            raise QloranerError(
-                f"{where}: spans {quote(str(list(a)))} and {quote(str(list(b)))} overlap (on whole tokens)"
-            )
+            raise QloranerError(f"{where}: spans {_shown(a)} and {_shown(b)} overlap (on whole tokens)")
     tags = ["O"] * len(tokens)
     begins = [False] * len(tokens)  # which tokens start a sentence
     at = 0
@@ -138,7 +142,7 @@ def _label_studio(record: dict, where: str) -> tuple[object, list[RawSpan] | Non
             start, end, _ = _checked(text, span, where)
             if text[start:end] != value["text"]:
                 raise QloranerError(
-                    f"{where}: span {quote(str(list(span)))} covers {quote(text[start:end])} in the text, but the "
+                    f"{where}: span {_shown(span)} covers {quote(text[start:end])} in the text, but the "
                     f"annotation says {quote(str(value['text']))} (offsets counted in UTF-16 units?)"
                 )
         spans.append(span)

@@ -433,3 +433,44 @@ def test_data_settings_in_help_and_checked_at_once():
         assert flag in shown and f"(default: {default})" in shown
     with pytest.raises(QloranerError, match=r"--lr: must be > 0; --token-column, --tag-column: both 2"):
         TrainConfig(lr=0, token_column=2, tag_column=2)
+
+
+def test_train_and_evaluate_from_named_bioes_files(tmp_path, tiny_model, conll_dir):
+    """End to end on the tiny model: train 2 steps from a tab-separated 6-column BIOES file named by --train-file
+    (valid and test by their own flags, other names), then evaluate on the test file: the run reads those files, its
+    manifest names them, and the evaluation counts the test file's sentences."""
+    import json
+
+    from tests.conftest import run_entry, tiny_args
+
+    rows = [
+        [("EU", "S-ORG"), ("rejects", "O"), ("German", "S-MISC"), ("call", "O")],
+        [("Peter", "B-PER"), ("Blackburn", "E-PER"), ("in", "O"), ("Brussels", "S-LOC")],
+        [("New", "B-LOC"), ("York", "I-LOC"), ("City", "E-LOC"), ("grew", "O")],
+    ]
+    body = "".join(
+        "".join(f"{i}\t{tok}\t_\tNNP\t_\t{tag}\r\n" for i, (tok, tag) in enumerate(sentence, 1)) + "\r\n"
+        for sentence in rows * 3
+    )
+    files = {name: tmp_path / f"{name}.bioes.tsv" for name in ("mine", "dev", "held-out")}
+    for f in files.values():
+        f.write_text(body)
+    out = tmp_path / "run"
+    flags = [
+        "--train-file",
+        str(files["mine"]),
+        "--valid-file",
+        str(files["dev"]),
+        "--test-file",
+        str(files["held-out"]),
+    ]
+    args = tiny_args(tiny_model, conll_dir, out, *flags, "--token-column", "1", "--max-steps", "2", "--eval-limit", "3")
+    proc = run_entry("train", *args)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    manifest = json.loads((out / "instruction_manifest.json").read_text())
+    assert manifest["files"] == [str(files["mine"]), str(files["dev"])]  # the recipe learns from train+valid
+    assert manifest["reading"]["token"] == 1
+    (metrics,) = [json.loads(p.read_text()) for p in out.glob("eval*/metrics.json")]
+    assert metrics["sentences"] == 3
+    first = json.loads((out / "eval-limit3" / "responses.jsonl").read_text().splitlines()[0])
+    assert (first["tokens"], first["gold_tags"]) == (["EU", "rejects", "German", "call"], ["B-ORG", "O", "B-MISC", "O"])

@@ -70,6 +70,41 @@ def to_iob2(tags: list[str] | tuple[str, ...]) -> list[str]:
     return out
 
 
+_INSIDE = frozenset("BI")  # a chunk's first or middle tag, in every scheme
+# Tag schemes, seqeval style: each prefix a scheme allows -> the prefixes of the tag before it that it continues
+# when their types agree. A tag that continues nothing starts a chunk (B- in IOB2); E-/L- end one, S-/U- are a
+# chunk of one token. IOB1 and IOB2 read alike: an IOB1 I- that starts a chunk continues nothing.
+SCHEMES: dict[str, dict[str, frozenset[str]]] = {
+    "iob1": {"B": frozenset(), "I": _INSIDE},
+    "iob2": {"B": frozenset(), "I": _INSIDE},
+    "bioes": {"B": frozenset(), "I": _INSIDE, "E": _INSIDE, "S": frozenset()},
+    "bilou": {"B": frozenset(), "I": _INSIDE, "L": _INSIDE, "U": frozenset()},
+}
+SCHEME_OF_PREFIX = {"E": "bioes", "S": "bioes", "L": "bilou", "U": "bilou"}  # the prefixes that name their scheme
+PREFIXES = "".join(sorted({p for allowed in SCHEMES.values() for p in allowed}))  # every prefix any scheme allows
+
+
+def scheme_to_iob2(tags: list[str] | tuple[str, ...], scheme: str) -> list[str]:
+    """Rewrite well-formed tags of `scheme` (a key of SCHEMES) as IOB2: a tag that continues the chunk of the tag
+    before it becomes I-, any other B-. A chunk the scheme would not allow (an E- after O) is read leniently, as
+    to_iob2 reads IOB1: it starts a chunk.
+
+    >>> scheme_to_iob2(["S-PER", "B-LOC", "E-LOC", "E-LOC", "O", "I-ORG"], "bioes")
+    ['B-PER', 'B-LOC', 'I-LOC', 'B-LOC', 'O', 'B-ORG']
+    """
+    continues = SCHEMES[scheme]
+    out: list[str] = []
+    prev_kind, prev_type = "O", ""
+    for tag in tags:
+        kind, type_ = _split(tag)
+        if kind != "O":
+            inside = prev_kind in continues[kind] and prev_type == type_
+            tag = ("I-" if inside else "B-") + type_
+        out.append(tag)
+        prev_kind, prev_type = kind, type_
+    return out
+
+
 def is_valid_iob2(tags: list[str] | tuple[str, ...]) -> bool:
     """Every I-X directly follows B-X or I-X."""
     return all(not t.startswith("I-") or _continues(p, t) for p, t in zip(["O", *tags], tags))

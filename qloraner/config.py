@@ -10,6 +10,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from qloraner import ROOT, QloranerError
+from qloraner.conll import TAG_SCHEMES
 from qloraner.data import TEMPLATES
 from qloraner.parse import RENDERERS
 
@@ -19,7 +20,8 @@ DEFAULT_RECIPE = "smollm2-135m"  # the embedded default model's recipe: applies 
 
 def opt(default, doc: str, **kw):
     """A settings field with its documentation (shown by --help) and its checks: `gt`, `ge`, `lt`, `le` bounds,
-    `choices`, `flag` (the flag's name when it differs from the field's) and `parse` (the flag's value parser)."""
+    `choices`, `flag` (the flag's name when it differs from the field's), `parse` (the flag's value parser) and
+    `shown` (what --help says the default is, where None means something other than auto)."""
     return field(default=default, metadata={"doc": doc, **kw})
 
 
@@ -67,6 +69,14 @@ def field_errors(config) -> list[str]:
     return errors
 
 
+def data_errors(config) -> list[str]:
+    """The data settings' errors (TrainConfig's and EvalConfig's; an empty path is refused where it is resolved, as
+    every path flag's)."""
+    if config.token_column == config.tag_column:
+        return [f"--token-column, --tag-column: both {config.tag_column}; the token and the tag need two columns"]
+    return []
+
+
 def raise_if(errors: list[str]) -> None:
     if errors:
         raise QloranerError("invalid settings: " + "; ".join(errors))
@@ -105,6 +115,21 @@ class TrainConfig:
     model: str = opt("smollm2-135m-instruct", "base checkpoint: a local folder, a hub id, or the embedded default")
     data_dir: str | None = opt(
         None, "CoNLL-2003 folder (train/valid/test.txt); default $CONLL_DIR, else datasets/conll2003"
+    )
+    train_file: str | None = opt(
+        None,
+        "the train split's file, any name: columns, .jsonl (doccano) or .json (Label Studio)",
+        shown="<data dir>/train.txt",
+    )
+    valid_file: str | None = opt(None, "the valid split's file, as --train-file", shown="<data dir>/valid.txt")
+    test_file: str | None = opt(None, "the test split's file, as --train-file", shown="<data dir>/test.txt")
+    token_column: int = opt(0, "column files: the token's column (0 = the first; negative counts from the end)")
+    tag_column: int = opt(-1, "column files: the NER tag's column (-1 = the last)")
+    tag_scheme: str = opt(
+        "auto",
+        "column files: the tags' scheme, read as IOB2; auto: BIOES or BILOU where the file holds their "
+        "E-/S- or L-/U- tags, else IOB1/IOB2 (they read alike)",
+        choices=TAG_SCHEMES,
     )
     output_dir: str = opt(
         str(ROOT / "outputs" / "run"), "where checkpoints, the final adapter and the MLflow store go"
@@ -184,7 +209,7 @@ class TrainConfig:
     experiment: str = opt("qloraner", "MLflow experiment name")
 
     def __post_init__(self) -> None:
-        errors = field_errors(self)
+        errors = field_errors(self) + data_errors(self)
         if self.max_steps == 0 and self.epochs == 0:
             errors.append("--epochs or --max-steps: one must be > 0")
         if self.dequantize_in_graph and (self.compile is False or self.frozen_copies):
@@ -214,6 +239,21 @@ class EvalConfig:
     model: str | None = opt(None, "base checkpoint; default: the adapter's base, else the embedded default")
     adapter: str | None = opt(None, "trained LoRA adapter folder (e.g. outputs/run/final); none evaluates the base")
     data_dir: str | None = opt(None, "CoNLL-2003 folder; default $CONLL_DIR, else datasets/conll2003")
+    train_file: str | None = opt(
+        None,
+        "the train split's file, any name: columns, .jsonl (doccano) or .json (Label Studio)",
+        shown="<data dir>/train.txt",
+    )
+    valid_file: str | None = opt(None, "the valid split's file, as --train-file", shown="<data dir>/valid.txt")
+    test_file: str | None = opt(None, "the test split's file, as --train-file", shown="<data dir>/test.txt")
+    token_column: int = opt(0, "column files: the token's column (0 = the first; negative counts from the end)")
+    tag_column: int = opt(-1, "column files: the NER tag's column (-1 = the last)")
+    tag_scheme: str = opt(
+        "auto",
+        "column files: the tags' scheme, read as IOB2; auto: BIOES or BILOU where the file holds their "
+        "E-/S- or L-/U- tags, else IOB1/IOB2 (they read alike)",
+        choices=TAG_SCHEMES,
+    )
     split: str = opt("test", "split to evaluate", choices=("train", "valid", "test"))
     limit: int = opt(0, "evaluate only the first N sentences (smoke runs; 0 = the full split)", ge=0)
     batch_size: int | str = opt(
@@ -237,7 +277,7 @@ class EvalConfig:
     experiment: str = opt("qloraner", "MLflow experiment name")
 
     def __post_init__(self) -> None:
-        errors = field_errors(self)
+        errors = field_errors(self) + data_errors(self)
         if isinstance(self.batch_size, str) and self.batch_size != "auto":
             errors.append(f"--batch-size: {self.batch_size!r} is neither auto nor a whole number")
         if self.compare_base and not self.adapter:
@@ -288,7 +328,7 @@ def parser_for(cls, description: str, recipe: tuple[str, dict] | None = None) ->
     name, values = recipe or (None, {})
     parser = argparse.ArgumentParser(description=description, argument_default=argparse.SUPPRESS)
     for f in fields(cls):
-        shown = "auto" if f.default is None else repr(f.default)
+        shown = f.metadata.get("shown") or ("auto" if f.default is None else repr(f.default))
         if f.name in values:
             shown = f"{values[f.name]!r}, from recipe {name}"
         if f.name == "recipe" and name:

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from qloraner import QloranerError
-from qloraner.conll import Sentence, read_split
+from qloraner.conll import DEFAULT_READING, Corpus, Sentence, as_corpus
 from qloraner.parse import RENDERERS, render_response
 
 FORMAT_VERSION = 1  # bump when a template or the response format changes: old files get rebuilt
@@ -80,25 +80,31 @@ def sha256_of(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def data_sha256(data_dir: Path, splits: tuple[str, ...]) -> str:
-    """What a run's checkpoints are tied to: train.txt's checksum, or one over each split file's, in order."""
-    shas = [sha256_of(Path(data_dir) / f"{split}.txt") for split in splits]
+def data_sha256(data: Corpus | Path, splits: tuple[str, ...]) -> str:
+    """What a run's checkpoints are tied to: the train file's checksum, or one over each split file's, in order.
+    Files read otherwise than a column file by the default columns (a span file, --tag-column...) fold in how they
+    read: the same bytes read by other columns are other data. CoNLL-2003's checksums stay what they were."""
+    corpus = as_corpus(data)
+    shas = [sha256_of(corpus.path(split)) for split in splits]
+    shas += [json.dumps(corpus.reading(s), sort_keys=True) for s in splits if corpus.reading(s) != DEFAULT_READING]
     return shas[0] if len(shas) == 1 else hashlib.sha256(" ".join(shas).encode()).hexdigest()
 
 
 def instruction_data(
-    data_dir: Path, template: str, out_path: Path, limit: int | None = None, response_format: str = "lines"
+    data: Corpus | Path, template: str, out_path: Path, limit: int | None = None, response_format: str = "lines"
 ) -> tuple[list[dict], dict]:
     """Records for the train split, from `out_path` when it is current, else rebuilt and written.
 
-    The file's manifest records the source checksum, template, response format and format version; any change
-    makes the file stale. It is written to a temp file and renamed, so a kill leaves no half file.
+    The file's manifest records the source checksum and how it reads, template, response format and format version;
+    any change makes the file stale. It is written to a temp file and renamed, so a kill leaves no half file.
     """
-    source = Path(data_dir) / "train.txt"
+    corpus = as_corpus(data)
+    source = corpus.path("train")
     if not source.is_file():
         raise QloranerError(f"{source}: file not found")
     key = {
         "source_sha256": sha256_of(source),
+        "reading": corpus.reading("train"),
         "template": template,
         "response_format": response_format,
         "format_version": FORMAT_VERSION,
@@ -113,7 +119,7 @@ def instruction_data(
         if all(stored.get("manifest", {}).get(k) == v for k, v in key.items()):
             records = stored["records"]
     if records is None:
-        records = [build_record(s, template, response_format) for s in read_split(data_dir, "train")]
+        records = [build_record(s, template, response_format) for s in corpus.read("train")]
         manifest["records"] = len(records)
         out_path.parent.mkdir(parents=True, exist_ok=True)
         tmp = out_path.with_suffix(f".tmp{os.getpid()}")

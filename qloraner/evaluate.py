@@ -13,7 +13,7 @@ import torch
 
 from qloraner import ENTITY_TYPES, ROOT, QloranerError, dist, make_dir, refuse_empty, run_main
 from qloraner.config import EvalConfig, as_dict, from_args
-from qloraner.conll import Sentence, read_split, resolve_data_dir
+from qloraner.conll import Sentence, resolve_corpus
 from qloraner.data import build_prompt
 from qloraner.decode import auto_batch_size, generate_greedy, response_budget
 from qloraner.metrics import error_analysis, score
@@ -253,7 +253,7 @@ def decode(config: EvalConfig, device: torch.device) -> tuple[dict, dict, dict]:
     rank 0 gets every rank's rows back in sentence order. Returns (responses, stats, context) per model label;
     responses and stats are empty on other ranks."""
     rank, world, _ = dist.setup()
-    sentences = read_split(resolve_data_dir(config.data_dir, ROOT), config.split)
+    sentences = resolve_corpus(config, ROOT).read(config.split)
     sentences = sentences[: config.limit] if config.limit else sentences
     mine = list(range(rank, len(sentences), world))
     my_sentences = [sentences[i] for i in mine]

@@ -16,7 +16,7 @@ from torch.utils.data import DistributedSampler
 
 from qloraner import ROOT, QloranerError, checkpoint, dist, make_dir, memory
 from qloraner.config import TrainConfig, as_dict
-from qloraner.conll import read_split, resolve_data_dir
+from qloraner.conll import resolve_corpus
 from qloraner.data import (
     Encoded,
     build_prompt,
@@ -206,14 +206,18 @@ def _claim_output_dir(config: TrainConfig):
 
 def _examples(config: TrainConfig, tokenizer) -> tuple[list[Encoded], dict]:
     """The training examples as token ids and labels, and the instruction data's manifest."""
-    data_dir = resolve_data_dir(config.data_dir, ROOT)
+    corpus = resolve_corpus(config, ROOT)
     records, manifest = instruction_data(
-        data_dir, config.prompt, ROOT / "datasets" / "ner_instruct_data.json", None, config.response_format
+        corpus, config.prompt, ROOT / "datasets" / "ner_instruct_data.json", None, config.response_format
     )
     for split in config.train_splits[1:]:  # a final run learns from valid too, once settings were chosen there
-        records += [build_record(s, config.prompt, config.response_format) for s in read_split(data_dir, split)]
+        records += [build_record(s, config.prompt, config.response_format) for s in corpus.read(split)]
     records = records[: config.limit or None]
-    manifest |= {"splits": list(config.train_splits), "data_sha256": data_sha256(data_dir, config.train_splits)}
+    manifest |= {
+        "splits": list(config.train_splits),
+        "files": [str(corpus.path(split)) for split in config.train_splits],
+        "data_sha256": data_sha256(corpus, config.train_splits),
+    }
     examples = encode(tokenizer, [r["prompt"] for r in records], [r["response"] for r in records])
     if config.prompt == "context":  # as in evaluation: an over-long example loses its document context, not its answer
         long = [i for i, e in enumerate(examples) if len(e.input_ids) > config.max_length]
@@ -279,7 +283,7 @@ def _load(config: TrainConfig, device: torch.device, rank: int, world: int, lock
     if restored:
         run.last_good, run.state = restored
         if run.state.setdefault("data_sha256", state["data_sha256"]) != state["data_sha256"]:
-            what = manifest["source"] + "".join(f" + {split}.txt" for split in config.train_splits[1:])
+            what = " + ".join(manifest["files"])
             raise QloranerError(
                 f"{run.last_good}: trained on other data than {what} (its checksum "
                 "differs); give the data it was trained on, another --output-dir, or --no-resume"

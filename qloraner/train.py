@@ -16,7 +16,7 @@ import torch
 
 from qloraner import ROOT, QloranerError, checkpoint, dist, run_main
 from qloraner.config import EvalConfig, TrainConfig, from_args
-from qloraner.conll import resolve_data_dir
+from qloraner.conll import DATA_FIELDS, resolve_corpus
 from qloraner.data import data_sha256
 from qloraner.model import dropout_key
 from qloraner.optim import update
@@ -165,9 +165,9 @@ class _StopFlag:
 def _already_trained(config: TrainConfig) -> TrainResult | None:
     """The finished run in --output-dir when final/ holds an adapter of these settings and data (a rerun after a
     stop during evaluation goes straight to evaluating it)."""
-    data_dir = resolve_data_dir(config.data_dir, ROOT)
-    present = all((data_dir / f"{split}.txt").is_file() for split in config.train_splits)
-    data_sha = data_sha256(data_dir, config.train_splits) if present else None  # missing: prepare() says so
+    corpus = resolve_corpus(config, ROOT)
+    present = all(corpus.path(split).is_file() for split in config.train_splits)
+    data_sha = data_sha256(corpus, config.train_splits) if present else None  # missing: prepare() says so
     final = checkpoint.finished(Path(config.output_dir), config, data_sha) if config.resume is not False else None
     if not (data_sha and final):
         return None
@@ -320,7 +320,7 @@ def main(argv: list[str] | None = None) -> int:
         results = _evaluate_preemptibly(
             EvalConfig(
                 adapter=str(result.final),
-                data_dir=config.data_dir,
+                **{name: getattr(config, name) for name in DATA_FIELDS},
                 experiment=config.experiment,
                 limit=config.eval_limit,
                 split=config.eval_split,

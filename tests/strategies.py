@@ -111,3 +111,58 @@ raw_text = st.one_of(
     st.text(max_size=40),
     st.lists(st.one_of(st.sampled_from(_NASTY), st.text(max_size=3)), max_size=25).map("".join),
 )
+
+
+# Entity types of a user's own data: any non-empty name without white space (a hyphen, lower case, digits too).
+free_type = st.one_of(
+    entity_type, st.text(alphabet=string.ascii_letters + string.digits + "-_", min_size=1, max_size=6)
+)
+# A chunk of `length` tokens in each tag scheme, its prefixes; `touching`: right after a chunk of its own type.
+SCHEME_CHUNKS = {
+    "iob2": lambda length, touching: ["B"] + ["I"] * (length - 1),
+    "iob1": lambda length, touching: ["B" if touching else "I"] + ["I"] * (length - 1),
+    "bioes": lambda length, touching: ["S"] if length == 1 else ["B"] + ["I"] * (length - 2) + ["E"],
+    "bilou": lambda length, touching: ["U"] if length == 1 else ["B"] + ["I"] * (length - 2) + ["L"],
+}
+
+
+@st.composite
+def scheme_tags(draw, scheme: str, length: int | None = None) -> tuple[list[str], list[str]]:
+    """(IOB2 tags, the same chunks written in `scheme`): runs of O and chunks of any types, chunks often touching
+    (the same type or another). `length`: the number of tags, else any up to 30."""
+    n = draw(st.integers(0, 30)) if length is None else length
+    iob2: list[str] = []
+    written: list[str] = []
+    while len(iob2) < n:
+        size = draw(st.integers(1, min(4, n - len(iob2))))
+        if draw(st.booleans()):
+            iob2 += ["O"] * size
+            written += ["O"] * size
+            continue
+        type_ = draw(free_type)
+        touching = bool(iob2) and iob2[-1] != "O" and iob2[-1][2:] == type_
+        iob2 += [f"B-{type_}"] + [f"I-{type_}"] * (size - 1)
+        written += [f"{p}-{type_}" for p in SCHEME_CHUNKS[scheme](size, touching)]
+    return iob2, written
+
+
+@st.composite
+def span_document(draw) -> tuple[str, list[tuple[int, int, str]]]:
+    """A text (raw_text, or words) and spans that start and end on its tokens (qloraner.text's), none overlapping,
+    some touching, some across a sentence end; sorted."""
+    from qloraner.text import tokenize
+
+    text = draw(
+        st.one_of(raw_text, st.lists(st.one_of(word, st.sampled_from((". ", "\n\n"))), max_size=20).map(" ".join))
+    )
+    tokens = tokenize(text)
+    found: list[tuple[int, int, str]] = []
+    at = 0
+    while at < len(tokens):
+        at += draw(st.integers(0, 3))  # tokens left out
+        if at >= len(tokens):
+            break
+        end = draw(st.integers(at + 1, min(at + 4, len(tokens))))
+        found.append((tokens[at].start, tokens[end - 1].end, draw(free_type)))
+        at = end
+    return text, found

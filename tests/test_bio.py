@@ -5,9 +5,17 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from qloraner import ENTITY_TYPES
-from qloraner.bio import Entities, entities_to_bio, is_valid_iob2, spans, to_iob2
+from qloraner.bio import SCHEMES, Entities, entities_to_bio, is_valid_iob2, scheme_to_iob2, spans, to_iob2
 from qloraner.parse import EMPTY_ANSWER, parse_response, render_response
-from tests.strategies import bracket_word, inline_word, json_like, tag_sequence, tagged_sentence, word
+from tests.strategies import (
+    bracket_word,
+    inline_word,
+    json_like,
+    scheme_tags,
+    tag_sequence,
+    tagged_sentence,
+    word,
+)
 
 
 @given(tagged_sentence(bracket_word))
@@ -166,3 +174,32 @@ def test_inline_format_oracle_on_all_splits(conll_dir):
             entities_to_bio(s.tokens, parse_response(render_response(s.tokens, s.tags, "inline"))) for s in sentences
         ]
         assert pred == [list(s.tags) for s in sentences], split
+
+
+@given(st.sampled_from(tuple(SCHEMES)).flatmap(lambda s: st.tuples(st.just(s), scheme_tags(s))))
+def test_any_scheme_normalises_back_to_the_iob2_it_renders(case):
+    """IOB2 tags of any types written in IOB1, IOB2, BIOES or BILOU normalise back to exactly those IOB2 tags."""
+    scheme, (iob2, written) = case
+    assert scheme_to_iob2(written, scheme) == iob2
+
+
+@given(st.sampled_from(("iob1", "iob2")), tag_sequence)
+def test_iob1_and_iob2_normalise_as_to_iob2(scheme, tags):
+    """Read as IOB1 or IOB2, any B-/I-/O tags (broken IOB2 too) normalise exactly as to_iob2 rewrites them."""
+    assert scheme_to_iob2(tags, scheme) == to_iob2(tags)
+
+
+@pytest.mark.parametrize(
+    "scheme,tags,expected",
+    [
+        ("bioes", "B-PER E-PER S-PER", "B-PER I-PER B-PER"),
+        ("bioes", "B-LOC I-LOC E-LOC E-LOC", "B-LOC I-LOC I-LOC B-LOC"),  # an E- after an E-: a chunk of its own
+        ("bioes", "O E-ORG I-ORG", "O B-ORG B-ORG"),  # no B-: a chunk still starts; an I- after an E- another
+        ("bioes", "B-PER E-LOC", "B-PER B-LOC"),  # another type: another chunk
+        ("bilou", "U-PER B-PER L-PER U-PER", "B-PER B-PER I-PER B-PER"),
+        ("bilou", "B-MISC I-MISC L-MISC O", "B-MISC I-MISC I-MISC O"),
+    ],
+)
+def test_real_scheme_cases(scheme, tags, expected):
+    """Hand-written BIOES and BILOU sequences, the broken ones too, read as their IOB2."""
+    assert scheme_to_iob2(tags.split(), scheme) == expected.split()

@@ -38,8 +38,8 @@ def quote(text: str, limit: int = QUOTE_CHARS) -> str:
 
 
 def _check_tag(tag: str, where: str) -> None:
-    if tag not in TAGS:
-        raise QloranerError(f"{where}: bad NER tag {quote(tag)} (CoNLL-2003 tags: {', '.join(TAGS)})")
+    if tag != "O" and not re.fullmatch(r"[BI]-\S+", tag):  # any entity type (#41); the label set checks its names
+        raise QloranerError(f"{where}: bad NER tag {quote(tag)} (O, or B-TYPE / I-TYPE as in {', '.join(TAGS)})")
 
 
 def read_conll(path: str | Path) -> list[Sentence]:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import string
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 from qloraner import ENTITY_TYPES
@@ -166,11 +166,14 @@ def _find(tokens: list[str], mention: str, claimed: list[bool]) -> Span | None:
     return None
 
 
-def entities_to_bio(tokens: list[str] | tuple[str, ...], entities: dict[str, list[str]]) -> list[str]:
-    """Tag each mention's first unclaimed occurrence; longer mentions claim tokens first.
+def entities_to_bio(
+    tokens: list[str] | tuple[str, ...], entities: dict[str, list[str]], types: Sequence[str] = ENTITY_TYPES
+) -> list[str]:
+    """Tag each mention of one of `types` (a label set's; CoNLL-2003's by default) at its first unclaimed
+    occurrence; longer mentions claim tokens first.
 
     Among mentions of equal length, the one listed first claims first: in `Entities.listed`
-    order, else type by type in `ENTITY_TYPES` order. Always returns len(tokens) valid IOB2
+    order, else type by type in `types` order. Always returns len(tokens) valid IOB2
     tags. Repeated mentions tag successive occurrences; a mention found nowhere is dropped.
 
     >>> entities_to_bio("Peter Blackburn of the EU".split(), {"PER": ["Peter Blackburn"], "ORG": ["EU", "UN"]})
@@ -180,8 +183,8 @@ def entities_to_bio(tokens: list[str] | tuple[str, ...], entities: dict[str, lis
     if isinstance(entities, Entities):
         listed = entities.listed
     else:
-        listed = [(t, m) for t in ENTITY_TYPES if isinstance(entities.get(t), (list, tuple)) for m in entities[t]]
-    queue = [(t, m, rank) for rank, (t, m) in enumerate(listed) if t in ENTITY_TYPES and isinstance(m, str)]
+        listed = [(t, m) for t in types if isinstance(entities.get(t), (list, tuple)) for m in entities[t]]
+    queue = [(t, m, rank) for rank, (t, m) in enumerate(listed) if t in types and isinstance(m, str)]
     queue.sort(key=lambda m: (-len(_loose(m[1])), m[2]))
     claimed = [False] * len(tokens)
     tags = ["O"] * len(tokens)

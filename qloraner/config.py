@@ -12,6 +12,7 @@ from pathlib import Path
 from qloraner import ROOT, QloranerError
 from qloraner.conll import TAG_SCHEMES
 from qloraner.data import TEMPLATES
+from qloraner.labels import description_errors
 from qloraner.parse import RENDERERS
 
 RECIPES = ROOT / "recipes"
@@ -21,7 +22,8 @@ DEFAULT_RECIPE = "smollm2-135m"  # the embedded default model's recipe: applies 
 def opt(default, doc: str, **kw):
     """A settings field with its documentation (shown by --help) and its checks: `gt`, `ge`, `lt`, `le` bounds,
     `choices`, `flag` (the flag's name when it differs from the field's), `parse` (the flag's value parser) and
-    `shown` (what --help says the default is, where None means something other than auto)."""
+    `shown` (what --help says the default is, where None means something other than auto) and `recipe_only` (set
+    by a recipe's section, no flag)."""
     return field(default=default, metadata={"doc": doc, **kw})
 
 
@@ -207,9 +209,18 @@ class TrainConfig:
     )
     compare_base: bool = opt(False, "also evaluate the base model after training: a side-by-side table")
     experiment: str = opt("qloraner", "MLflow experiment name")
+    labels: dict | None = opt(
+        None,
+        "one-line descriptions of entity types for the typed and fewshot prompts, a recipe's [labels] section "
+        '(PSN = "people"); the types are the training data\'s. Once training has read the data: every type it '
+        'tags, described or "" (what the adapter learned; CoNLL-2003\'s types keep their own descriptions)',
+        recipe_only=True,
+    )
 
     def __post_init__(self) -> None:
         errors = field_errors(self) + data_errors(self)
+        if self.labels is not None:
+            errors += description_errors(self.labels)
         if self.max_steps == 0 and self.epochs == 0:
             errors.append("--epochs or --max-steps: one must be > 0")
         if self.dequantize_in_graph and (self.compile is False or self.frozen_copies):
@@ -291,7 +302,7 @@ def _base_type(f: dataclasses.Field) -> str:
     return str(f.type).replace(" | None", "")  # annotations are strings here (postponed evaluation)
 
 
-_TYPES = {"int": (int,), "float": (int, float), "str": (str,), "bool": (bool,)}
+_TYPES = {"int": (int,), "float": (int, float), "str": (str,), "bool": (bool,), "dict": (dict,)}
 
 
 def load_recipe(cls, name: str) -> tuple[str, dict]:
@@ -327,7 +338,7 @@ def parser_for(cls, description: str, recipe: tuple[str, dict] | None = None) ->
     recipe's, where `recipe` (its name and settings) sets one, else the built-in default."""
     name, values = recipe or (None, {})
     parser = argparse.ArgumentParser(description=description, argument_default=argparse.SUPPRESS)
-    for f in fields(cls):
+    for f in (f for f in fields(cls) if not f.metadata.get("recipe_only")):
         shown = f.metadata.get("shown") or ("auto" if f.default is None else repr(f.default))
         if f.name in values:
             shown = f"{values[f.name]!r}, from recipe {name}"

@@ -2,71 +2,83 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
 import random
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 from qloraner import QloranerError
 from qloraner.conll import DEFAULT_READING, Corpus, Sentence, as_corpus
+from qloraner.labels import CONLL, LabelSet, name_errors, types_seen
 from qloraner.parse import RENDERERS, render_response
 
 FORMAT_VERSION = 1  # bump when a template or the response format changes: old files get rebuilt
 IGNORE_INDEX = -100  # label value the loss skips
-FORMAT_RULES = {
+FORMAT_RULES = {  # `{types}`: the label set's types, listed (CoNLL-2003's: LOC, MISC, ORG, PER)
     "lines": "List each entity on its own line as [TYPE] mention, in the order they occur, with TYPE one of "
-    "LOC, MISC, ORG, PER. If there are none, answer [NONE].",
-    "json": "Answer with one JSON object that maps each type (LOC, MISC, ORG, PER) to the list of its mentions, "
-    "in the order they occur; leave out types without mentions. If there are none, answer {}.",
-    "inline": "Rewrite the sentence with each entity in brackets as [TYPE mention], with TYPE one of LOC, MISC, ORG, "
-    "PER. If there are none, answer [NONE].",
+    "{types}. If there are none, answer [NONE].",
+    "json": "Answer with one JSON object that maps each type ({types}) to the list of its mentions, "
+    "in the order they occur; leave out types without mentions. If there are none, answer {{}}.",
+    "inline": "Rewrite the sentence with each entity in brackets as [TYPE mention], with TYPE one of {types}. "
+    "If there are none, answer [NONE].",
 }  # one per parse.RENDERERS format
-_TYPE_MEANINGS = (
-    "Types: LOC = locations (countries, cities, regions, rivers); ORG = organisations (companies, "
-    "teams, institutions, agencies); PER = people; MISC = other names (nationalities, events, "
-    "languages, products, works)."
-)
 _EXAMPLE = ("EU rejects German call to boycott British lamb .".split(), "B-ORG O B-MISC O O O B-MISC O O".split())
-_EXAMPLES = {  # the few-shot example, its answer in each response format
-    fmt: f"Example sentence: {' '.join(_EXAMPLE[0])}\nExample answer:\n" + render_response(*_EXAMPLE, fmt)
-    for fmt in RENDERERS
-}
+
+
+@functools.lru_cache(maxsize=64)
+def _example(labels: LabelSet, response_format: str) -> str:
+    """The few-shot example (a new line, then the sentence and its answer in `response_format`) where its types
+    (ORG, MISC) are all of the label set; else nothing: an example must not tag a type the model does not learn,
+    nor leave one of its mentions untagged."""
+    if not set(types_seen([_EXAMPLE[1]])) <= set(labels.types):
+        return ""
+    answer = render_response(*_EXAMPLE, response_format, labels)
+    return f"\nExample sentence: {' '.join(_EXAMPLE[0])}\nExample answer:\n{answer}"
+
+
 # The prompt ends in a newline, so no tokenizer merges its last token with the response's first.
 _ASK = "### Instruction:\nExtract named entities from the sentence. {rules}"
 _TAIL = "\n\n### Sentence:\n{sentence}\n\n### Response:\n"
 TEMPLATES = {
     "simple": _ASK + _TAIL,
     "typed": _ASK + "\n{types}" + _TAIL,
-    "fewshot": _ASK + "\n{types}\n{example}" + _TAIL,
+    "fewshot": _ASK + "\n{types}{example}" + _TAIL,
     # the neighbouring sentences of the same document, for the names they share with it; answer for the sentence
     "context": _ASK + " Answer for the sentence only.\n\n### Context:\n{context}" + _TAIL,
 }
 
 
 def build_prompt(
-    tokens: tuple[str, ...] | list[str], template: str, response_format: str = "lines", context: str = ""
+    tokens: tuple[str, ...] | list[str],
+    template: str,
+    response_format: str = "lines",
+    context: str = "",
+    labels: LabelSet = CONLL,
 ) -> str:
-    """The prompt for one sentence; its rules (and the few-shot example's answer) ask for `response_format`.
-    `context` (its document's neighbouring sentences) shows only in the `context` template."""
+    """The prompt for one sentence; its rules (and the few-shot example's answer) ask for `response_format` and the
+    types of `labels` (their descriptions in `typed` and `fewshot`). `context` (its document's neighbouring
+    sentences) shows only in the `context` template."""
     if template not in TEMPLATES:
         raise QloranerError(f"unknown prompt template {template!r}; choose one of {', '.join(TEMPLATES)}")
     if response_format not in RENDERERS:
         raise QloranerError(f"unknown response format {response_format!r}; choose one of {', '.join(RENDERERS)}")
     return TEMPLATES[template].format(
-        rules=FORMAT_RULES[response_format],
-        types=_TYPE_MEANINGS,
-        example=_EXAMPLES[response_format],
+        rules=FORMAT_RULES[response_format].format(types=labels.listed),
+        types=labels.describe(),
+        example=_example(labels, response_format),
         sentence=" ".join(tokens),
         context=context or "(none)",
     )
 
 
-def build_record(sentence: Sentence, template: str, response_format: str = "lines") -> dict:
+def build_record(sentence: Sentence, template: str, response_format: str = "lines", labels: LabelSet = CONLL) -> dict:
     """One training example: the single `text` (prompt + response) and its parts."""
-    prompt = build_prompt(sentence.tokens, template, response_format, sentence.context)
-    response = render_response(sentence.tokens, sentence.tags, response_format)
+    prompt = build_prompt(sentence.tokens, template, response_format, sentence.context, labels)
+    response = render_response(sentence.tokens, sentence.tags, response_format, labels)
     return {
         "text": prompt + response,
         "prompt": prompt,
@@ -90,13 +102,30 @@ def data_sha256(data: Corpus | Path, splits: tuple[str, ...]) -> str:
     return shas[0] if len(shas) == 1 else hashlib.sha256(" ".join(shas).encode()).hexdigest()
 
 
+def label_set_of(source: Path, tags: list, descriptions: Mapping[str, str] | None) -> LabelSet:
+    """The label set of the types that a training file's tags name, described by a recipe's `[labels]`; a name no
+    prompt can carry is an error naming the file."""
+    types = types_seen(tags)
+    errors = name_errors(types) or ([] if types else ["no entity tags (every tag is O)"])
+    if errors:
+        raise QloranerError(f"{source}: " + "; ".join(errors))
+    return LabelSet.from_data(types, descriptions)
+
+
 def instruction_data(
-    data: Corpus | Path, template: str, out_path: Path, limit: int | None = None, response_format: str = "lines"
+    data: Corpus | Path,
+    template: str,
+    out_path: Path,
+    limit: int | None = None,
+    response_format: str = "lines",
+    descriptions: Mapping[str, str] | None = None,
 ) -> tuple[list[dict], dict]:
     """Records for the train split, from `out_path` when it is current, else rebuilt and written.
 
-    The file's manifest records the source checksum and how it reads, template, response format and format version;
-    any change makes the file stale. It is written to a temp file and renamed, so a kill leaves no half file.
+    The file's manifest records the source checksum and how it reads, template, response format and format version
+    (and the recipe's type descriptions, where it gives any); any change makes the file stale. It is written to a
+    temp file and renamed, so a kill leaves no half file. The returned manifest adds `labels`, the label set the
+    prompts were built with (LabelSet.to_saved's form): the types of the split's tags.
     """
     corpus = as_corpus(data)
     source = corpus.path("train")
@@ -109,6 +138,8 @@ def instruction_data(
         "response_format": response_format,
         "format_version": FORMAT_VERSION,
     }
+    if descriptions:
+        key["label_descriptions"] = dict(descriptions)
     manifest = {"source": str(source), **key}
     records = None
     if out_path.is_file():
@@ -119,13 +150,18 @@ def instruction_data(
         if all(stored.get("manifest", {}).get(k) == v for k, v in key.items()):
             records = stored["records"]
     if records is None:
-        records = [build_record(s, template, response_format) for s in corpus.read("train")]
+        sentences = corpus.read("train")
+        labels = label_set_of(source, [s.tags for s in sentences], descriptions)
+        records = [build_record(s, template, response_format, labels) for s in sentences]
         manifest["records"] = len(records)
         out_path.parent.mkdir(parents=True, exist_ok=True)
         tmp = out_path.with_suffix(f".tmp{os.getpid()}")
         tmp.write_text(json.dumps({"manifest": manifest, "records": records}, ensure_ascii=False), encoding="utf-8")
         os.replace(tmp, out_path)
+    else:
+        labels = label_set_of(source, [r["tags"] for r in records], descriptions)
     manifest["records"] = len(records)
+    manifest["labels"] = labels.to_saved()
     return (records[:limit] if limit else records), manifest
 
 

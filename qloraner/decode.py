@@ -28,7 +28,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from qloraner import ENTITY_TYPES, QloranerError, first_line
+from qloraner import QloranerError, first_line
+from qloraner.labels import CONLL, LabelSet
 from qloraner.model import compile_unavailable, dequantize_four_bit, dequantized_bytes, require_llama_layout
 from qloraner.parse import RENDERERS, is_explicit_empty, parse_response
 
@@ -55,19 +56,25 @@ class Generation:
     cut: list[bool] = field(default_factory=list)  # per prompt: its budget ran out before it stopped
 
 
-def _worst_tags(n: int) -> list[list[str]]:
+def _worst_tags(n: int, types: tuple[str, ...]) -> list[list[str]]:
     """Tags of the longest perfect answers a sentence of n tokens can have: every token a one-token mention, all of
     one type (each type's name tokenizes differently), or the types in turn (JSON: a group per type)."""
-    return [[f"B-{t}"] * n for t in ENTITY_TYPES] + [[f"B-{ENTITY_TYPES[i % len(ENTITY_TYPES)]}" for i in range(n)]]
+    return [[f"B-{t}"] * n for t in types] + [[f"B-{types[i % len(types)]}" for i in range(n)]]
 
 
 def response_budget(
-    tokenizer, tokens: tuple[str, ...] | list[str], cap: int | None = None, response_format: str | None = None
+    tokenizer,
+    tokens: tuple[str, ...] | list[str],
+    cap: int | None = None,
+    response_format: str | None = None,
+    labels: LabelSet = CONLL,
 ) -> int:
-    """New tokens a perfect answer to the sentence may need in `response_format` (None: any of RENDERERS), its stop
-    included: the longest answer it can have, tokenized, plus BUDGET_SLACK; `cap` (> 0) only lowers it."""
+    """New tokens a perfect answer to the sentence may need in `response_format` (None: any of RENDERERS) with the
+    types of `labels`, its stop included: the longest answer it can have, tokenized, plus BUDGET_SLACK; `cap` (> 0)
+    only lowers it."""
     formats = [response_format] if response_format else list(RENDERERS)
-    answers = [RENDERERS[f](list(tokens), tags) for f in formats for tags in _worst_tags(len(tokens))]
+    worst = _worst_tags(len(tokens), labels.types)
+    answers = [RENDERERS[f](list(tokens), tags, labels) for f in formats for tags in worst]
     need = max(map(len, tokenizer(answers, add_special_tokens=False)["input_ids"])) + BUDGET_SLACK
     return min(cap, need) if cap else need
 
@@ -97,14 +104,15 @@ def newline_table(tokenizer, vocab: int) -> list[bool]:
     return ["\n" in t for t in tokenizer.batch_decode([[i] for i in range(n)])] + [False] * (vocab - n)
 
 
-def _stopped(tokenizer, row: list[int], eos: int, newline: list[bool]) -> bool:
-    """EOS, or a blank line just written after an answer (not after a preamble like 'The entities are:')."""
+def _stopped(tokenizer, row: list[int], eos: int, newline: list[bool], labels: LabelSet) -> bool:
+    """EOS, or a blank line just written after an answer of `labels`' types (not after a preamble like 'The
+    entities are:')."""
     if row[-1] == eos:
         return True
     if not newline[row[-1]] or STOP_TEXT not in tokenizer.decode(row[-_TAIL:]):
         return False
     text = tokenizer.decode(row)
-    return bool(parse_response(text)) or is_explicit_empty(text)
+    return bool(parse_response(text, labels)) or is_explicit_empty(text)
 
 
 def _shared_scores(qg, pk, scale: float):
@@ -398,9 +406,11 @@ def generate_greedy(
     stop: bool = True,
     dequantize: bool | None = None,
     fused: bool | None = None,
+    labels: LabelSet = CONLL,
 ) -> Generation:
     """Greedy decoding of `prompts` with at most `batch_size` rows at a time; row i stops at EOS, at a blank line
-    after an answer (`stop`), or after budgets[i] tokens, and what it generated after that is dropped.
+    after an answer of `labels`' types (`stop`), or after budgets[i] tokens, and what it generated after that is
+    dropped.
 
     graphs: capture the decode step as CUDA graphs (on a GPU). stop=False decodes exactly budgets[i] tokens.
     dequantize: decode with the 4-bit weights dequantized once (see _dequantized); default: on a GPU when the
@@ -421,12 +431,14 @@ def generate_greedy(
             print(f"qloraner: the decode step's attention runs in PyTorch: {why}", flush=True)
     launcher = _fused_attention(net) if fused else None
     with _dequantized(model, net.dtype) if dequantize and size else nullcontext():
-        gen = _generate(net, tokenizer, prompts, budgets, batch_size, progress, graphs, stop, launcher)
+        gen = _generate(net, tokenizer, prompts, budgets, batch_size, progress, graphs, stop, launcher, labels)
     gen.stats["dequantized_bytes"] = size if dequantize else 0
     return gen
 
 
-def _generate(net: _Llama, tokenizer, prompts, budgets, batch_size, progress, graphs, stop, fused) -> Generation:
+def _generate(
+    net: _Llama, tokenizer, prompts, budgets, batch_size, progress, graphs, stop, fused, labels: LabelSet
+) -> Generation:
     """generate_greedy's loop: prefill into free slots, decode SYNC_EVERY steps, apply the stop rule, repeat."""
     graphs = graphs and net.device.type == "cuda"
     eos = tokenizer.eos_token_id if stop else -1
@@ -503,7 +515,7 @@ def _generate(net: _Llama, tokenizer, prompts, budgets, batch_size, progress, gr
         for k in np.flatnonzero(hits.any(1) | ended).tolist():
             slot, row = slots[k], tokens[k, : hi[k]].tolist()
             marks = np.flatnonzero(hits[k]).tolist()
-            length = next((j + 1 for j in marks if _stopped(tokenizer, row[: j + 1], eos, newline)), None)
+            length = next((j + 1 for j in marks if _stopped(tokenizer, row[: j + 1], eos, newline, labels)), None)
             if length is not None or ended[k]:
                 out[live[slot]] = row[: length or len(row)]
                 cut[live[slot]] = length is None

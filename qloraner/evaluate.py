@@ -11,11 +11,12 @@ from pathlib import Path
 
 import torch
 
-from qloraner import ENTITY_TYPES, ROOT, QloranerError, dist, make_dir, refuse_empty, run_main
+from qloraner import ROOT, QloranerError, dist, make_dir, refuse_empty, run_main
 from qloraner.config import EvalConfig, as_dict, from_args
 from qloraner.conll import Sentence, resolve_corpus
 from qloraner.data import build_prompt
 from qloraner.decode import auto_batch_size, generate_greedy, response_budget
+from qloraner.labels import CONLL, LabelSet, types_seen
 from qloraner.metrics import error_analysis, score
 from qloraner.model import DEFAULT_MODEL, load_base, load_tokenizer, resolve_model
 from qloraner.parse import is_explicit_empty, parse_response, tag_response
@@ -23,7 +24,8 @@ from qloraner.progress import Progress
 
 
 def _prompt_ids(tokenizer, tokens, prompting: dict, context: str) -> list[int]:
-    return tokenizer(build_prompt(tokens, prompting["prompt"], prompting["response_format"], context))["input_ids"]
+    prompt = build_prompt(tokens, prompting["prompt"], prompting["response_format"], context, prompting["labels"])
+    return tokenizer(prompt)["input_ids"]
 
 
 def _prompts(
@@ -58,7 +60,7 @@ def respond(
 ) -> tuple[list[dict], dict]:
     """Generate and parse one model's responses; rows hold tokens, gold and predicted tags.
 
-    `prompting` names the prompt template and response format (`load_for_eval` gives them).
+    `prompting` names the prompt template, the response format and the label set (`load_for_eval` gives them).
     """
     prompt_ids, kept = _prompts(tokenizer, sentences, prompting, config.max_prompt_tokens)
     truncated = sum(k < len(s.tokens) for k, s in zip(kept, sentences))
@@ -66,13 +68,22 @@ def respond(
         warnings.warn(
             f"{truncated} sentence(s) cut to fit --max-prompt-tokens {config.max_prompt_tokens}", stacklevel=2
         )
-    fmt = prompting["response_format"]
-    budgets = [response_budget(tokenizer, s.tokens[:k], config.max_new_tokens, fmt) for s, k in zip(sentences, kept)]
+    fmt, labels = prompting["response_format"], prompting["labels"]
+    budgets = [
+        response_budget(tokenizer, s.tokens[:k], config.max_new_tokens, fmt, labels) for s, k in zip(sentences, kept)
+    ]
     start = time.perf_counter()
     progress = Progress(len(sentences), f"eval {label}", "sentences", enabled=show)
     try:
         gen = generate_greedy(
-            model, tokenizer, prompt_ids, budgets, batch_size, progress=progress, graphs=config.cuda_graphs
+            model,
+            tokenizer,
+            prompt_ids,
+            budgets,
+            batch_size,
+            progress=progress,
+            graphs=config.cuda_graphs,
+            labels=labels,
         )
     finally:
         progress.close()
@@ -86,14 +97,14 @@ def respond(
     rows = []
     for s, k, toks, budget, cut in zip(sentences, kept, gen.tokens, budgets, gen.cut):
         raw = tokenizer.decode(toks, skip_special_tokens=True)
-        entities = parse_response(raw)
-        pred = tag_response(s.tokens[:k], raw) + ["O"] * (len(s.tokens) - k)
+        entities = parse_response(raw, labels)
+        pred = tag_response(s.tokens[:k], raw, labels) + ["O"] * (len(s.tokens) - k)
         rows.append(
             {
                 "tokens": list(s.tokens),
                 "gold_tags": list(s.tags),
                 "raw_response": raw,
-                "entities": {t: entities.get(t, []) for t in ENTITY_TYPES},
+                "entities": {t: entities.get(t, []) for t in labels.types},
                 "pred_tags": pred,
                 "parse_failure": bool(raw.strip()) and not entities and not is_explicit_empty(raw),
                 "generated_tokens": len(toks),
@@ -111,18 +122,20 @@ def batch_size_for(model, tokenizer, sentences: list[Sentence], prompting: dict,
     if not sentences:  # a rank with no share of a tiny split
         return 1
     longest = max(sentences, key=lambda s: len(s.tokens))
-    prompt = tokenizer(build_prompt(longest.tokens, prompting["prompt"], prompting["response_format"]))["input_ids"]
-    budget = response_budget(tokenizer, longest.tokens, config.max_new_tokens, prompting["response_format"])
+    prompt = _prompt_ids(tokenizer, longest.tokens, prompting, "")
+    budget = response_budget(
+        tokenizer, longest.tokens, config.max_new_tokens, prompting["response_format"], prompting["labels"]
+    )
     row = min(len(prompt), config.max_prompt_tokens) + budget
     return auto_batch_size(model, row)
 
 
-def summarize(rows: list[dict], stats: dict) -> dict:
-    """Scores, error analysis and timing for one model's rows."""
+def summarize(rows: list[dict], stats: dict, types: tuple[str, ...]) -> dict:
+    """Scores (per type over `types`), error analysis and timing for one model's rows."""
     gold, pred = [r["gold_tags"] for r in rows], [r["pred_tags"] for r in rows]
     return {
-        **score(gold, pred),
-        "errors": error_analysis(gold, pred),
+        **score(gold, pred, types),
+        "errors": error_analysis(gold, pred, types),
         "parse_failures": sum(r["parse_failure"] for r in rows),
         "cut_answers": sum(r["cut"] for r in rows),
         "sentences": len(rows),
@@ -175,7 +188,9 @@ def _adapter_settings(adapter: Path) -> dict:
 def load_for_eval(config: EvalConfig, device: torch.device):
     """(model, tokenizer, prompting, base name). The adapter stays unmerged on the NF4 base unless --merge.
 
-    prompting: the template and response format, from the flags, else the adapter's training, else the defaults.
+    prompting: the template and response format, from the flags, else the adapter's training, else the defaults;
+    the label set the adapter was trained with (CoNLL-2003's for one that predates label sets; None for a base
+    model, whose caller takes the data's).
     """
     from peft import PeftModel
 
@@ -207,8 +222,28 @@ def load_for_eval(config: EvalConfig, device: torch.device):
     prompting = {
         "prompt": config.prompt or trained.get("prompt") or "simple",
         "response_format": config.response_format or trained.get("response_format") or "lines",
+        "labels": LabelSet.from_saved(trained.get("labels")) if trained else None,
     }
     return model, tokenizer, prompting, str(base_name)
+
+
+def prompting_record(prompting: dict) -> dict:
+    """`prompting` as metrics.json and MLflow record it: the label set as its types."""
+    return {**prompting, "labels": list(prompting["labels"].types)}
+
+
+def report_types(labels: LabelSet, sentences: list[Sentence], split: str, whole: bool) -> tuple[str, ...]:
+    """The types the metrics report: the model's, and any other that the split's gold tags name (its mentions are
+    missed, and count against recall). One line says where the split's types differ from the model's (for a
+    --limit run, only types the model lacks: a few sentences need not hold all of its types)."""
+    gold = types_seen(s.tags for s in sentences)
+    unseen = [t for t in gold if t not in labels.types]
+    absent = [t for t in labels.types if t not in gold] if whole else []
+    if unseen or absent:
+        parts = [f"the model tags {labels.listed}; the {split} split's types are {', '.join(gold) or 'none'}"]
+        parts += [f"not trained on {', '.join(unseen)} (their mentions count against recall)"] if unseen else []
+        print(f"qloraner: warning: {'; '.join(parts)}", flush=True)
+    return tuple(sorted({*labels.types, *gold}))
 
 
 def comparison_table(results: dict[str, dict]) -> str:
@@ -217,7 +252,7 @@ def comparison_table(results: dict[str, dict]) -> str:
     lines = ["| metric | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
     for key in ("precision", "recall", "f1"):
         lines.append(f"| {key} | " + " | ".join(f"{100 * results[n][key]:.2f}" for n in names) + " |")
-    for t in ENTITY_TYPES:
+    for t in results[names[0]]["per_type"]:
         lines.append(
             f"| F1 {t} | " + " | ".join(f"{100 * results[n]['per_type'][t]['f1-score']:.2f}" for n in names) + " |"
         )
@@ -234,12 +269,13 @@ def _bar_chart(results: dict[str, dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 3.5))
+    types = list(next(iter(results.values()))["per_type"])
+    fig, ax = plt.subplots(figsize=(max(6, 0.6 * len(types)), 3.5))
     width = 0.8 / len(results)
     for k, (name, m) in enumerate(results.items()):
-        xs = [i + k * width for i in range(len(ENTITY_TYPES))]
-        ax.bar(xs, [100 * m["per_type"][t]["f1-score"] for t in ENTITY_TYPES], width, label=name)
-    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(ENTITY_TYPES))], ENTITY_TYPES)
+        xs = [i + k * width for i in range(len(types))]
+        ax.bar(xs, [100 * m["per_type"][t]["f1-score"] for t in types], width, label=name)
+    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(types))], types)
     ax.set_ylabel("F1 (%)")
     ax.set_ylim(0, 100)
     ax.legend()
@@ -258,6 +294,9 @@ def decode(config: EvalConfig, device: torch.device) -> tuple[dict, dict, dict]:
     mine = list(range(rank, len(sentences), world))
     my_sentences = [sentences[i] for i in mine]
     model, tokenizer, prompting, base_name = load_for_eval(config, device)
+    if prompting["labels"] is None:  # a base model: asked for the split's types
+        prompting["labels"] = LabelSet.from_data(types_seen(s.tags for s in sentences) or CONLL.types)
+    types = report_types(prompting["labels"], sentences, config.split, not config.limit) if rank == 0 else ()
     batch = batch_size_for(model, tokenizer, my_sentences, prompting, config)
     if rank == 0:
         print(
@@ -272,7 +311,7 @@ def decode(config: EvalConfig, device: torch.device) -> tuple[dict, dict, dict]:
             shards["base"] = respond(model, tokenizer, my_sentences, prompting, config, "base", batch, rank == 0)
     shards[name] = respond(model, tokenizer, my_sentences, prompting, config, name, batch, rank == 0)
     gathered = {label: dist.gather((mine, *shard)) for label, shard in shards.items()}
-    context = {"name": name, "model": base_name, "prompting": prompting, "world_size": world}
+    context = {"name": name, "model": base_name, "prompting": prompting, "world_size": world, "types": types}
     if rank != 0:
         return {}, {}, context
     merged = {label: _merge_shards(parts, len(sentences)) for label, parts in gathered.items()}
@@ -341,7 +380,7 @@ def log_to_mlflow(out: Path, store: Path, config: EvalConfig, context: dict, res
         mlflow.log_params(
             {
                 **as_dict(config),
-                **context["prompting"],
+                **prompting_record(context["prompting"]),
                 "model": context["model"],
                 "git_revision": git_revision(),
                 "world_size": context["world_size"],
@@ -351,7 +390,7 @@ def log_to_mlflow(out: Path, store: Path, config: EvalConfig, context: dict, res
             prefix = "" if label == context["name"] else f"{label}_"
             keys = ("precision", "recall", "f1", "parse_failures", "cut_answers", "sentences_per_s", "batch_size")
             mlflow.log_metrics({f"{prefix}{k}": m[k] for k in keys})
-            mlflow.log_metrics({f"{prefix}f1_{t}": m["per_type"][t]["f1-score"] for t in ENTITY_TYPES})
+            mlflow.log_metrics({f"{prefix}f1_{t}": r["f1-score"] for t, r in m["per_type"].items()})
         for f in sorted(out.glob("*")):
             if f.suffix in (".json", ".jsonl", ".md", ".png"):
                 mlflow.log_artifact(str(f), artifact_path="eval")
@@ -377,14 +416,14 @@ def evaluate_model(config: EvalConfig, device: torch.device | None = None) -> di
     responses, stats, context = decode(config, device)
     if not responses:  # not rank 0
         return {}
-    results = {label: summarize(rows, stats[label]) for label, rows in responses.items()}
+    results = {label: summarize(rows, stats[label], context["types"]) for label, rows in responses.items()}
     name = context["name"]
     metrics = {
         **results[name],
         "label": name,
         "model": context["model"],
         "adapter": config.adapter,
-        **context["prompting"],
+        **prompting_record(context["prompting"]),
         "split": config.split,
         "limit": config.limit,
         "world_size": context["world_size"],

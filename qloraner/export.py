@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from qloraner import ENTITY_TYPES, QloranerError, run_main
+from qloraner import QloranerError, run_main
 from qloraner.config import field_errors, opt, parser_for, raise_if
 
 SETTINGS_FILE = "qloraner.json"  # marks a folder as a qloraner export (Tagger.load and ./run_eval.sh detect it)
@@ -178,15 +178,18 @@ def task_settings(trained: dict, config: ExportConfig) -> dict:
     """qloraner.json: what a user needs to prompt the model and read its answers without qloraner."""
     from qloraner.data import build_prompt
     from qloraner.decode import STOP_TEXT
+    from qloraner.labels import LabelSet
 
     prompt, fmt = trained.get("prompt") or "simple", trained.get("response_format") or "lines"
+    labels = LabelSet.from_saved(trained.get("labels"))
     return {
         "export_version": EXPORT_VERSION,
         "prompt": prompt,
         "response_format": fmt,
         # the template filled in but for the sentence (its tokens joined by spaces) and, in `context`, its neighbours
-        "prompt_text": build_prompt(["{sentence}"], prompt, fmt, "{context}"),
-        "labels": list(ENTITY_TYPES),
+        "prompt_text": build_prompt(["{sentence}"], prompt, fmt, "{context}", labels),
+        "labels": list(labels.types),
+        "label_descriptions": labels.to_saved(),  # per type, what the prompt says it is ("" where nothing)
         "tag_scheme": "IOB2",
         "stop": {"eos": True, "text": STOP_TEXT, "rule": "stop at EOS, or at a blank line written after an answer"},
         "base_model": trained.get("model"),
@@ -290,7 +293,7 @@ def model_card(trained: dict, settings: dict, metrics: dict | None, license_name
             "# qloraner CoNLL-2003 NER model",
             "",
             f"{trained.get('model')} fine-tuned with QLoRA by qloraner to tag named entities "
-            f"({', '.join(ENTITY_TYPES)}); answers in the `{settings['response_format']}` format "
+            f"({', '.join(settings['labels'])}); answers in the `{settings['response_format']}` format "
             f"to the `{settings['prompt']}` prompt. "
             f"{settings['merge']}, saved in {settings['dtype']}: the weights the adapter was trained on.",
             "",
@@ -407,9 +410,12 @@ def load_export(path: Path, device: torch.device, config) -> tuple:
         path, dtype=compute_dtype(device), device_map={"": device}, attn_implementation="sdpa"
     )
     model.eval()
+    from qloraner.labels import LabelSet
+
     prompting = {
         "prompt": config.prompt or settings["prompt"],
         "response_format": config.response_format or settings["response_format"],
+        "labels": LabelSet.from_saved(settings.get("label_descriptions")),  # none in an export before label sets
     }
     return model, load_tokenizer(path, padding_side="left"), prompting, str(path)
 

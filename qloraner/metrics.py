@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Sequence
 
 from seqeval.metrics import classification_report, f1_score, precision_score, recall_score
 
@@ -12,21 +13,23 @@ from qloraner.bio import spans
 ERROR_KINDS = ("correct", "type_confusion", "boundary", "missed", "spurious")
 
 
-def _known(tags: list[str]) -> list[str]:
-    """Tags of a type outside the four become O, so no junk label reaches the report."""
-    return [t if t == "O" or t[2:] in ENTITY_TYPES else "O" for t in tags]
+def _known(tags: list[str], types: Sequence[str]) -> list[str]:
+    """Tags of a type outside `types` become O, so no junk label reaches the report."""
+    return [t if t == "O" or t[2:] in types else "O" for t in tags]
 
 
-def score(gold_tags: list[list[str]], pred_tags: list[list[str]]) -> dict:
-    """seqeval micro P/R/F1 (0..1) and a per-type report over LOC, MISC, ORG, PER only."""
+def score(gold_tags: list[list[str]], pred_tags: list[list[str]], types: Sequence[str] = ENTITY_TYPES) -> dict:
+    """seqeval micro P/R/F1 (0..1) and a per-type report over exactly `types` (CoNLL-2003's by default); tags of
+    other types count as O. A type the model was not trained on belongs in `types` too: its gold mentions then
+    count against recall."""
     if len(gold_tags) != len(pred_tags) or any(len(g) != len(p) for g, p in zip(gold_tags, pred_tags)):
         raise ValueError("gold and predicted tags differ in shape")
-    gold = [_known(list(g)) for g in gold_tags]
-    pred = [_known(list(p)) for p in pred_tags]
+    gold = [_known(list(g), types) for g in gold_tags]
+    pred = [_known(list(p), types) for p in pred_tags]
     report = classification_report(gold, pred, output_dict=True, zero_division=0)
     per_type = {
         t: {k: float(report[t][k]) if t in report else 0.0 for k in ("precision", "recall", "f1-score", "support")}
-        for t in ENTITY_TYPES
+        for t in types
     }
     return {
         "precision": float(precision_score(gold, pred, zero_division=0)),
@@ -36,11 +39,14 @@ def score(gold_tags: list[list[str]], pred_tags: list[list[str]]) -> dict:
     }
 
 
-def error_analysis(gold_tags: list[list[str]], pred_tags: list[list[str]]) -> dict[str, int]:
-    """Counts of correct spans, type confusions (same span), boundary errors (overlap), missed, spurious."""
+def error_analysis(
+    gold_tags: list[list[str]], pred_tags: list[list[str]], types: Sequence[str] = ENTITY_TYPES
+) -> dict[str, int]:
+    """Counts of correct spans, type confusions (same span), boundary errors (overlap), missed, spurious; spans of
+    `types` only."""
     counts: Counter[str] = Counter({k: 0 for k in ERROR_KINDS})
     for gold_seq, pred_seq in zip(gold_tags, pred_tags):
-        gold, pred = spans(_known(list(gold_seq))), spans(_known(list(pred_seq)))
+        gold, pred = spans(_known(list(gold_seq), types)), spans(_known(list(pred_seq), types))
         exact = {(s.start, s.end): s.type for s in pred}
 
         def overlaps(a, others):

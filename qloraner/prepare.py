@@ -27,6 +27,7 @@ from qloraner.data import (
     length_grouped_batches,
     split_step_within,
 )
+from qloraner.labels import LabelSet, types_seen
 from qloraner.model import (
     add_lora,
     compile_layers,
@@ -205,13 +206,23 @@ def _claim_output_dir(config: TrainConfig):
 
 
 def _examples(config: TrainConfig, tokenizer) -> tuple[list[Encoded], dict]:
-    """The training examples as token ids and labels, and the instruction data's manifest."""
+    """The training examples as token ids and labels, and the instruction data's manifest (its `labels`: the label
+    set of the training split's types, which every prompt names)."""
     corpus = resolve_corpus(config, ROOT)
     records, manifest = instruction_data(
-        corpus, config.prompt, ROOT / "datasets" / "ner_instruct_data.json", None, config.response_format
+        corpus,
+        config.prompt,
+        ROOT / "datasets" / "ner_instruct_data.json",
+        None,
+        config.response_format,
+        config.labels,
     )
+    labels = LabelSet.from_saved(manifest["labels"])
+    _warn_labels(config, labels)
     for split in config.train_splits[1:]:  # a final run learns from valid too, once settings were chosen there
-        records += [build_record(s, config.prompt, config.response_format) for s in corpus.read(split)]
+        extra = corpus.read(split)
+        _warn_labels(config, labels, split, types_seen(s.tags for s in extra))
+        records += [build_record(s, config.prompt, config.response_format, labels) for s in extra]
     records = records[: config.limit or None]
     manifest |= {
         "splits": list(config.train_splits),
@@ -221,7 +232,7 @@ def _examples(config: TrainConfig, tokenizer) -> tuple[list[Encoded], dict]:
     examples = encode(tokenizer, [r["prompt"] for r in records], [r["response"] for r in records])
     if config.prompt == "context":  # as in evaluation: an over-long example loses its document context, not its answer
         long = [i for i, e in enumerate(examples) if len(e.input_ids) > config.max_length]
-        prompts = [build_prompt(records[i]["tokens"], config.prompt, config.response_format) for i in long]
+        prompts = [build_prompt(records[i]["tokens"], config.prompt, config.response_format, "", labels) for i in long]
         for i, e in zip(long, encode(tokenizer, prompts, [records[i]["response"] for i in long])):
             examples[i] = e
     examples = [Encoded(e.input_ids[: config.max_length], e.labels[: config.max_length]) for e in examples]
@@ -233,6 +244,23 @@ def _examples(config: TrainConfig, tokenizer) -> tuple[list[Encoded], dict]:
             f"token (prompts run to {longest} tokens); raise it above that"
         )
     return examples, manifest
+
+
+def _warn_labels(config: TrainConfig, labels: LabelSet, split: str = "", types: tuple[str, ...] = ()) -> None:
+    """One line for a recipe's [labels] description of a type the training data lacks, or for types of another
+    split learned from (`split`, its `types`) that the training split lacks: prompts and answers leave them out."""
+    if not split:
+        unused = [t for t in config.labels or {} if t not in labels.types]
+        if unused:
+            print(f"qloraner: warning: [labels] describes {', '.join(unused)}, not in the training data", flush=True)
+        return
+    unseen = [t for t in types if t not in labels.types]
+    if unseen:
+        print(
+            f"qloraner: warning: the {split} split's types {', '.join(unseen)} are not the train split's "
+            f"({labels.listed}): the prompts do not name them, nor does evaluation read them",
+            flush=True,
+        )
 
 
 def prepare(config: TrainConfig, device: torch.device | None = None) -> Run:
@@ -259,6 +287,7 @@ def _load(config: TrainConfig, device: torch.device, rank: int, world: int, lock
         start_compiler()  # its workers start while the data and the model load
     tokenizer = load_tokenizer(model_path)
     examples, manifest = _examples(config, tokenizer)
+    config = dataclasses.replace(config, labels=manifest["labels"])  # what the adapter learns: train_config.json
     micro = config.micro_batch_size or math.ceil(config.batch_size / world)
     total = config.max_steps or math.ceil(config.epochs * math.ceil(len(examples) / config.batch_size))
 
@@ -308,6 +337,7 @@ def _start_tracking(run: Run, model_path, manifest: dict, resumed: Path | None) 
         mlflow.log_params(
             {
                 **as_dict(config),
+                "labels": ",".join(config.labels or ()),  # the types (their descriptions: train_config.json)
                 "model_path": str(model_path),
                 "git_revision": git_revision(),
                 "train_examples": len(run.examples),

@@ -25,7 +25,7 @@ from qloraner.text import Token, sentences
 class Entity:
     start: int  # character offset of its first character in the text
     end: int  # one past its last character
-    label: str  # LOC, MISC, ORG or PER
+    label: str  # one of the adapter's types (Tagger.types): LOC, MISC, ORG or PER for CoNLL-2003
     text: str  # text[start:end]
 
 
@@ -95,6 +95,11 @@ class Tagger:
             cuda_graphs=settings.cuda_graphs,
             progress=progress,
         )
+
+    @property
+    def types(self) -> tuple[str, ...]:
+        """The entity types the adapter was trained on (its training data's), the only labels it gives."""
+        return self.prompting["labels"].types
 
     def tag(self, texts: Sequence[str]) -> list[list[Entity]]:
         """Per text, its entities in character offsets of that text; each text is one document (its sentences

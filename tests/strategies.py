@@ -7,6 +7,7 @@ import string
 from hypothesis import strategies as st
 
 from qloraner import ENTITY_TYPES
+from qloraner.labels import RESERVED, LabelSet
 
 # No digits here: only entity heads carry digits, so no other token can equal a head.
 WORD_CHARS = string.ascii_letters + string.punctuation + "éüßØ“”’"
@@ -18,21 +19,28 @@ BRACKET_TOKENS = ("[PER", "[LOC", "[MISC", "[ORG", "[[PER", "[", "]", "]]", "[PE
 bracket_word = st.one_of(word, st.sampled_from(BRACKET_TOKENS))
 
 
+# Label sets of 1 to 12 types with random upper-case names (the empty answer's NONE gets a letter more).
+label_type_name = st.text(alphabet=string.ascii_uppercase, min_size=1, max_size=8).map(
+    lambda n: n + "X" if n in RESERVED else n
+)
+label_set = st.lists(label_type_name, min_size=1, max_size=12, unique=True).map(lambda ts: LabelSet(tuple(sorted(ts))))
+
+
 @st.composite
-def tagged_sentence(draw, word=word) -> tuple[list[str], list[str]]:
+def tagged_sentence(draw, word=word, entity_type=entity_type) -> tuple[list[str], list[str]]:
     """Tokens with valid IOB2 tags whose mentions the canonical round trip must recover.
 
     Each distinct mention starts with a head token (letters + its own number) that appears
     nowhere else, so every mention text occurs only where that mention is tagged. Mentions
     repeat, one text may carry several types, and entities may touch (adjacent, same type). `word`: the strategy
-    of one token.
+    of one token; `entity_type`: the strategy of one type.
     """
     n_mentions = draw(st.integers(1, 5))
     mentions = [[f"{draw(word)}{i}", *draw(st.lists(word, max_size=3))] for i in range(n_mentions)]
     segments = draw(
         st.lists(
             st.one_of(
-                st.tuples(st.just("O"), st.lists(word, min_size=1, max_size=3)),
+                st.tuples(st.none(), st.lists(word, min_size=1, max_size=3)),  # None: outside (a type may be "O")
                 st.tuples(entity_type, st.integers(0, n_mentions - 1)),
             ),
             max_size=12,
@@ -41,9 +49,9 @@ def tagged_sentence(draw, word=word) -> tuple[list[str], list[str]]:
     tokens: list[str] = []
     tags: list[str] = []
     for kind, value in segments:
-        seg = value if kind == "O" else mentions[value]
+        seg = value if kind is None else mentions[value]
         tokens += seg
-        tags += ["O"] * len(seg) if kind == "O" else [f"B-{kind}"] + [f"I-{kind}"] * (len(seg) - 1)
+        tags += ["O"] * len(seg) if kind is None else [f"B-{kind}"] + [f"I-{kind}"] * (len(seg) - 1)
     return tokens, tags
 
 
@@ -52,7 +60,7 @@ tag_sequence = st.lists(any_tag, max_size=30)  # IOB1 or broken IOB2 alike
 
 
 @st.composite
-def valid_iob2(draw, length: int | None = None) -> list[str]:
+def valid_iob2(draw, length: int | None = None, entity_type=entity_type) -> list[str]:
     """Valid IOB2 tags, built by continuing only where the rules allow it."""
     n = draw(st.integers(0, 30)) if length is None else length
     tags: list[str] = []
@@ -66,10 +74,10 @@ def valid_iob2(draw, length: int | None = None) -> list[str]:
 
 
 @st.composite
-def gold_and_pred(draw) -> tuple[list[list[str]], list[list[str]]]:
-    """Two corpora of valid IOB2 tags with equal sentence lengths."""
+def gold_and_pred(draw, entity_type=entity_type) -> tuple[list[list[str]], list[list[str]]]:
+    """Two corpora of valid IOB2 tags with equal sentence lengths, of the types `entity_type` draws."""
     lengths = draw(st.lists(st.integers(0, 15), min_size=1, max_size=8))
-    return [draw(valid_iob2(n)) for n in lengths], [draw(valid_iob2(n)) for n in lengths]
+    return [draw(valid_iob2(n, entity_type)) for n in lengths], [draw(valid_iob2(n, entity_type)) for n in lengths]
 
 
 json_like = st.recursive(

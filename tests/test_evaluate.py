@@ -6,13 +6,14 @@ import torch
 from mlflow.tracking import MlflowClient
 from seqeval.metrics import f1_score, precision_score, recall_score
 
-from qloraner import QloranerError
+from qloraner import ENTITY_TYPES, QloranerError
 from qloraner.bio import entities_to_bio
 from qloraner.config import EvalConfig
 from qloraner.conll import read_split
 from qloraner.data import build_prompt
 from qloraner.decode import CPU_BATCH, generate_greedy
 from qloraner.evaluate import ARTIFACTS, _prompt_ids, _prompts, evaluate_model, load_for_eval
+from qloraner.labels import CONLL, LabelSet
 from qloraner.metrics import score
 from qloraner.model import load_tokenizer
 from qloraner.parse import parse_response
@@ -83,9 +84,31 @@ def test_prompting_follows_the_adapter_unless_flags_say_otherwise(tmp_path, tiny
     shutil.copytree(tiny_adapter, adapter)
     settings = json.loads((adapter / "train_config.json").read_text())
     (adapter / "train_config.json").write_text(json.dumps({**settings, "prompt": "typed", "response_format": "json"}))
-    assert load_for_eval(EvalConfig(adapter=str(adapter)), CPU)[2] == {"prompt": "typed", "response_format": "json"}
+    labels = LabelSet.from_saved(settings["labels"])
+    expected = {"prompt": "typed", "response_format": "json", "labels": labels}
+    assert load_for_eval(EvalConfig(adapter=str(adapter)), CPU)[2] == expected
     flags = EvalConfig(adapter=str(adapter), prompt="fewshot", response_format="lines")
-    assert load_for_eval(flags, CPU)[2] == {"prompt": "fewshot", "response_format": "lines"}
+    assert load_for_eval(flags, CPU)[2] == {"prompt": "fewshot", "response_format": "lines", "labels": labels}
+
+
+@pytest.mark.parametrize(
+    "saved,types,meanings",
+    [
+        pytest.param(None, ENTITY_TYPES, CONLL.meanings, id="an-adapter-before-label-sets-tags-conll-types"),
+        pytest.param({"PSN": "people", "GEO": ""}, ("GEO", "PSN"), (("PSN", "people"),), id="its-own-types"),
+    ],
+)
+def test_evaluation_uses_the_label_set_the_adapter_recorded(tmp_path, tiny_adapter, saved, types, meanings):
+    """The adapter's train_config.json `labels` is the label set evaluation prompts and parses with; an adapter
+    saved before label sets (no key) means CoNLL-2003's four types."""
+    import shutil
+
+    adapter = tmp_path / "adapter"
+    shutil.copytree(tiny_adapter, adapter)
+    settings = {k: v for k, v in json.loads((adapter / "train_config.json").read_text()).items() if k != "labels"}
+    (adapter / "train_config.json").write_text(json.dumps(settings | ({"labels": saved} if saved else {})))
+    labels = load_for_eval(EvalConfig(adapter=str(adapter)), CPU)[2]["labels"]
+    assert (labels.types, labels.meanings) == (types, meanings)
 
 
 def test_empty_split_is_an_error(tmp_path, tiny_model):
@@ -317,7 +340,7 @@ def test_an_overlong_prompt_drops_its_context_before_cutting_the_sentence(conll_
     the whole sentence and drops the context; a limit under that cuts the sentence to fit."""
     tok = load_tokenizer(smol_checkpoint)
     s = max(read_split(conll_dir, "valid")[:50], key=lambda x: len(x.context))
-    prompting = {"prompt": "context", "response_format": "lines"}
+    prompting = {"prompt": "context", "response_format": "lines", "labels": CONLL}
     full, bare = (_prompt_ids(tok, s.tokens, prompting, c) for c in (s.context, ""))
     assert len(bare) < len(full)
     assert _prompts(tok, [s], prompting, len(full) - 1) == ([bare], [len(s.tokens)])

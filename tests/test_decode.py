@@ -24,6 +24,7 @@ from qloraner.decode import (
     response_budget,
 )
 from qloraner.evaluate import load_for_eval
+from qloraner.labels import CONLL
 from qloraner.model import load_base, load_tokenizer
 from qloraner.parse import RENDERERS, render_response
 from tests.strategies import valid_iob2, word
@@ -138,7 +139,7 @@ def test_finished_rows_never_grow_and_generation_ends_early(tiny_adapter, tiny_m
     newline = newline_table(tok, len(tok))
     for row in gen.tokens:
         full = row + [tok.eos_token_id]  # the EOS that stopped it was stripped
-        assert not any(_stopped(tok, full[:k], tok.eos_token_id, newline) for k in range(1, len(full)))
+        assert not any(_stopped(tok, full[:k], tok.eos_token_id, newline, CONLL) for k in range(1, len(full)))
     budgets = [20 + i for i in range(8)]
     forced = generate_greedy(model, tok, prompts, budgets, batch_size=3, stop=False).tokens
     assert [len(row) for row in forced] == budgets
@@ -164,7 +165,7 @@ def test_stop_rule_fires_first_at_the_blank_line_after_the_answer(
     tok = load_tokenizer(smol_checkpoint if which == "smol" else llama2_tokenizer_dir)
     ids = tok(answer + rest, add_special_tokens=False)["input_ids"]
     newline = newline_table(tok, len(tok))
-    first = next(k for k in range(1, len(ids) + 1) if _stopped(tok, ids[:k], tok.eos_token_id, newline))
+    first = next(k for k in range(1, len(ids) + 1) if _stopped(tok, ids[:k], tok.eos_token_id, newline, CONLL))
     assert tok.decode(ids[:first]).rstrip("\n") == answer.rstrip("\n")
 
 
@@ -311,6 +312,9 @@ def test_an_answer_is_cut_exactly_when_its_budget_ends_before_its_stop(tiny_adap
     gen = generate_greedy(model, tok, prompts, budgets, batch_size=3)
     forced = generate_greedy(model, tok, prompts, budgets, batch_size=3, stop=False).tokens
     newline = newline_table(tok, len(tok))
-    cut = [not any(_stopped(tok, row[:k], tok.eos_token_id, newline) for k in range(1, len(row) + 1)) for row in forced]
+    cut = [
+        not any(_stopped(tok, row[:k], tok.eos_token_id, newline, CONLL) for k in range(1, len(row) + 1))
+        for row in forced
+    ]
     assert gen.cut == cut
     assert True in cut and False in cut  # both kinds are checked

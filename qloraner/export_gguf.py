@@ -7,6 +7,7 @@ so the GGUF header and tensor index are written first and each merged tensor is 
 
 from __future__ import annotations
 
+import errno
 import json
 import re
 from collections.abc import Callable, Iterator
@@ -319,11 +320,24 @@ def write_gguf(
             assert t.hf_name == hf_name, (t.hf_name, hf_name)  # the plan reads the same files in the same order
             kind = t.name.split(".")[-2]
             data = encoders[t.qtype](permute(tensor, rows[kind]) if kind in rows else tensor)
-            writer.write_tensor_data(data)
+            _write_data(writer, data, path)
             total += data.nbytes
     finally:
         writer.close()
     return total
+
+
+def _write_data(writer, data: np.ndarray, path: Path) -> None:
+    """Append one tensor's bytes. numpy's short write names no errno: where the disk lacks room for the tensor it
+    is the full disk (ENOSPC, which export reports as such)."""
+    import shutil
+
+    try:
+        writer.write_tensor_data(data)
+    except OSError as err:
+        if err.errno is None and shutil.disk_usage(path.parent).free < data.nbytes:
+            raise OSError(errno.ENOSPC, "no space left on the disk") from None
+        raise
 
 
 # --- Ollama ----------------------------------------------------------------------------------------------------

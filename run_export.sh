@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Merges a trained adapter into its base and writes a checkpoint other tools load.
-# Usage: ./run_export.sh --adapter DIR --output DIR [--dtype bf16|f16|f32] [--overwrite]  (--help lists the flags).
+# Usage: ./run_export.sh --adapter DIR --output DIR [--format hf|gguf] [--dtype bf16|f16|f32|q8_0] [--overwrite]
+#   (q8_0 with --format gguf only; --help lists the flags).
 # Environment: QLORANER_ADAPTER (default for --adapter).
 set -euo pipefail
 # shellcheck source=env.sh

@@ -1,4 +1,5 @@
-"""./run_export.sh: a trained adapter merged into its base as a plain Hugging Face checkpoint that other tools load.
+"""./run_export.sh: a trained adapter merged into its base as a plain Hugging Face checkpoint (--format hf) or a GGUF
+file with an Ollama Modelfile (--format gguf, qloraner/export_gguf.py) that other tools load.
 
 The merge goes into the weights the adapter was trained on: each base weight quantized to NF4 (double quantization,
 blocks of 64, as load_base quantizes it) and dequantized, plus the LoRA product; never into the original weights
@@ -25,6 +26,8 @@ from qloraner.config import field_errors, opt, parser_for, raise_if
 SETTINGS_FILE = "qloraner.json"  # marks a folder as a qloraner export (Tagger.load and ./run_eval.sh detect it)
 EXPORT_VERSION = 1  # bump when qloraner.json's keys change meaning
 DTYPES = {"bf16": torch.bfloat16, "f16": torch.float16, "f32": torch.float32}
+# the --dtype values each --format takes: safetensors hold plain floats; GGUF also llama.cpp's 8-bit blocks
+FORMAT_DTYPES = {"hf": tuple(DTYPES), "gguf": (*DTYPES, "q8_0")}
 # Hub ids of the bases we ship recipes for: the model card's base_model must name a Hub repository
 KNOWN_BASES = {
     "smollm2-135m-instruct": ("HuggingFaceTB/SmolLM2-135M-Instruct", "apache-2.0"),
@@ -37,8 +40,18 @@ WEIGHT_FILES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")  # the base's we
 class ExportConfig:
     adapter: str | None = opt(None, "trained LoRA adapter folder (e.g. outputs/run/final); required")
     output: str | None = opt(None, "folder to write the merged model into; required")
-    format: str = opt("hf", "hf: a Hugging Face checkpoint (safetensors, config, tokenizer)", choices=("hf",))
-    dtype: str = opt("bf16", "dtype of the merged weights (the merge itself runs in f32)", choices=tuple(DTYPES))
+    format: str = opt(
+        "hf",
+        "hf: a Hugging Face checkpoint (safetensors, config, tokenizer); gguf: one GGUF file for llama.cpp and "
+        "Ollama, with a Modelfile",
+        choices=tuple(FORMAT_DTYPES),
+    )
+    dtype: str = opt(
+        "bf16",
+        "dtype of the merged weights (the merge itself runs in f32): bf16, f16 or f32; q8_0 (llama.cpp's 8-bit "
+        "blocks) with --format gguf only, where norms stay f32",
+        choices=FORMAT_DTYPES["gguf"],
+    )
     max_shard_mb: int = opt(2000, "largest safetensors shard in MiB: the host holds about one", gt=0)
     overwrite: bool = opt(False, "replace an output folder that is not empty")
     license: str | None = opt(None, "licence for the model card; default: the known base's, else other")
@@ -49,6 +62,9 @@ class ExportConfig:
             errors.append("--adapter: name the trained adapter folder")
         if not self.output:
             errors.append("--output: name the folder to write")
+        allowed = FORMAT_DTYPES.get(self.format, FORMAT_DTYPES["gguf"])
+        if self.dtype in FORMAT_DTYPES["gguf"] and self.dtype not in allowed:
+            errors.append(f"--dtype {self.dtype}: not with --format {self.format} (give {', '.join(allowed)})")
         raise_if(errors)
 
 
@@ -184,6 +200,8 @@ def task_settings(trained: dict, config: ExportConfig) -> dict:
     labels = LabelSet.from_saved(trained.get("labels"))
     return {
         "export_version": EXPORT_VERSION,
+        "format": config.format,
+        **FORMAT_FILES[config.format],
         "prompt": prompt,
         "response_format": fmt,
         # the template filled in but for the sentence (its tokens joined by spaces) and, in `context`, its neighbours
@@ -199,12 +217,15 @@ def task_settings(trained: dict, config: ExportConfig) -> dict:
     }
 
 
+FORMAT_FILES = {"hf": {}, "gguf": {"gguf_file": "model.gguf", "ollama": "Modelfile"}}  # the format's own files
+
+
 def _yaml(value) -> str:
     """A YAML scalar: JSON's quoted strings and numbers are valid YAML, so no YAML writer is needed."""
     return json.dumps(value)
 
 
-def card_metadata(trained: dict, metrics: dict | None, license_name: str | None) -> str:
+def card_metadata(trained: dict, metrics: dict | None, license_name: str | None, fmt: str = "hf") -> str:
     """The Hub's metadata block (YAML front matter): base model, licence, data set, metrics, tags, results."""
     hub_id, known_license = KNOWN_BASES.get(trained.get("model") or "", (None, None))
     lines = ["---"]
@@ -214,6 +235,7 @@ def card_metadata(trained: dict, metrics: dict | None, license_name: str | None)
     lines += ["language:", "- en", "library_name: transformers", "pipeline_tag: text-generation"]
     lines += ["metrics:", "- f1", "- precision", "- recall", "tags:"]
     lines += [f"- {t}" for t in ("token-classification", "ner", "qlora", "lora", "qloraner", "conll2003")]
+    lines += ["- gguf"] if fmt == "gguf" else []
     if metrics:
         lines += ["model-index:", "- name: qloraner-conll2003", "  results:", "  - task:"]
         lines += ["      type: token-classification", "      name: Named-entity recognition", "    dataset:"]
@@ -257,31 +279,63 @@ RECIPE_KEYS = ("model", "recipe", "prompt", "response_format", "target_modules",
 RECIPE_KEYS += ("lora_dropout", "lr", "batch_size", "epochs", "max_steps", "train_split", "seed")
 
 
-def _usage() -> list[str]:
-    """The model card's how-to: qloraner's Tagger, then plain transformers."""
-    return [
-        "```python",
-        "from qloraner import Tagger",
-        "",
-        'tagger = Tagger.load("THIS_FOLDER")  # reads qloraner.json: prompt, answer format, stop rule',
-        'tagger.tag(["Peter Blackburn flew to Bonn."])  # per text: [Entity(start, end, label, text), ...]',
-        "```",
-        "",
-        "Plain transformers (greedy; stop at EOS or at the first blank line after the answer):",
-        "",
-        "```python",
-        "import json",
-        "from transformers import AutoModelForCausalLM, AutoTokenizer",
-        "",
-        'model = AutoModelForCausalLM.from_pretrained("THIS_FOLDER")',
-        'tokenizer = AutoTokenizer.from_pretrained("THIS_FOLDER")',
-        'prompt = json.load(open("THIS_FOLDER/qloraner.json"))["prompt_text"]',
-        'prompt = prompt.replace("{sentence}", "Peter Blackburn flew to Bonn .").replace("{context}", "(none)")',
-        'ids = tokenizer(prompt, return_tensors="pt").input_ids',
-        "out = model.generate(ids, max_new_tokens=64, do_sample=False)",
-        "print(tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True))",
-        "```",
-    ]
+def _usage(fmt: str) -> list[str]:
+    """The model card's how-to: qloraner's Tagger, then the format's own tools."""
+    return [*_TAGGER_USAGE, *USAGE[fmt]]
+
+
+_TAGGER_USAGE = [
+    "```python",
+    "from qloraner import Tagger",
+    "",
+    'tagger = Tagger.load("THIS_FOLDER")  # reads qloraner.json: prompt, answer format, stop rule',
+    'tagger.tag(["Peter Blackburn flew to Bonn."])  # per text: [Entity(start, end, label, text), ...]',
+    "```",
+    "",
+]
+_HF_USAGE = [
+    "Plain transformers (greedy; stop at EOS or at the first blank line after the answer):",
+    "",
+    "```python",
+    "import json",
+    "from transformers import AutoModelForCausalLM, AutoTokenizer",
+    "",
+    'model = AutoModelForCausalLM.from_pretrained("THIS_FOLDER")',
+    'tokenizer = AutoTokenizer.from_pretrained("THIS_FOLDER")',
+    'prompt = json.load(open("THIS_FOLDER/qloraner.json"))["prompt_text"]',
+    'prompt = prompt.replace("{sentence}", "Peter Blackburn flew to Bonn .").replace("{context}", "(none)")',
+    'ids = tokenizer(prompt, return_tensors="pt").input_ids',
+    "out = model.generate(ids, max_new_tokens=64, do_sample=False)",
+    "print(tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True))",
+    "```",
+]
+_GGUF_USAGE = [
+    "Ollama (the Modelfile holds the prompt template, greedy decoding and the stop rule; type one sentence):",
+    "",
+    "```bash",
+    "ollama create qloraner-ner -f THIS_FOLDER/Modelfile",
+    'ollama run qloraner-ner "Peter Blackburn flew to Bonn ."',
+    "```",
+    "",
+    "llama.cpp (the prompt from qloraner.json's prompt_text, its {sentence} filled in, {context} as (none);",
+    "greedy; stop at EOS or at the first blank line after the answer):",
+    "",
+    "```bash",
+    "python -c \"import json; print(json.load(open('THIS_FOLDER/qloraner.json'))['prompt_text']"
+    ".replace('{sentence}', 'Peter Blackburn flew to Bonn .').replace('{context}', '(none)'), end='')\" > prompt.txt",
+    "llama-completion -m THIS_FOLDER/model.gguf -f prompt.txt --temp 0 -n 64  # llama-cli -no-cnv in older builds",
+    "```",
+    "",
+    "transformers reads the GGUF too (dequantized):",
+    "",
+    "```python",
+    "from transformers import AutoModelForCausalLM, AutoTokenizer",
+    "",
+    'model = AutoModelForCausalLM.from_pretrained("THIS_FOLDER", gguf_file="model.gguf")',
+    'tokenizer = AutoTokenizer.from_pretrained("THIS_FOLDER")  # the tokenizer files qloraner trained with',
+    "```",
+]
+USAGE = {"hf": _HF_USAGE, "gguf": _GGUF_USAGE}
 
 
 def model_card(trained: dict, settings: dict, metrics: dict | None, license_name: str | None) -> str:
@@ -289,7 +343,7 @@ def model_card(trained: dict, settings: dict, metrics: dict | None, license_name
     recipe = [f"| {k} | {trained[k]} |" for k in RECIPE_KEYS if trained.get(k) not in (None, "")]
     return "\n".join(
         [
-            card_metadata(trained, metrics, license_name),
+            card_metadata(trained, metrics, license_name, settings["format"]),
             "# qloraner CoNLL-2003 NER model",
             "",
             f"{trained.get('model')} fine-tuned with QLoRA by qloraner to tag named entities "
@@ -310,7 +364,7 @@ def model_card(trained: dict, settings: dict, metrics: dict | None, license_name
             "",
             "## Use",
             "",
-            *_usage(),
+            *_usage(settings["format"]),
             "",
         ]
     )
@@ -342,17 +396,38 @@ def base_folder(trained: dict) -> Path:
     return base
 
 
+def write_hf(config: ExportConfig, trained: dict, base: Path, out: Path) -> int:
+    """The Hugging Face checkpoint: config, tokenizer and generation config, then the merged shards."""
+    copy_base_files(base, out, config.dtype)
+    merged = merged_tensors(base, Path(config.adapter), DTYPES[config.dtype])
+    return write_shards(merged, out, config.max_shard_mb * 2**20)
+
+
+def write_gguf(config: ExportConfig, trained: dict, base: Path, out: Path) -> int:
+    """model.gguf (the merge in f32, encoded per tensor in --dtype), the tokenizer files and the Ollama Modelfile."""
+    from qloraner import export_gguf
+
+    merged = merged_tensors(base, Path(config.adapter), torch.float32)
+    name = f"qloraner CoNLL-2003 NER ({trained.get('model')})"
+    total = export_gguf.write_gguf(out / export_gguf.GGUF_FILE, base, trained, merged, config.dtype, name)
+    export_gguf.copy_tokenizer_files(base, out)
+    context = json.loads((base / "config.json").read_text())["max_position_embeddings"]
+    (out / export_gguf.MODELFILE).write_text(export_gguf.modelfile(task_settings(trained, config), context))
+    return total
+
+
+WRITERS = {"hf": write_hf, "gguf": write_gguf}
+
+
 def write_export(config: ExportConfig, out: Path) -> int:
     """Every file of the export into `out` (a fresh folder); the weights' bytes."""
     from qloraner.evaluate import _adapter_settings
 
-    adapter = Path(config.adapter)
-    trained = _adapter_settings(adapter)
+    trained = _adapter_settings(Path(config.adapter))
     base = base_folder(trained)
-    copy_base_files(base, out, config.dtype)
-    total = write_shards(merged_tensors(base, adapter, DTYPES[config.dtype]), out, config.max_shard_mb * 2**20)
+    total = WRITERS[config.format](config, trained, base, out)
     settings = task_settings(trained, config)
-    metrics = eval_metrics(adapter)
+    metrics = eval_metrics(Path(config.adapter))
     (out / "README.md").write_text(model_card(trained, settings, metrics, config.license), encoding="utf-8")
     (out / SETTINGS_FILE).write_text(json.dumps(settings, indent=2))  # last of the files, though the rename decides
     return total
@@ -406,8 +481,9 @@ def load_export(path: Path, device: torch.device, config) -> tuple:
     except ValueError as err:
         raise QloranerError(f"{path / SETTINGS_FILE}: damaged settings file ({err})") from None
     attention_without_cudnn(device)
+    weights = {"gguf_file": settings["gguf_file"]} if "gguf_file" in settings else {}  # a GGUF is dequantized
     model = AutoModelForCausalLM.from_pretrained(
-        path, dtype=compute_dtype(device), device_map={"": device}, attn_implementation="sdpa"
+        path, dtype=compute_dtype(device), device_map={"": device}, attn_implementation="sdpa", **weights
     )
     model.eval()
     from qloraner.labels import LabelSet

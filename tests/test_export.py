@@ -8,8 +8,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 
 from qloraner import QloranerError
 from qloraner.config import EvalConfig
@@ -17,6 +20,7 @@ from qloraner.conll import read_split
 from qloraner.decode import generate_greedy, response_budget
 from qloraner.evaluate import _prompts, load_for_eval
 from qloraner.export import SETTINGS_FILE, ExportConfig, card_metadata, export
+from qloraner.export_gguf import GGUF_FILE, MODELFILE
 from qloraner.tag import Tagger
 from tests.conftest import ROOT, last_line
 
@@ -29,6 +33,13 @@ def exported(tmp_path_factory, tiny_adapter) -> Path:
     """The tiny adapter exported in f32, with small shards (several files and an index)."""
     out = tmp_path_factory.mktemp("export") / "merged"
     return export(ExportConfig(adapter=str(tiny_adapter), output=str(out), dtype="f32", max_shard_mb=4))
+
+
+@pytest.fixture(scope="module")
+def exported_gguf(tmp_path_factory, tiny_adapter) -> Path:
+    """The tiny adapter exported as a GGUF in f32."""
+    out = tmp_path_factory.mktemp("export-gguf") / "gguf"
+    return export(ExportConfig(adapter=str(tiny_adapter), output=str(out), format="gguf", dtype="f32"))
 
 
 @pytest.fixture(scope="module")
@@ -120,11 +131,13 @@ def test_model_card_metadata_is_yaml_with_the_evaluation(tmp_path, tiny_adapter)
     assert known["base_model"] == "HuggingFaceTB/SmolLM2-135M-Instruct" and known["license"] == "apache-2.0"
 
 
-def test_tagger_on_the_export_gives_the_adapters_tags(exported, tiny_adapter, conll_sentences):
-    """Tagger.load on the export (found by its qloraner.json: plain weights, the adapter's prompt settings) tags
-    16 CoNLL sentences exactly as Tagger.load on the adapter, entities included."""
+@pytest.mark.parametrize("fmt", ["exported", "exported_gguf"])
+def test_tagger_on_the_export_gives_the_adapters_tags(fmt, request, tiny_adapter, conll_sentences):
+    """Tagger.load on the export, hf or gguf (found by its qloraner.json: plain weights, the GGUF's dequantized,
+    the adapter's prompt settings) tags 16 CoNLL sentences exactly as Tagger.load on the adapter, entities
+    included."""
     tokens = [list(s.tokens) for s in conll_sentences]
-    on_export = Tagger.load(exported, "cpu", max_new_tokens=MAX_NEW, progress=False)
+    on_export = Tagger.load(request.getfixturevalue(fmt), "cpu", max_new_tokens=MAX_NEW, progress=False)
     on_adapter = Tagger.load(tiny_adapter, "cpu", max_new_tokens=MAX_NEW, progress=False)
     assert on_export.prompting == on_adapter.prompting
     tags = on_export.tag_tokens(tokens)
@@ -235,5 +248,236 @@ def test_a_full_disk_is_one_error_and_leaves_nothing(small_disk, tiny_adapter):
     neither the output folder nor its temporary one."""
     with pytest.raises(QloranerError, match="the disk is full") as err:
         export(ExportConfig(adapter=str(tiny_adapter), output=str(small_disk / "merged"), dtype="f32"))
+    assert "\n" not in str(err.value)
+    assert list(small_disk.iterdir()) == []
+
+
+# --- GGUF ------------------------------------------------------------------------------------------------------
+
+
+def gguf_alone(export_dir: Path, tmp_path: Path) -> Path:
+    """A folder holding only the export's model.gguf: what is read from it comes from the GGUF itself."""
+    alone = tmp_path / f"alone-{export_dir.name}"
+    alone.mkdir()
+    shutil.copy2(export_dir / GGUF_FILE, alone / GGUF_FILE)
+    return alone
+
+
+def prompt_texts(export_dir: Path, sentences) -> list[str]:
+    from qloraner.data import build_prompt
+
+    settings = json.loads((export_dir / SETTINGS_FILE).read_text())
+    return [build_prompt(s.tokens, settings["prompt"], settings["response_format"], s.context) for s in sentences]
+
+
+def read_gguf(folder: Path):
+    """(model, tokenizer) from folder/model.gguf by transformers' own GGUF loader, in f32."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=GGUF_FILE, dtype=torch.float32).eval()
+    return model, AutoTokenizer.from_pretrained(folder, gguf_file=GGUF_FILE)
+
+
+def logits_and_answers(model, prompts: list[list[int]]) -> list[tuple[torch.Tensor, list[int]]]:
+    """Per prompt, the logits over it and the greedy answer (to EOS, as the model's config names it)."""
+    out = []
+    for prompt in prompts:
+        ids = torch.tensor([prompt])
+        with torch.no_grad():
+            logits = model(ids).logits[0]
+            answer = model.generate(ids, max_new_tokens=MAX_NEW, do_sample=False, pad_token_id=0)
+        out.append((logits, answer[0, len(prompt) :].tolist()))
+    return out
+
+
+def test_gguf_read_by_transformers_equals_the_hf_export(exported, exported_gguf, conll_sentences, tmp_path):
+    """The f32 GGUF alone (copied into an empty folder), read back by transformers' own GGUF loader, tokenizes 6
+    CoNLL prompts (numbers, hyphens, quotes, capitals) as the hf export's tokenizer does, and gives the hf export's
+    logits within 1e-4 and its greedy answers, token for token, which are not empty."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model, tokenizer = read_gguf(gguf_alone(exported_gguf, tmp_path))
+    plain = AutoModelForCausalLM.from_pretrained(exported, dtype=torch.float32).eval()
+    plain_tokenizer = AutoTokenizer.from_pretrained(exported)
+    texts = prompt_texts(exported_gguf, conll_sentences[:3] + conll_sentences[8:11])
+    prompts = [plain_tokenizer(t)["input_ids"] for t in texts]
+    assert [tokenizer(t)["input_ids"] for t in texts] == prompts
+    assert model.config.eos_token_id == plain.config.eos_token_id
+    for (got, answer), (want, plain_answer) in zip(
+        logits_and_answers(model, prompts), logits_and_answers(plain, prompts)
+    ):
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+        assert answer == plain_answer and answer
+
+
+def test_q8_0_gguf_stays_near_the_f32_export(exported_gguf, tiny_adapter, conll_sentences, tmp_path):
+    """A q8_0 export stores every matrix in Q8_0 blocks and every norm in f32; read back by transformers, its
+    logits on 3 prompts stay near the f32 GGUF's (on average within 1% of their range, everywhere within 5%) and its
+    greedy answers are the same."""
+    import gguf
+
+    out = export(ExportConfig(adapter=str(tiny_adapter), output=str(tmp_path / "q8"), format="gguf", dtype="q8_0"))
+    types = {t.name: (t.tensor_type, len(t.shape)) for t in gguf.GGUFReader(out / GGUF_FILE).tensors}
+    Q = gguf.GGMLQuantizationType
+    assert {kind for kind, dims in types.values() if dims == 2} == {Q.Q8_0}
+    assert {kind for kind, dims in types.values() if dims == 1} == {Q.F32}
+    model, tokenizer = read_gguf(gguf_alone(out, tmp_path))
+    reference, _ = read_gguf(gguf_alone(exported_gguf, tmp_path))
+    prompts = [tokenizer(t)["input_ids"] for t in prompt_texts(out, conll_sentences[:3])]
+    for (got, answer), (want, f32_answer) in zip(
+        logits_and_answers(model, prompts), logits_and_answers(reference, prompts)
+    ):
+        gap, spread = (got - want).abs(), want.max() - want.min()
+        assert gap.mean() <= 0.01 * spread and gap.max() <= 0.05 * spread
+        assert answer == f32_answer
+
+
+@given(
+    kv_heads=st.sampled_from([1, 2, 3, 4]),
+    groups=st.integers(1, 3),
+    half_dim=st.integers(1, 8),
+    cols=st.integers(1, 5),
+)
+def test_permute_is_undone_by_transformers_gguf_reader(kv_heads, groups, half_dim, cols):
+    """llama.cpp's q/k row order, as permute writes it for q (all heads) and k (the key/value heads, grouped-query
+    attention included), is undone exactly by the permutation transformers' GGUF reader applies."""
+    from transformers.modeling_gguf_pytorch_utils import LlamaTensorProcessor
+
+    from qloraner.export_gguf import permute
+
+    heads = kv_heads * groups
+    reader = LlamaTensorProcessor({"num_attention_heads": heads, "num_key_value_heads": kv_heads})
+    for name, n_head in (("blk.0.attn_q.weight", heads), ("blk.0.attn_k.weight", kv_heads)):
+        weight = torch.randn(n_head * 2 * half_dim, cols)
+        back = reader.process(permute(weight, n_head).numpy(), name).weights
+        assert np.array_equal(back, weight.numpy()) and (
+            half_dim == 1 or not torch.equal(permute(weight, n_head), weight)
+        )
+
+
+@pytest.mark.parametrize(
+    "name, expected",
+    [
+        ("model.embed_tokens.weight", "token_embd.weight"),
+        ("lm_head.weight", "output.weight"),
+        ("model.norm.weight", "output_norm.weight"),
+        ("model.layers.0.self_attn.q_proj.weight", "blk.0.attn_q.weight"),
+        ("model.layers.31.self_attn.o_proj.weight", "blk.31.attn_output.weight"),
+        ("model.layers.7.mlp.down_proj.weight", "blk.7.ffn_down.weight"),
+        ("model.layers.2.input_layernorm.weight", "blk.2.attn_norm.weight"),
+        ("model.layers.2.post_attention_layernorm.weight", "blk.2.ffn_norm.weight"),
+        ("model.layers.0.self_attn.rotary_emb.inv_freq", None),
+    ],
+)
+def test_gguf_names_are_llama_cpps(name, expected):
+    """Each LLaMA checkpoint tensor gets the name llama.cpp's llama architecture reads (RoPE constants none)."""
+    from qloraner.export_gguf import gguf_name
+
+    assert gguf_name(name) == expected
+
+
+@pytest.mark.parametrize(
+    "name", ["model.layers.0.self_attn.q_proj.bias", "model.layers.0.mlp.experts.0.w1.weight", "vision.patch.weight"]
+)
+def test_tensors_without_a_gguf_place_are_refused(name):
+    """A tensor the llama GGUF layout cannot hold (biases, experts, other towers) stops the export on one line."""
+    from qloraner.export_gguf import gguf_name
+
+    with pytest.raises(QloranerError, match="--format hf") as err:
+        gguf_name(name)
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("prompt", ["simple", "typed", "fewshot", "context"])
+@pytest.mark.parametrize("fmt", ["lines", "json", "inline"])
+def test_modelfile_template_is_the_adapters_prompt(prompt, fmt):
+    """The Modelfile's TEMPLATE, its {{ .Prompt }} filled with a sentence, is qloraner's prompt for that sentence
+    (no document context); it reads model.gguf, decodes greedily and stops at a blank line."""
+    import re
+
+    from qloraner.data import build_prompt
+    from qloraner.decode import STOP_TEXT
+    from qloraner.export_gguf import modelfile
+
+    sentence = "EU rejects German call to boycott British lamb ."
+    text = modelfile({"prompt": prompt, "response_format": fmt, "stop": {"text": STOP_TEXT}}, 8192)
+    template = re.search(r'^TEMPLATE """(.*?)"""$', text, re.S | re.M)[1]
+    assert template.replace("{{ .Prompt }}", sentence) == build_prompt(sentence.split(), prompt, fmt, "")
+    assert "FROM ./model.gguf\n" in text and "PARAMETER temperature 0\n" in text
+    assert re.search(r'^PARAMETER stop """(.*?)"""$', text, re.S | re.M)[1] == STOP_TEXT
+
+
+def test_gguf_export_files_and_tokenizer_keys(exported_gguf, smol_checkpoint):
+    """The gguf export holds model.gguf, the Modelfile, the tokenizer files, qloraner.json naming the GGUF and a
+    card with Ollama and llama.cpp lines; the tokenizer keys built from a Hugging Face tokenizer equal, token for
+    token, merge for merge, those of the GGUF the embedded default came from (which the default's export copies)."""
+    import gguf
+
+    from qloraner.export_gguf import bpe_vocab, source_gguf_vocab
+
+    names = {p.name for p in exported_gguf.iterdir()}
+    assert {GGUF_FILE, MODELFILE, "tokenizer.json", SETTINGS_FILE, "README.md"} <= names
+    assert "config.json" not in names and not any(n.endswith(".safetensors") for n in names)
+    settings = json.loads((exported_gguf / SETTINGS_FILE).read_text())
+    assert settings["format"] == "gguf" and settings["gguf_file"] == GGUF_FILE
+    card = (exported_gguf / "README.md").read_text()
+    assert "ollama create" in card and "llama-completion" in card and "gguf" in front_matter(card)["tags"]
+    built, copied = gguf.GGUFWriter(None, "llama"), gguf.GGUFWriter(None, "llama")
+    bpe_vocab(built, smol_checkpoint, 49152)
+    source_gguf_vocab(copied, smol_checkpoint, 49152)
+    keys = ("tokens", "token_type", "merges", "bos_token_id", "eos_token_id", "unknown_token_id", "model", "pre")
+    for key in keys:
+        assert built.kv_data[0][f"tokenizer.ggml.{key}"].value == copied.kv_data[0][f"tokenizer.ggml.{key}"].value, key
+
+
+@pytest.mark.parametrize(
+    "tokenizer",
+    [
+        {"model": {"type": "WordPiece"}, "pre_tokenizer": {"type": "BertPreTokenizer"}},
+        {"model": {"type": "BPE"}, "pre_tokenizer": {"type": "Metaspace", "replacement": "▁"}},
+        {"model": {"type": "BPE"}, "pre_tokenizer": {"type": "ByteLevel", "use_regex": True, "add_prefix_space": True}},
+    ],
+)
+def test_unsupported_tokenizers_are_one_line(tmp_path, tokenizer):
+    """A tokenizer the GGUF writer cannot express for llama.cpp (WordPiece, BPE without byte-level splitting, a
+    byte-level one adding a prefix space) is refused on one line saying gguf export of it is not supported yet."""
+    from qloraner.export_gguf import bpe_pre
+
+    (tmp_path / "tokenizer.json").write_text(json.dumps(tokenizer))
+    with pytest.raises(QloranerError, match="not supported yet") as err:
+        bpe_pre(tmp_path)
+    assert "\n" not in str(err.value)
+
+
+def test_q8_0_needs_gguf():
+    """--dtype q8_0 with --format hf fails on one QloranerError naming both flags."""
+    with pytest.raises(QloranerError, match="--dtype q8_0: not with --format hf"):
+        ExportConfig(adapter="a", output="b", format="hf", dtype="q8_0")
+
+
+def test_an_interrupted_gguf_export_leaves_nothing(tmp_path, tiny_adapter, monkeypatch):
+    """Interrupted while writing the GGUF's third tensor (Ctrl-C), a gguf export leaves no output folder and no
+    temporary one."""
+    import gguf
+
+    real, calls = gguf.GGUFWriter.write_tensor_data, []
+
+    def interrupted(self, *args, **kw):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(self, *args, **kw)
+
+    monkeypatch.setattr(gguf.GGUFWriter, "write_tensor_data", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        export(ExportConfig(adapter=str(tiny_adapter), output=str(tmp_path / "gguf"), format="gguf"))
+    assert len(calls) == 3 and list(tmp_path.iterdir()) == []
+
+
+def test_a_full_disk_stops_a_gguf_export_and_leaves_nothing(small_disk, tiny_adapter):
+    """A gguf export onto a disk too small for it stops with one QloranerError naming the full disk, and leaves
+    neither the output folder nor its temporary one."""
+    with pytest.raises(QloranerError, match="the disk is full") as err:
+        export(ExportConfig(adapter=str(tiny_adapter), output=str(small_disk / "gguf"), format="gguf", dtype="f32"))
     assert "\n" not in str(err.value)
     assert list(small_disk.iterdir()) == []

@@ -234,6 +234,7 @@ class EvalConfig:
     merge: bool = opt(False, "merge the adapter into the NF4 base dequantized to bf16 (the weights it was trained on)")
     cuda_graphs: bool = opt(True, "replay the decode step as CUDA graphs on a GPU (--no-cuda-graphs: run it eagerly)")
     output_dir: str | None = opt(None, "where metrics and responses go; default <adapter>/../eval or outputs/eval")
+    verbose: bool = opt(False, "print where the start-up's seconds went, as one line (MLflow holds it either way)")
     experiment: str = opt("qloraner", "MLflow experiment name")
 
     def __post_init__(self) -> None:

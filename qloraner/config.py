@@ -172,7 +172,11 @@ class TrainConfig:
     lora_dropout: float = opt(0.1, "LoRA dropout", ge=0, lt=1)
     target_modules: str = opt("q_proj,v_proj", "comma-separated module names, or all-linear")
     max_length: int = opt(512, "truncate examples to this many tokens", gt=0)
-    gradient_checkpointing: bool = opt(True, "recompute activations in backward (non-reentrant)")
+    gradient_checkpointing: bool | None = opt(
+        None,
+        "recompute activations in backward (non-reentrant): less memory, slower steps; default: off where a full "
+        "micro-batch fits --memory-gib or the memory available without it, else on (the plan line says which)",
+    )
     compile: bool | None = opt(
         None,
         "torch.compile each decoder layer; default: on for CUDA GPUs with Triton and a C "
@@ -285,6 +289,7 @@ class EvalConfig:
     merge: bool = opt(False, "merge the adapter into the NF4 base dequantized to bf16 (the weights it was trained on)")
     cuda_graphs: bool = opt(True, "replay the decode step as CUDA graphs on a GPU (--no-cuda-graphs: run it eagerly)")
     output_dir: str | None = opt(None, "where metrics and responses go; default <adapter>/../eval or outputs/eval")
+    verbose: bool = opt(False, "print where the start-up's seconds went, as one line (MLflow holds it either way)")
     experiment: str = opt("qloraner", "MLflow experiment name")
 
     def __post_init__(self) -> None:

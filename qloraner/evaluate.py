@@ -21,6 +21,7 @@ from qloraner.metrics import error_analysis, score
 from qloraner.model import DEFAULT_MODEL, load_base, load_tokenizer, resolve_model
 from qloraner.parse import is_explicit_empty, parse_response, tag_response
 from qloraner.progress import Progress
+from qloraner.startup import STOPWATCH, stopwatch
 
 
 def _prompt_ids(tokenizer, tokens, prompting: dict, context: str) -> list[int]:
@@ -62,7 +63,8 @@ def respond(
 
     `prompting` names the prompt template, the response format and the label set (`load_for_eval` gives them).
     """
-    prompt_ids, kept = _prompts(tokenizer, sentences, prompting, config.max_prompt_tokens)
+    with stopwatch("prompts"):
+        prompt_ids, kept = _prompts(tokenizer, sentences, prompting, config.max_prompt_tokens)
     truncated = sum(k < len(s.tokens) for k, s in zip(kept, sentences))
     if truncated:
         warnings.warn(
@@ -81,7 +83,7 @@ def respond(
             prompt_ids,
             budgets,
             batch_size,
-            progress=progress,
+            progress=STOPWATCH.until_first(progress),
             graphs=config.cuda_graphs,
             labels=labels,
         )
@@ -198,20 +200,24 @@ def load_for_eval(config: EvalConfig, device: torch.device):
 
     exported = config.adapter if is_export(config.adapter) else config.model if is_export(config.model) else None
     if exported:  # a merged model from ./run_export.sh: plain weights, its prompt settings in qloraner.json
-        return load_export(Path(exported), device, config)
+        with stopwatch("model load"):
+            return load_export(Path(exported), device, config)
     trained = _adapter_settings(Path(config.adapter)) if config.adapter else {}
     base_name = config.model or trained.get("model") or DEFAULT_MODEL
     base_path = resolve_model(base_name)
     if trained and config.model and resolve_model(trained["model"]) != base_path:
         raise QloranerError(f"{config.adapter}: adapter was trained on {trained['model']}, not {config.model}")
-    tokenizer = load_tokenizer(base_path, padding_side="left")
-    base = load_base(base_path, device)
+    with stopwatch("tokenizer"):
+        tokenizer = load_tokenizer(base_path, padding_side="left")
+    with stopwatch("model load"):
+        base = load_base(base_path, device)
     if config.merge:  # into the NF4 weights the adapter was trained on, dequantized to bf16 (fp32 on CPU): merging
         base = base.dequantize()  # into 4-bit loses accuracy, into the original weights changes the model
     model = base
     if config.adapter:
         try:
-            model = PeftModel.from_pretrained(base, config.adapter)
+            with stopwatch("adapter"):
+                model = PeftModel.from_pretrained(base, config.adapter)
         except (RuntimeError, ValueError, KeyError) as err:
             raise QloranerError(
                 f"{config.adapter}: adapter does not fit {base_name}: {str(err).splitlines()[0][:200]}"
@@ -289,7 +295,8 @@ def decode(config: EvalConfig, device: torch.device) -> tuple[dict, dict, dict]:
     rank 0 gets every rank's rows back in sentence order. Returns (responses, stats, context) per model label;
     responses and stats are empty on other ranks."""
     rank, world, _ = dist.setup()
-    sentences = resolve_corpus(config, ROOT).read(config.split)
+    with stopwatch("data"):
+        sentences = resolve_corpus(config, ROOT).read(config.split)
     sentences = sentences[: config.limit] if config.limit else sentences
     mine = list(range(rank, len(sentences), world))
     my_sentences = [sentences[i] for i in mine]
@@ -391,6 +398,7 @@ def log_to_mlflow(out: Path, store: Path, config: EvalConfig, context: dict, res
             keys = ("precision", "recall", "f1", "parse_failures", "cut_answers", "sentences_per_s", "batch_size")
             mlflow.log_metrics({f"{prefix}{k}": m[k] for k in keys})
             mlflow.log_metrics({f"{prefix}f1_{t}": r["f1-score"] for t, r in m["per_type"].items()})
+        mlflow.log_metrics(STOPWATCH.metrics())  # where the start-up's seconds went (startup.py)
         for f in sorted(out.glob("*")):
             if f.suffix in (".json", ".jsonl", ".md", ".png"):
                 mlflow.log_artifact(str(f), artifact_path="eval")
@@ -408,11 +416,12 @@ def evaluate_model(config: EvalConfig, device: torch.device | None = None) -> di
     device = device or rank_device
     out, store = output_dirs(config)
     if rank == 0:  # before decoding: a bad folder or tracking URI must not cost the decoding
-        from qloraner.tracking import check_experiment, check_tracking
+        with stopwatch("tracking checks"):
+            from qloraner.tracking import check_experiment, check_tracking
 
-        make_dir(out)
-        check_tracking(store)
-        check_experiment(config.experiment)
+            make_dir(out)
+            check_tracking(store)
+            check_experiment(config.experiment)
     responses, stats, context = decode(config, device)
     if not responses:  # not rank 0
         return {}
@@ -456,8 +465,11 @@ def done_line(m: dict, split: str, out: Path) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     def body() -> int:
+        STOPWATCH.begin()
         config = from_args(EvalConfig, argv, "Evaluate a base model or LoRA adapter on CoNLL-2003 (./run_eval.sh)")
         results = evaluate_model(config)
+        if results and config.verbose:
+            print(STOPWATCH.line(), flush=True)
         if results:  # rank 0
             label = "fine-tuned" if config.adapter else "base"
             print(done_line(results[label], config.split, output_dirs(config)[0]), flush=True)

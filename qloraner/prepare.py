@@ -75,6 +75,7 @@ class Run:
     graphs: MicroStepGraphs | None = None  # with --cuda-graphs
     dropout_key: torch.Tensor | None = None  # CounterDropout's, set before each micro-step
     micro_plan: memory.MemoryPlan = memory.MemoryPlan(0, "no bound")  # the micro-batches' token bound
+    checkpointing: memory.Checkpointing = memory.Checkpointing(False, "set")  # resolved (the config keeps auto)
 
     def __post_init__(self) -> None:
         self.lengths = [len(e.input_ids) for e in self.examples]
@@ -115,31 +116,49 @@ def _use_compile(config: TrainConfig, device: torch.device) -> bool:
     return reason is None
 
 
-def _use_graphs(config: TrainConfig, device: torch.device, compiled: bool) -> bool:
-    """--cuda-graphs / --no-cuda-graphs as given (refused here without a GPU, by the config without --compile);
-    unset, on with compiled layers on a GPU without checkpointing (with it, only when asked: a higher peak)."""
-    if config.cuda_graphs and device.type != "cuda":
-        raise QloranerError(f"--cuda-graphs: needs a CUDA GPU, not {device.type}")
+def _use_graphs(config: TrainConfig, device: torch.device, checkpointing: bool) -> bool:
+    """--cuda-graphs / --no-cuda-graphs as given (refused in prepare() without a GPU, by the config without
+    --compile); unset, on with compiled layers on a GPU without checkpointing (with it, only when asked: a higher
+    peak)."""
     if config.cuda_graphs is not None:
         return config.cuda_graphs
-    return device.type == "cuda" and compiled and not config.gradient_checkpointing
+    return device.type == "cuda" and bool(config.compile) and not checkpointing
 
 
-def _build_model(config: TrainConfig, model_path, device: torch.device, rank: int):
-    """The NF4 base with a fresh LoRA adapter (the same init on every rank), compiled when asked; also whether its
-    frozen weights were dequantized once and whether by the compiled layers (--frozen-copies and
-    --dequantize-in-graph, resolved), and CounterDropout's key with CUDA graphs over checkpointing inside the
-    compiled layers (None elsewhere: torch's dropout, whose recomputed masks replay the RNG's state)."""
+@dataclass
+class _Built:
+    """_build_model's model and the speed choices it resolved."""
+
+    model: torch.nn.Module
+    checkpointing: memory.Checkpointing
+    cuda_graphs: bool
+    frozen_copies: bool
+    nf4_in_graph: bool
+    dropout_key: torch.Tensor | None
+
+
+def _build_model(config: TrainConfig, model_path, device: torch.device, rank: int, longest: int, micro: int):
+    """The NF4 base with a fresh LoRA adapter (the same init on every rank), compiled when asked; also its
+    checkpointing (the same on every rank: on where any rank needs it), whether CUDA graphs replay its steps,
+    whether its frozen weights were dequantized once and whether by the compiled layers (--gradient-checkpointing,
+    --cuda-graphs, --frozen-copies and --dequantize-in-graph, resolved), and CounterDropout's key with CUDA graphs
+    over checkpointing inside the compiled layers (None elsewhere: torch's dropout, whose recomputed masks replay
+    the RNG's state)."""
     torch.manual_seed(config.seed)
     random.seed(config.seed)
-    in_graph = config.compile and config.gradient_checkpointing and device.type in RECOMPUTE_IN_GRAPH_ON
+    base = load_base(model_path, device)
+    ckpt = memory.choose_checkpointing(config, base, device, compute_dtype(device), longest, micro)
+    if not dist.smallest(int(not ckpt.on), device):  # a rank without the room decides for all
+        ckpt = dataclasses.replace(ckpt, on=True)
+    graphs = _use_graphs(config, device, ckpt.on)
+    in_graph = config.compile and ckpt.on and device.type in RECOMPUTE_IN_GRAPH_ON
     model = add_lora(
-        load_base(model_path, device),
+        base,
         r=config.lora_r,
         alpha=config.lora_alpha,
         dropout=config.lora_dropout,
         target_modules=config.target_module_list,
-        checkpointing=config.gradient_checkpointing and not in_graph,
+        checkpointing=ckpt.on and not in_graph,
     )
     copies, dtype = config.frozen_copies, compute_dtype(device)
     if copies is None:  # small models: their steps wait on kernel launches, dequantizations among them
@@ -156,7 +175,7 @@ def _build_model(config: TrainConfig, model_path, device: torch.device, rank: in
         dequantize_in_graph(model)
     # A CUDA graph cannot hold the RNG state replayed by the recomputed dropout: masks from a hash instead. Only
     # there: without graphs the hashed masks raised the 7B recipe's peak (docs/ENGINE.md, speed defaults).
-    key = use_counter_dropout(model) if in_graph and config.cuda_graphs else None
+    key = use_counter_dropout(model) if in_graph and graphs else None
     if config.compile:
         # The first layer's input (the frozen embedding's output) must require grad like every later layer's, or
         # the first layer gets a graph of its own; HF's checkpoint already asks for this.
@@ -165,7 +184,7 @@ def _build_model(config: TrainConfig, model_path, device: torch.device, rank: in
     if rank:  # after the shared init, each rank its own dropout masks
         torch.manual_seed(config.seed + rank)
         random.seed(config.seed + rank)
-    return model, copies, nf4_in_graph, key
+    return _Built(model, ckpt, graphs, copies, nf4_in_graph, key)
 
 
 def _claim_output_dir(config: TrainConfig):
@@ -268,9 +287,9 @@ def prepare(config: TrainConfig, device: torch.device | None = None) -> Run:
     started (rank 0)."""
     rank, world, rank_device = dist.setup()
     device = device or rank_device
-    compiled = _use_compile(config, device)
-    # train_config.json: what ran
-    config = dataclasses.replace(config, compile=compiled, cuda_graphs=_use_graphs(config, device, compiled))
+    if config.cuda_graphs and device.type != "cuda":
+        raise QloranerError(f"--cuda-graphs: needs a CUDA GPU, not {device.type}")
+    config = dataclasses.replace(config, compile=_use_compile(config, device))  # train_config.json: what ran
     lock = _claim_output_dir(config) if rank == 0 else None
     try:
         return _load(config, device, rank, world, lock)
@@ -291,8 +310,12 @@ def _load(config: TrainConfig, device: torch.device, rank: int, world: int, lock
     micro = config.micro_batch_size or math.ceil(config.batch_size / world)
     total = config.max_steps or math.ceil(config.epochs * math.ceil(len(examples) / config.batch_size))
 
-    model, copies, nf4_in_graph, key = _build_model(config, model_path, device, rank)
-    config = dataclasses.replace(config, frozen_copies=copies, dequantize_in_graph=nf4_in_graph)  # what ran
+    longest = max(len(e.input_ids) for e in examples)
+    built = _build_model(config, model_path, device, rank, longest, micro)
+    model = built.model
+    config = dataclasses.replace(  # what ran (checkpointing's choice stays in the run: an unset flag re-decides)
+        config, cuda_graphs=built.cuda_graphs, frozen_copies=built.frozen_copies, dequantize_in_graph=built.nf4_in_graph
+    )
     import bitsandbytes as bnb  # after the checks above: importing it prints a line about optional CPU kernels
 
     optimizer = bnb.optim.PagedAdamW(flatten_trainable(model), lr=config.lr, weight_decay=config.weight_decay)
@@ -302,9 +325,10 @@ def _load(config: TrainConfig, device: torch.device, rank: int, world: int, lock
     run = Run(config, device, rank, world, tokenizer, examples, total, micro, accum, model, net, optimizer, state, None)
     run.lock = lock
     run.graphs = MicroStepGraphs(net, device) if config.cuda_graphs else None
-    run.dropout_key = key
+    run.dropout_key = built.dropout_key
+    run.checkpointing = built.checkpointing
     trainable = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
-    plan = memory.plan(config, model, device, compute_dtype(device), max(run.lengths), trainable)
+    plan = memory.plan(config, model, device, compute_dtype(device), longest, trainable, built.checkpointing.on)
     run.micro_plan = dataclasses.replace(plan, tokens=dist.smallest(plan.tokens, device))  # the ranks split alike
     restored = (
         checkpoint.restore_newest(run.out, config, model, optimizer, rank) if config.resume is not False else None
@@ -347,6 +371,8 @@ def _start_tracking(run: Run, model_path, manifest: dict, resumed: Path | None) 
                 "accumulation_per_process": run.accum,
                 "micro_batch_tokens_used": run.micro_plan.tokens,
                 "micro_batch_tokens_source": run.micro_plan.source,
+                "gradient_checkpointing_used": run.checkpointing.on,
+                "gradient_checkpointing_source": run.checkpointing.source,
             }
         )
         (run.out / "instruction_manifest.json").write_text(json.dumps(manifest, indent=2))
@@ -358,7 +384,7 @@ def _start_tracking(run: Run, model_path, manifest: dict, resumed: Path | None) 
     print(
         f"qloraner: training {len(run.examples)} "
         f"sequences, {run.total} steps of {config.batch_size} (about {tokens / 1e6:.2f}M tokens) on {where}, "
-        f"compile {'on' if config.compile else 'off'}, "
+        f"compile {'on' if config.compile else 'off'}, {run.checkpointing.describe()}, "
         f"frozen weights {_frozen_form(config)}, recipe {config.recipe or 'none'}; {run.micro_plan.describe()}",
         flush=True,
     )

@@ -10,6 +10,7 @@ from pathlib import Path
 from qloraner import QloranerError, run_main
 from qloraner.config import DecodeSettings, opt, parser_for, raise_if
 from qloraner.conll import quote
+from qloraner.startup import STOPWATCH, stopwatch
 from qloraner.tag import Tagger, entities_of
 from qloraner.text import Token, is_space, sentences
 
@@ -33,6 +34,7 @@ class TagConfig(DecodeSettings):
         flag="format",
     )
     progress: bool = opt(True, "show the decoding's progress on standard error")
+    verbose: bool = opt(False, "print where the start-up's seconds went, as one line on standard error")
 
     def __post_init__(self) -> None:
         errors = self.decode_errors()
@@ -169,13 +171,16 @@ def conll_out(doc: Document, tags: list[list[str]]) -> list[str]:
 
 def tag_files(config: TagConfig, names: list[str]) -> None:
     """Read every input, tag all its sentences in one batched pass, write the records to standard output."""
-    docs = read_documents(names or [STDIN], config.input_format)
+    with stopwatch("input"):
+        docs = read_documents(names or [STDIN], config.input_format)
     tagger = Tagger.from_settings(config, progress=config.progress)
     tags = tagger.tag_documents([[[t.text for t in s] for s in doc.sentences] for doc in docs])
     write = jsonl_out if config.output_format == "jsonl" else conll_out
     out = "".join(line + "\n" for doc, doc_tags in zip(docs, tags) for line in write(doc, doc_tags))
     sys.stdout.buffer.write(out.encode("utf-8"))
     sys.stdout.buffer.flush()
+    if config.verbose:  # standard output holds the records
+        print(STOPWATCH.line(), file=sys.stderr, flush=True)
 
 
 def parse(argv: list[str] | None) -> tuple[TagConfig, list[str]]:
@@ -189,6 +194,7 @@ def parse(argv: list[str] | None) -> tuple[TagConfig, list[str]]:
 
 def main(argv: list[str] | None = None) -> int:
     def body() -> int:
+        STOPWATCH.begin()
         tag_files(*parse(argv))
         return 0
 

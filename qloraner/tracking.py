@@ -8,9 +8,6 @@ import re
 import subprocess
 from pathlib import Path
 
-import mlflow
-from mlflow.tracking import MlflowClient
-
 from qloraner import ROOT, QloranerError, first_line
 
 DATABASE_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql")
@@ -134,6 +131,9 @@ def check_experiment(name: str) -> str:
 
 def start_run(output_dir: Path, experiment: str, run_id: str | None = None, run_name: str | None = None):
     """Start (or, given run_id, continue) a run. A local store keeps its artifacts beside it."""
+    import mlflow  # here, not at the top: the checks before the work need no MLflow (its import takes seconds)
+    from mlflow.tracking import MlflowClient
+
     check_experiment(experiment)
     output_dir = Path(output_dir).resolve()
     uri = tracking_uri(output_dir)
@@ -156,5 +156,7 @@ def start_run(output_dir: Path, experiment: str, run_id: str | None = None, run_
 
 def end_run(status: str = "FINISHED") -> None:
     """End the active run once every metric logged with synchronous=False is written (ending alone only queues)."""
+    import mlflow
+
     mlflow.flush_async_logging()
     mlflow.end_run(status=status)

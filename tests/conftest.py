@@ -189,6 +189,7 @@ def tiny_config(tmp_path, tiny_model, conll_dir, name: str, **kw):
         save_every=0,
         eval_after=False,
         experiment="test",
+        gradient_checkpointing=True,  # the path these tests were written for (unset: the memory would choose)
     )
     return TrainConfig(**{**base, **kw})
 

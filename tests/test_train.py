@@ -445,7 +445,8 @@ def test_run_train_sh_end_to_end(trained_default):
     log = (out.parent / "stdout.log").read_text().splitlines()
     plan = [line for line in log if line.startswith("qloraner: training 32 sequences, 4 steps of 8")]
     assert plan and re.search(
-        f"on CPU, compile off, frozen weights NF4, recipe {DEFAULT_RECIPE}; micro-batches of at most [0-9,]+ padded "
+        r"on CPU, compile off, checkpointing off \(auto: fits [0-9.]+ of [0-9.]+ GiB: 25% of [0-9.]+ GiB [a-z' ]+\), "
+        f"frozen weights NF4, recipe {DEFAULT_RECIPE}; micro-batches of at most [0-9,]+ padded "
         r"tokens \(25% of [0-9.]+ GiB (available|left under the cgroup's limit), about [0-9.]+ MiB a token\)$",
         plan[0],
     ), plan[0]

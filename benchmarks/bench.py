@@ -590,17 +590,25 @@ def serve_speed(a: argparse.Namespace, work: Path) -> dict:
     offline Tagger on the same sentences in one call, in this process once the server is gone (one model on the
     GPU at a time)."""
     texts = [" ".join(s.tokens) for s in _test_sentences()[: a.sentences]]
+    began = time.perf_counter()
     proc, url = _start_server(["--adapter", a.adapter, *a.flags], work / "serve.log")
+    print(f"bench: the server listens after {time.perf_counter() - began:.1f} s", flush=True)
     try:
-        _clients(url, texts[:32], 4)  # warm-up: the first shapes of the engine's batches
-        result: dict = {"clients": [_clients(url, texts, int(n)) for n in a.clients.split(",")]}
+        warm = _clients(url, texts[:32], 4)  # warm-up: the first shapes of the engine's batches
+        print(f"bench: warm-up, {warm['sentences']} requests at 4 clients: {warm['seconds']:.1f} s", flush=True)
+        result: dict = {"clients": []}
+        for n in a.clients.split(","):  # each line as it ends: a run cut by a time limit still shows how far it got
+            result["clients"].append(_clients(url, texts, int(n)))
+            print(f"bench: {json.dumps(result['clients'][-1])}", flush=True)
     finally:
         _stop_server(proc)
+    began = time.perf_counter()
     from qloraner.serve import load_tagger, settings
 
     tagger = load_tagger(settings(["--adapter", a.adapter, *a.flags]))  # the server's settings, flags included
     tagger.tag(texts[:32])  # the same warm-up
     _sync()
+    print(f"bench: the offline Tagger loaded and warmed up in {time.perf_counter() - began:.1f} s", flush=True)
     start = time.perf_counter()
     tagger.tag(texts)
     _sync()

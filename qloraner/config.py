@@ -116,7 +116,7 @@ class TrainConfig:
     recipe: str | None = opt(None, "a recipe in recipes/ (by name) or a TOML file")
     model: str = opt("smollm2-135m-instruct", "base checkpoint: a local folder, a hub id, or the embedded default")
     data_dir: str | None = opt(
-        None, "CoNLL-2003 folder (train/valid/test.txt); default $CONLL_DIR, else datasets/conll2003"
+        None, "a folder of train.txt, valid.txt, test.txt; default $CONLL_DIR, else datasets/conll2003"
     )
     train_file: str | None = opt(
         None,
@@ -253,7 +253,7 @@ class TrainConfig:
 class EvalConfig:
     model: str | None = opt(None, "base checkpoint; default: the adapter's base, else the embedded default")
     adapter: str | None = opt(None, "trained LoRA adapter folder (e.g. outputs/run/final); none evaluates the base")
-    data_dir: str | None = opt(None, "CoNLL-2003 folder; default $CONLL_DIR, else datasets/conll2003")
+    data_dir: str | None = opt(None, "a folder of train/valid/test.txt; default $CONLL_DIR, else datasets/conll2003")
     train_file: str | None = opt(
         None,
         "the train split's file, any name: columns, .jsonl (doccano) or .json (Label Studio)",

@@ -17,6 +17,7 @@ from qloraner.labels import CONLL, LabelSet, name_errors, types_seen
 from qloraner.parse import RENDERERS, render_response
 
 FORMAT_VERSION = 1  # bump when a template or the response format changes: old files get rebuilt
+BUDGET_SLACK = 1  # response_budget's tokens past the longest answer: the EOS that ends it
 IGNORE_INDEX = -100  # label value the loss skips
 FORMAT_RULES = {  # `{types}`: the label set's types, listed (CoNLL-2003's: LOC, MISC, ORG, PER)
     "lines": "List each entity on its own line as [TYPE] mention, in the order they occur, with TYPE one of "
@@ -86,6 +87,29 @@ def build_record(sentence: Sentence, template: str, response_format: str = "line
         "tokens": list(sentence.tokens),
         "tags": list(sentence.tags),
     }
+
+
+def _worst_tags(n: int, types: tuple[str, ...]) -> list[list[str]]:
+    """Tags of the longest perfect answers a sentence of n tokens can have: every token a one-token mention, all of
+    one type (each type's name tokenizes differently), or the types in turn (JSON: a group per type)."""
+    return [[f"B-{t}"] * n for t in types] + [[f"B-{types[i % len(types)]}" for i in range(n)]]
+
+
+def response_budget(
+    tokenizer,
+    tokens: tuple[str, ...] | list[str],
+    cap: int | None = None,
+    response_format: str | None = None,
+    labels: LabelSet = CONLL,
+) -> int:
+    """New tokens a perfect answer to the sentence may need in `response_format` (None: any of RENDERERS) with the
+    types of `labels`, its stop included: the longest answer it can have, tokenized, plus BUDGET_SLACK; `cap` (> 0)
+    only lowers it."""
+    formats = [response_format] if response_format else list(RENDERERS)
+    worst = _worst_tags(len(tokens), labels.types)
+    answers = [RENDERERS[f](list(tokens), tags, labels) for f in formats for tags in worst]
+    need = max(map(len, tokenizer(answers, add_special_tokens=False)["input_ids"])) + BUDGET_SLACK
+    return min(cap, need) if cap else need
 
 
 def sha256_of(path: Path) -> str:

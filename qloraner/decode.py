@@ -10,7 +10,8 @@
   as a CUDA graph per pool and replayed. There its attention is one Triton kernel a layer (qloraner/kernels.py) that
   reads each row's own positions only as far as the row has come; the PyTorch form (a CPU, or no Triton) reads every
   row up to the width the longest needs, one CUDA graph per width.
-- The stop rule runs on the host every SYNC_EVERY steps, and only on rows that wrote an EOS or a newline.
+- The stop rule runs on the host every SYNC_EVERY steps, and only on rows that wrote an EOS or a newline: EOS, or
+  a blank line after text that the caller's `ends_answer` accepts (the engine knows no answer format).
 - On a GPU the 4-bit weights are dequantized once for the run when the copies fit (bitsandbytes dequantizes the
   whole weight at every call for all but tiny batches).
 
@@ -21,6 +22,7 @@ RMSNorm → q/k/v → RoPE → attention → o → RMSNorm → MLP, norm, LM hea
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 
@@ -29,11 +31,9 @@ import torch
 import torch.nn.functional as F
 
 from qloraner import QloranerError, first_line
-from qloraner.labels import CONLL, LabelSet
 from qloraner.model import compile_unavailable, dequantize_four_bit, dequantized_bytes, require_llama_layout
-from qloraner.parse import RENDERERS, is_explicit_empty, parse_response
 
-STOP_TEXT = "\n\n"  # our responses hold no blank line: one after the answer ends it
+STOP_TEXT = "\n\n"  # our responses hold no blank line: one after the answer ends it (when ends_answer agrees)
 _TAIL = 4  # tokens decoded to look for STOP_TEXT; it never spans more
 CPU_BATCH = 64  # `auto` on a CPU: batching past this gains nothing there
 MAX_AUTO_BATCH = 1024  # `auto` on a GPU: larger batches decoded the test split no faster (RESULTS.md)
@@ -45,7 +45,6 @@ KEY_BLOCK = 64  # PyTorch attention reads the cache up to a multiple of this: fe
 PREFILL_TOKENS = 1 << 16  # prompt tokens per prefill pass: bounds its activations
 DEQUANT_SHARE = 0.25  # of the free accelerator memory, what dequantized copies of the 4-bit weights may take
 PREFILL_SHARE = 0.75  # a prefill pass takes rows down to this share of its longest: padding stays under a third
-BUDGET_SLACK = 1  # response_budget's tokens past the longest answer: the EOS that ends it
 
 
 @dataclass
@@ -54,29 +53,6 @@ class Generation:
     forward_passes: int
     stats: dict = field(default_factory=dict)  # prefills, pools and CUDA graphs the engine used
     cut: list[bool] = field(default_factory=list)  # per prompt: its budget ran out before it stopped
-
-
-def _worst_tags(n: int, types: tuple[str, ...]) -> list[list[str]]:
-    """Tags of the longest perfect answers a sentence of n tokens can have: every token a one-token mention, all of
-    one type (each type's name tokenizes differently), or the types in turn (JSON: a group per type)."""
-    return [[f"B-{t}"] * n for t in types] + [[f"B-{types[i % len(types)]}" for i in range(n)]]
-
-
-def response_budget(
-    tokenizer,
-    tokens: tuple[str, ...] | list[str],
-    cap: int | None = None,
-    response_format: str | None = None,
-    labels: LabelSet = CONLL,
-) -> int:
-    """New tokens a perfect answer to the sentence may need in `response_format` (None: any of RENDERERS) with the
-    types of `labels`, its stop included: the longest answer it can have, tokenized, plus BUDGET_SLACK; `cap` (> 0)
-    only lowers it."""
-    formats = [response_format] if response_format else list(RENDERERS)
-    worst = _worst_tags(len(tokens), labels.types)
-    answers = [RENDERERS[f](list(tokens), tags, labels) for f in formats for tags in worst]
-    need = max(map(len, tokenizer(answers, add_special_tokens=False)["input_ids"])) + BUDGET_SLACK
-    return min(cap, need) if cap else need
 
 
 def kv_bytes_per_token(model_config, dtype: torch.dtype) -> int:
@@ -104,15 +80,16 @@ def newline_table(tokenizer, vocab: int) -> list[bool]:
     return ["\n" in t for t in tokenizer.batch_decode([[i] for i in range(n)])] + [False] * (vocab - n)
 
 
-def _stopped(tokenizer, row: list[int], eos: int, newline: list[bool], labels: LabelSet) -> bool:
-    """EOS, or a blank line just written after an answer of `labels`' types (not after a preamble like 'The
-    entities are:')."""
+def _stopped(
+    tokenizer, row: list[int], eos: int, newline: list[bool], ends_answer: Callable[[str], bool] | None
+) -> bool:
+    """EOS, or a blank line just written after text that `ends_answer` takes for a whole answer (not a preamble
+    like 'The entities are:'); without `ends_answer`, EOS only."""
     if row[-1] == eos:
         return True
-    if not newline[row[-1]] or STOP_TEXT not in tokenizer.decode(row[-_TAIL:]):
+    if ends_answer is None or not newline[row[-1]] or STOP_TEXT not in tokenizer.decode(row[-_TAIL:]):
         return False
-    text = tokenizer.decode(row)
-    return bool(parse_response(text, labels)) or is_explicit_empty(text)
+    return ends_answer(tokenizer.decode(row))
 
 
 def _shared_scores(qg, pk, scale: float):
@@ -406,11 +383,11 @@ def generate_greedy(
     stop: bool = True,
     dequantize: bool | None = None,
     fused: bool | None = None,
-    labels: LabelSet = CONLL,
+    ends_answer: Callable[[str], bool] | None = None,
 ) -> Generation:
     """Greedy decoding of `prompts` with at most `batch_size` rows at a time; row i stops at EOS, at a blank line
-    after an answer of `labels`' types (`stop`), or after budgets[i] tokens, and what it generated after that is
-    dropped.
+    after text that `ends_answer` accepts (the caller's answer format: evaluate passes parse.ends_answer), or after
+    budgets[i] tokens, and what it generated after that is dropped.
 
     graphs: capture the decode step as CUDA graphs (on a GPU). stop=False decodes exactly budgets[i] tokens.
     dequantize: decode with the 4-bit weights dequantized once (see _dequantized); default: on a GPU when the
@@ -431,13 +408,13 @@ def generate_greedy(
             print(f"qloraner: the decode step's attention runs in PyTorch: {why}", flush=True)
     launcher = _fused_attention(net) if fused else None
     with _dequantized(model, net.dtype) if dequantize and size else nullcontext():
-        gen = _generate(net, tokenizer, prompts, budgets, batch_size, progress, graphs, stop, launcher, labels)
+        gen = _generate(net, tokenizer, prompts, budgets, batch_size, progress, graphs, stop, launcher, ends_answer)
     gen.stats["dequantized_bytes"] = size if dequantize else 0
     return gen
 
 
 def _generate(
-    net: _Llama, tokenizer, prompts, budgets, batch_size, progress, graphs, stop, fused, labels: LabelSet
+    net: _Llama, tokenizer, prompts, budgets, batch_size, progress, graphs, stop, fused, ends_answer
 ) -> Generation:
     """generate_greedy's loop: prefill into free slots, decode SYNC_EVERY steps, apply the stop rule, repeat."""
     graphs = graphs and net.device.type == "cuda"
@@ -515,7 +492,7 @@ def _generate(
         for k in np.flatnonzero(hits.any(1) | ended).tolist():
             slot, row = slots[k], tokens[k, : hi[k]].tolist()
             marks = np.flatnonzero(hits[k]).tolist()
-            length = next((j + 1 for j in marks if _stopped(tokenizer, row[: j + 1], eos, newline, labels)), None)
+            length = next((j + 1 for j in marks if _stopped(tokenizer, row[: j + 1], eos, newline, ends_answer)), None)
             if length is not None or ended[k]:
                 out[live[slot]] = row[: length or len(row)]
                 cut[live[slot]] = length is None

@@ -14,12 +14,12 @@ import torch
 from qloraner import ROOT, QloranerError, dist, make_dir, refuse_empty, run_main
 from qloraner.config import EvalConfig, as_dict, from_args
 from qloraner.conll import Sentence, resolve_corpus
-from qloraner.data import build_prompt
-from qloraner.decode import auto_batch_size, generate_greedy, response_budget
+from qloraner.data import build_prompt, response_budget
+from qloraner.decode import auto_batch_size, generate_greedy
 from qloraner.labels import CONLL, LabelSet, types_seen
 from qloraner.metrics import error_analysis, score
 from qloraner.model import DEFAULT_MODEL, load_base, load_tokenizer, resolve_model
-from qloraner.parse import is_explicit_empty, parse_response, tag_response
+from qloraner.parse import ends_answer, is_explicit_empty, parse_response, tag_response
 from qloraner.progress import Progress
 from qloraner.startup import STOPWATCH, stopwatch
 
@@ -85,7 +85,7 @@ def respond(
             batch_size,
             progress=STOPWATCH.until_first(progress),
             graphs=config.cuda_graphs,
-            labels=labels,
+            ends_answer=ends_answer(labels),
         )
     finally:
         progress.close()

@@ -235,6 +235,16 @@ def is_explicit_empty(text: str) -> bool:
     return head.upper() == EMPTY_ANSWER or head.strip(".").casefold() in NULLS | {"{}"}
 
 
+def ends_answer(labels: LabelSet = CONLL) -> Callable[[str], bool]:
+    """The decoding engine's stop test for a blank line just written: does the text so far hold an answer with
+    `labels`' types, or say there is none? (A preamble such as 'The entities are:' does not end it.)"""
+
+    def ended(text: str) -> bool:
+        return bool(parse_response(text, labels)) or is_explicit_empty(text)
+
+    return ended
+
+
 def render_lines(entities: Entities) -> str:
     """`[TYPE] mention` per line, in listed order; EMPTY_ANSWER when there are none."""
     return "\n".join(f"[{t}] {m}" for t, m in entities.listed) or EMPTY_ANSWER

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from qloraner.config import EvalConfig
 from qloraner.conll import read_split
-from qloraner.data import IGNORE_INDEX, build_prompt, encode
+from qloraner.data import IGNORE_INDEX, build_prompt, encode, response_budget
 from qloraner.decode import (
     PREFILL_SHARE,
     PREFILL_TOKENS,
@@ -21,15 +21,14 @@ from qloraner.decode import (
     generate_greedy,
     kv_bytes_per_token,
     newline_table,
-    response_budget,
 )
 from qloraner.evaluate import load_for_eval
-from qloraner.labels import CONLL
 from qloraner.model import load_base, load_tokenizer
-from qloraner.parse import RENDERERS, render_response
+from qloraner.parse import RENDERERS, ends_answer, render_response
 from tests.strategies import valid_iob2, word
 
 CPU = torch.device("cpu")
+ANSWER = ends_answer()  # the stop test for CoNLL-2003's types, as evaluate passes it
 
 
 @pytest.fixture(scope="module")
@@ -134,17 +133,17 @@ def test_finished_rows_never_grow_and_generation_ends_early(tiny_adapter, tiny_m
         tok(build_prompt(s.tokens, prompting["prompt"], prompting["response_format"]))["input_ids"]
         for s in read_split(conll_dir, "train")[:8]
     ]
-    gen = generate_greedy(model, tok, prompts, [64] * 8, batch_size=8)
+    gen = generate_greedy(model, tok, prompts, [64] * 8, batch_size=8, ends_answer=ANSWER)
     assert gen.forward_passes < 64
     newline = newline_table(tok, len(tok))
     for row in gen.tokens:
         full = row + [tok.eos_token_id]  # the EOS that stopped it was stripped
-        assert not any(_stopped(tok, full[:k], tok.eos_token_id, newline, CONLL) for k in range(1, len(full)))
+        assert not any(_stopped(tok, full[:k], tok.eos_token_id, newline, ANSWER) for k in range(1, len(full)))
     budgets = [20 + i for i in range(8)]
     forced = generate_greedy(model, tok, prompts, budgets, batch_size=3, stop=False).tokens
     assert [len(row) for row in forced] == budgets
     assert all(f[: len(g)] == g for f, g in zip(forced, gen.tokens))
-    assert generate_greedy(model, tok, prompts, [64] * 8, batch_size=8, dequantize=True).tokens == gen.tokens
+    assert generate_greedy(model, tok, prompts, [64] * 8, 8, dequantize=True, ends_answer=ANSWER).tokens == gen.tokens
 
 
 @pytest.mark.parametrize(
@@ -165,7 +164,7 @@ def test_stop_rule_fires_first_at_the_blank_line_after_the_answer(
     tok = load_tokenizer(smol_checkpoint if which == "smol" else llama2_tokenizer_dir)
     ids = tok(answer + rest, add_special_tokens=False)["input_ids"]
     newline = newline_table(tok, len(tok))
-    first = next(k for k in range(1, len(ids) + 1) if _stopped(tok, ids[:k], tok.eos_token_id, newline, CONLL))
+    first = next(k for k in range(1, len(ids) + 1) if _stopped(tok, ids[:k], tok.eos_token_id, newline, ANSWER))
     assert tok.decode(ids[:first]).rstrip("\n") == answer.rstrip("\n")
 
 
@@ -309,11 +308,11 @@ def test_an_answer_is_cut_exactly_when_its_budget_ends_before_its_stop(tiny_adap
         for s in read_split(conll_dir, "train")[:8]
     ]
     budgets = [1, 2, 4, 8, 16, 32, 48, 64]
-    gen = generate_greedy(model, tok, prompts, budgets, batch_size=3)
+    gen = generate_greedy(model, tok, prompts, budgets, batch_size=3, ends_answer=ANSWER)
     forced = generate_greedy(model, tok, prompts, budgets, batch_size=3, stop=False).tokens
     newline = newline_table(tok, len(tok))
     cut = [
-        not any(_stopped(tok, row[:k], tok.eos_token_id, newline, CONLL) for k in range(1, len(row) + 1))
+        not any(_stopped(tok, row[:k], tok.eos_token_id, newline, ANSWER) for k in range(1, len(row) + 1))
         for row in forced
     ]
     assert gen.cut == cut

@@ -17,7 +17,8 @@ from hypothesis import strategies as st
 from qloraner import QloranerError
 from qloraner.config import EvalConfig
 from qloraner.conll import read_split
-from qloraner.decode import generate_greedy, response_budget
+from qloraner.data import response_budget
+from qloraner.decode import generate_greedy
 from qloraner.evaluate import _prompts, load_for_eval
 from qloraner.export import SETTINGS_FILE, ExportConfig, card_metadata, export
 from qloraner.export_gguf import GGUF_FILE, MODELFILE

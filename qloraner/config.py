@@ -22,8 +22,9 @@ DEFAULT_RECIPE = "smollm2-135m"  # the embedded default model's recipe: applies 
 def opt(default, doc: str, **kw):
     """A settings field with its documentation (shown by --help) and its checks: `gt`, `ge`, `lt`, `le` bounds,
     `choices`, `flag` (the flag's name when it differs from the field's), `parse` (the flag's value parser) and
-    `shown` (what --help says the default is, where None means something other than auto) and `recipe_only` (set
-    by a recipe's section, no flag)."""
+    `shown` (what --help says the default is, where None means something other than auto), `recipe_only` (set
+    by a recipe's section, no flag) and `engine` (a speed switch of the engine: accepted, left out of --help, listed
+    in docs/ENGINE.md)."""
     return field(default=default, metadata={"doc": doc, **kw})
 
 
@@ -181,21 +182,25 @@ class TrainConfig:
         None,
         "torch.compile each decoder layer; default: on for CUDA GPUs with Triton and a C "
         "compiler, off elsewhere (the first steps compile)",
+        engine=True,
     )
     frozen_copies: bool | None = opt(
         None,
         "multiply by the frozen base's NF4 weights dequantized once (the same products, no dequantization per "
         "matmul); default: on GPUs when the copies take at most 1 GiB (a 135M model: 0.2 GiB; a 7B one stays 4-bit)",
+        engine=True,
     )
     dequantize_in_graph: bool | None = opt(
         None,
         "with --compile, the NF4 weights left 4-bit are dequantized by each compiled layer's own fused kernels instead "
         "of bitsandbytes' operations (the same values); default: on with --compile",
+        engine=True,
     )
     cuda_graphs: bool | None = opt(
         None,
         "replay each micro-batch shape's forward and backward as one CUDA graph (one launch for thousands); "
         "default: on with --compile on a GPU without --gradient-checkpointing (with it only when asked: a higher peak)",
+        engine=True,
     )
     seed: int = opt(42, "seed for data order, dropout and LoRA init")
     save_every: int = opt(200, "save a checkpoint every N optimizer steps (0 = only at the end)", ge=0)
@@ -342,14 +347,17 @@ def parser_for(cls, description: str, recipe: tuple[str, dict] | None = None) ->
     fill them: precedence is flags > recipe > the field's default. --help shows the value a run will use: the
     recipe's, where `recipe` (its name and settings) sets one, else the built-in default."""
     name, values = recipe or (None, {})
-    parser = argparse.ArgumentParser(description=description, argument_default=argparse.SUPPRESS)
+    engine = [flag(f) for f in fields(cls) if f.metadata.get("engine")]
+    epilog = f"engine switches, chosen per machine ({', '.join(engine)}): docs/ENGINE.md" if engine else None
+    parser = argparse.ArgumentParser(description=description, argument_default=argparse.SUPPRESS, epilog=epilog)
     for f in (f for f in fields(cls) if not f.metadata.get("recipe_only")):
         shown = f.metadata.get("shown") or ("auto" if f.default is None else repr(f.default))
         if f.name in values:
             shown = f"{values[f.name]!r}, from recipe {name}"
         if f.name == "recipe" and name:
             shown = repr(name)
-        kwargs = {"help": f"{f.metadata['doc']} (default: {shown})".replace("%", "%%"), "dest": f.name}
+        shown_help = f"{f.metadata['doc']} (default: {shown})".replace("%", "%%")
+        kwargs = {"help": argparse.SUPPRESS if f.metadata.get("engine") else shown_help, "dest": f.name}
         if _base_type(f) == "bool":
             parser.add_argument(flag(f), action=argparse.BooleanOptionalAction, **kwargs)
         else:

@@ -1,11 +1,12 @@
 import re
+from dataclasses import fields
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from qloraner import QloranerError
-from qloraner.config import DEFAULT_RECIPE, RECIPES, EvalConfig, TrainConfig, from_args, load_recipe
+from qloraner.config import DEFAULT_RECIPE, RECIPES, EvalConfig, TrainConfig, flag, from_args, load_recipe, parser_for
 
 
 @pytest.mark.parametrize(
@@ -109,3 +110,17 @@ def test_the_default_output_folder_is_the_projects_wherever_the_command_runs():
     from qloraner import ROOT
 
     assert TrainConfig().output_dir == str(ROOT / "outputs" / "run")
+
+
+def test_engine_switches_are_accepted_but_left_out_of_help():
+    """The engine's speed switches (fields marked `engine`) still parse, but --help lists none of them among the
+    options: one epilog line names them and docs/ENGINE.md; every other field keeps its flag in --help."""
+    parser = parser_for(TrainConfig, "x")
+    engine = [flag(f) for f in fields(TrainConfig) if f.metadata.get("engine")]
+    assert engine, "no field is marked as an engine switch"
+    options = parser.format_help().partition("engine switches")[0]
+    assert not [name for name in engine if re.search(rf"{name}\b(?!-)", options)]
+    assert all(name in parser.epilog for name in engine) and "docs/ENGINE.md" in parser.epilog
+    users = [flag(f) for f in fields(TrainConfig) if not (f.metadata.get("engine") or f.metadata.get("recipe_only"))]
+    assert all(name in options for name in users)
+    assert vars(parser.parse_args(["--no-compile", "--cuda-graphs"])) == {"compile": False, "cuda_graphs": True}

@@ -320,6 +320,7 @@ def decode_shape(a: argparse.Namespace, work: Path) -> dict:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
+    from qloraner.data import Prompting
     from qloraner.decode import auto_batch_size, generate_greedy
     from qloraner.model import load_base, load_tokenizer
 
@@ -328,7 +329,7 @@ def decode_shape(a: argparse.Namespace, work: Path) -> dict:
     lengths = _lengths(a.lengths)[: len(sentences)]
     sentences = sentences[: len(lengths)]
     tok = load_tokenizer(path, padding_side="left")
-    prompts = [tok(t)["input_ids"] for t in _prompt_texts(sentences, {"prompt": "simple"})]
+    prompts = [tok(t)["input_ids"] for t in _prompt_texts(sentences, Prompting())]
     result: dict = {"ours": {}, "sentences": len(prompts), "generated_tokens": sum(lengths)}
     loaders = {
         "nf4-lora": lambda: get_peft_model(
@@ -363,8 +364,8 @@ def decode_shape(a: argparse.Namespace, work: Path) -> dict:
             print(f"bench: {name}{suffix}: {seconds:.1f} s at batch {batch}", flush=True)
         if name == "nf4-lora" and a.peer_sentences:
             few = sentences[: a.peer_sentences]
-            result["peer_static"] = peer_generate(model, tok, few, {"prompt": "simple"}, lengths[: len(few)])
-            result["peer"] = peer_pipeline(model, tok, few[: max(8, len(few) // 8)], {"prompt": "simple"})
+            result["peer_static"] = peer_generate(model, tok, few, Prompting(), lengths[: len(few)])
+            result["peer"] = peer_pipeline(model, tok, few[: max(8, len(few) // 8)], Prompting())
         del model
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -397,15 +398,12 @@ def _score(sentences, texts: list[str]) -> float:
     return score([list(s.tags) for s in sentences], pred)["f1"]
 
 
-def _prompt_texts(sentences, prompting: dict) -> list[str]:
-    """The prompts the peers are given: the adapter's template and response format, as ours decodes them."""
-    from qloraner.data import build_prompt
-
-    fmt = prompting.get("response_format", "lines")
-    return [build_prompt(s.tokens, prompting["prompt"], fmt, s.context) for s in sentences]
+def _prompt_texts(sentences, prompting) -> list[str]:
+    """The prompts the peers are given: the adapter's (a data.Prompting), as ours decodes them."""
+    return [prompting.text(s.tokens, s.context) for s in sentences]
 
 
-def peer_generate(model, tok, sentences, prompting: dict, lengths: list[int] | None, batch: int = 64) -> dict:
+def peer_generate(model, tok, sentences, prompting, lengths: list[int] | None, batch: int = 64) -> dict:
     """transformers' generate as its docs recommend for speed: a static cache, the forward compiled by generate
     itself, prompts padded to one length (one compiled shape). A batch ends when every row wrote EOS or after
     its longest budget (`lengths`, rows of a random model never stop; else 256 tokens)."""
@@ -439,7 +437,7 @@ def peer_generate(model, tok, sentences, prompting: dict, lengths: list[int] | N
     }
 
 
-def peer_pipeline(model, tok, sentences, prompting: dict) -> dict:
+def peer_pipeline(model, tok, sentences, prompting) -> dict:
     """The original's evaluator: transformers' text-generation pipeline, batch 8, 150 new tokens, no stop rule."""
     import torch
     from transformers import pipeline

@@ -76,6 +76,26 @@ def build_prompt(
     )
 
 
+@dataclass(frozen=True)
+class Prompting:
+    """How a model is asked and how it answers: what an adapter was trained with (evaluation and tagging use it)."""
+
+    prompt: str = "simple"
+    """The prompt template, a name in TEMPLATES."""
+    response_format: str = "lines"
+    """The answer the model learned, a name in parse.RENDERERS."""
+    labels: LabelSet | None = CONLL
+    """The entity types it names; None for a base model until the evaluated data gives them."""
+
+    def text(self, tokens: tuple[str, ...] | list[str], context: str = "") -> str:
+        """The prompt for one sentence (build_prompt)."""
+        return build_prompt(tokens, self.prompt, self.response_format, context, self.labels or CONLL)
+
+    def record(self) -> dict:
+        """As metrics.json and MLflow record it: the label set as its types."""
+        return {"prompt": self.prompt, "response_format": self.response_format, "labels": list(self.labels.types)}
+
+
 def build_record(sentence: Sentence, template: str, response_format: str = "lines", labels: LabelSet = CONLL) -> dict:
     """One training example: the single `text` (prompt + response) and its parts."""
     prompt = build_prompt(sentence.tokens, template, response_format, sentence.context, labels)

@@ -7,14 +7,16 @@ import os
 import sys
 import time
 import warnings
+from dataclasses import replace
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
 from qloraner import ROOT, QloranerError, dist, make_dir, refuse_empty, run_main
 from qloraner.config import EvalConfig, as_dict, from_args
 from qloraner.conll import Sentence, resolve_corpus
-from qloraner.data import build_prompt, response_budget
+from qloraner.data import Prompting, response_budget
 from qloraner.decode import auto_batch_size, generate_greedy
 from qloraner.labels import CONLL, LabelSet, types_seen
 from qloraner.metrics import error_analysis, score
@@ -24,13 +26,12 @@ from qloraner.progress import Progress
 from qloraner.startup import STOPWATCH, stopwatch
 
 
-def _prompt_ids(tokenizer, tokens, prompting: dict, context: str) -> list[int]:
-    prompt = build_prompt(tokens, prompting["prompt"], prompting["response_format"], context, prompting["labels"])
-    return tokenizer(prompt)["input_ids"]
+def _prompt_ids(tokenizer, tokens, prompting: Prompting, context: str) -> list[int]:
+    return tokenizer(prompting.text(tokens, context))["input_ids"]
 
 
 def _prompts(
-    tokenizer, sentences: list[Sentence], prompting: dict, max_prompt_tokens: int
+    tokenizer, sentences: list[Sentence], prompting: Prompting, max_prompt_tokens: int
 ) -> tuple[list[list[int]], list[int]]:
     """Prompt ids per sentence; an over-long prompt drops its document context first, then its sentence is cut to
     fit (the cut tokens score as O)."""
@@ -53,7 +54,7 @@ def respond(
     model,
     tokenizer,
     sentences: list[Sentence],
-    prompting: dict,
+    prompting: Prompting,
     config: EvalConfig,
     label: str,
     batch_size: int,
@@ -70,7 +71,7 @@ def respond(
         warnings.warn(
             f"{truncated} sentence(s) cut to fit --max-prompt-tokens {config.max_prompt_tokens}", stacklevel=2
         )
-    fmt, labels = prompting["response_format"], prompting["labels"]
+    fmt, labels = prompting.response_format, prompting.labels
     budgets = [
         response_budget(tokenizer, s.tokens[:k], config.max_new_tokens, fmt, labels) for s, k in zip(sentences, kept)
     ]
@@ -117,7 +118,7 @@ def respond(
     return rows, stats
 
 
-def batch_size_for(model, tokenizer, sentences: list[Sentence], prompting: dict, config: EvalConfig) -> int:
+def batch_size_for(model, tokenizer, sentences: list[Sentence], prompting: Prompting, config: EvalConfig) -> int:
     """--batch-size, or for `auto` what the longest prompt and its response budget fit (see decode.auto_batch_size)."""
     if config.batch_size != "auto":
         return int(config.batch_size)
@@ -126,7 +127,7 @@ def batch_size_for(model, tokenizer, sentences: list[Sentence], prompting: dict,
     longest = max(sentences, key=lambda s: len(s.tokens))
     prompt = _prompt_ids(tokenizer, longest.tokens, prompting, "")
     budget = response_budget(
-        tokenizer, longest.tokens, config.max_new_tokens, prompting["response_format"], prompting["labels"]
+        tokenizer, longest.tokens, config.max_new_tokens, prompting.response_format, prompting.labels
     )
     row = min(len(prompt), config.max_prompt_tokens) + budget
     return auto_batch_size(model, row)
@@ -187,8 +188,17 @@ def _adapter_settings(adapter: Path) -> dict:
     return settings
 
 
-def load_for_eval(config: EvalConfig, device: torch.device):
-    """(model, tokenizer, prompting, base name). The adapter stays unmerged on the NF4 base unless --merge.
+class Loaded(NamedTuple):
+    """A model ready to evaluate or tag: load_for_eval's answer."""
+
+    model: torch.nn.Module  # the adapter on its NF4 base (merged with --merge), or an export's plain weights
+    tokenizer: object  # left padding
+    prompting: Prompting
+    base_name: str  # as the user named it (MLflow and metrics.json record it)
+
+
+def load_for_eval(config: EvalConfig, device: torch.device) -> Loaded:
+    """The model, tokenizer and prompting to evaluate. The adapter stays unmerged on the NF4 base unless --merge.
 
     prompting: the template and response format, from the flags, else the adapter's training, else the defaults;
     the label set the adapter was trained with (CoNLL-2003's for one that predates label sets; None for a base
@@ -225,17 +235,12 @@ def load_for_eval(config: EvalConfig, device: torch.device):
         if config.merge:
             model = model.merge_and_unload()
     model.eval()
-    prompting = {
-        "prompt": config.prompt or trained.get("prompt") or "simple",
-        "response_format": config.response_format or trained.get("response_format") or "lines",
-        "labels": LabelSet.from_saved(trained.get("labels")) if trained else None,
-    }
-    return model, tokenizer, prompting, str(base_name)
-
-
-def prompting_record(prompting: dict) -> dict:
-    """`prompting` as metrics.json and MLflow record it: the label set as its types."""
-    return {**prompting, "labels": list(prompting["labels"].types)}
+    prompting = Prompting(
+        config.prompt or trained.get("prompt") or "simple",
+        config.response_format or trained.get("response_format") or "lines",
+        LabelSet.from_saved(trained.get("labels")) if trained else None,
+    )
+    return Loaded(model, tokenizer, prompting, str(base_name))
 
 
 def report_types(labels: LabelSet, sentences: list[Sentence], split: str, whole: bool) -> tuple[str, ...]:
@@ -301,9 +306,9 @@ def decode(config: EvalConfig, device: torch.device) -> tuple[dict, dict, dict]:
     mine = list(range(rank, len(sentences), world))
     my_sentences = [sentences[i] for i in mine]
     model, tokenizer, prompting, base_name = load_for_eval(config, device)
-    if prompting["labels"] is None:  # a base model: asked for the split's types
-        prompting["labels"] = LabelSet.from_data(types_seen(s.tags for s in sentences) or CONLL.types)
-    types = report_types(prompting["labels"], sentences, config.split, not config.limit) if rank == 0 else ()
+    if prompting.labels is None:  # a base model: asked for the split's types
+        prompting = replace(prompting, labels=LabelSet.from_data(types_seen(s.tags for s in sentences) or CONLL.types))
+    types = report_types(prompting.labels, sentences, config.split, not config.limit) if rank == 0 else ()
     batch = batch_size_for(model, tokenizer, my_sentences, prompting, config)
     if rank == 0:
         print(
@@ -387,7 +392,7 @@ def log_to_mlflow(out: Path, store: Path, config: EvalConfig, context: dict, res
         mlflow.log_params(
             {
                 **as_dict(config),
-                **prompting_record(context["prompting"]),
+                **context["prompting"].record(),
                 "model": context["model"],
                 "git_revision": git_revision(),
                 "world_size": context["world_size"],
@@ -432,7 +437,7 @@ def evaluate_model(config: EvalConfig, device: torch.device | None = None) -> di
         "label": name,
         "model": context["model"],
         "adapter": config.adapter,
-        **prompting_record(context["prompting"]),
+        **context["prompting"].record(),
         "split": config.split,
         "limit": config.limit,
         "world_size": context["world_size"],

@@ -469,8 +469,8 @@ def is_export(path: str | Path | None) -> bool:
     return bool(path) and (Path(path) / SETTINGS_FILE).is_file()
 
 
-def load_export(path: Path, device: torch.device, config) -> tuple:
-    """An export as evaluate.load_for_eval loads an adapter: (model, tokenizer, prompting, name). Plain weights in
+def load_export(path: Path, device: torch.device, config):
+    """An export as evaluate.load_for_eval loads an adapter (an evaluate.Loaded). Plain weights in
     the device's compute dtype (f32 on CPU), prompt settings from qloraner.json unless the flags give them."""
     from transformers import AutoModelForCausalLM
 
@@ -486,14 +486,16 @@ def load_export(path: Path, device: torch.device, config) -> tuple:
         path, dtype=compute_dtype(device), device_map={"": device}, attn_implementation="sdpa", **weights
     )
     model.eval()
+    from qloraner.data import Prompting
+    from qloraner.evaluate import Loaded
     from qloraner.labels import LabelSet
 
-    prompting = {
-        "prompt": config.prompt or settings["prompt"],
-        "response_format": config.response_format or settings["response_format"],
-        "labels": LabelSet.from_saved(settings.get("label_descriptions")),  # none in an export before label sets
-    }
-    return model, load_tokenizer(path, padding_side="left"), prompting, str(path)
+    prompting = Prompting(
+        config.prompt or settings["prompt"],
+        config.response_format or settings["response_format"],
+        LabelSet.from_saved(settings.get("label_descriptions")),  # none in an export before label sets
+    )
+    return Loaded(model, load_tokenizer(path, padding_side="left"), prompting, str(path))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -17,6 +17,7 @@ import torch
 from qloraner.bio import spans
 from qloraner.config import DecodeSettings, EvalConfig
 from qloraner.conll import Sentence, _context
+from qloraner.data import Prompting
 from qloraner.evaluate import batch_size_for, load_for_eval, respond
 from qloraner.text import Token, sentences
 
@@ -52,7 +53,7 @@ class Tagger:
     ./run_eval.sh, so that on CoNLL-2003 sentences it gives the evaluator's tags.
     """
 
-    def __init__(self, model, tokenizer, prompting: dict, config: EvalConfig, progress: bool = True) -> None:
+    def __init__(self, model, tokenizer, prompting: Prompting, config: EvalConfig, progress: bool = True) -> None:
         self.model, self.tokenizer, self.prompting, self.config = model, tokenizer, prompting, config
         self.progress = progress
 
@@ -99,7 +100,7 @@ class Tagger:
     @property
     def types(self) -> tuple[str, ...]:
         """The entity types the adapter was trained on (its training data's), the only labels it gives."""
-        return self.prompting["labels"].types
+        return self.prompting.labels.types
 
     def tag(self, texts: Sequence[str]) -> list[list[Entity]]:
         """Per text, its entities in character offsets of that text; each text is one document (its sentences

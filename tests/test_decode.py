@@ -129,10 +129,7 @@ def test_finished_rows_never_grow_and_generation_ends_early(tiny_adapter, tiny_m
     rule every row is exactly its budget long and begins with what the stopped row holds. The unmerged adapter on
     dequantized copies of the 4-bit weights answers the same."""
     model, tok, prompting, _ = load_for_eval(EvalConfig(model=str(tiny_model), adapter=str(tiny_adapter)), CPU)
-    prompts = [
-        tok(build_prompt(s.tokens, prompting["prompt"], prompting["response_format"]))["input_ids"]
-        for s in read_split(conll_dir, "train")[:8]
-    ]
+    prompts = [tok(prompting.text(s.tokens))["input_ids"] for s in read_split(conll_dir, "train")[:8]]
     gen = generate_greedy(model, tok, prompts, [64] * 8, batch_size=8, ends_answer=ANSWER)
     assert gen.forward_passes < 64
     newline = newline_table(tok, len(tok))
@@ -303,10 +300,7 @@ def test_an_answer_is_cut_exactly_when_its_budget_ends_before_its_stop(tiny_adap
     """Generation.cut marks a row exactly when its budget ran out before it stopped: when no prefix of the budget's
     tokens, decoded without the stop rule, stops (EOS, or a blank line after an answer)."""
     model, tok, prompting, _ = load_for_eval(EvalConfig(model=str(tiny_model), adapter=str(tiny_adapter)), CPU)
-    prompts = [
-        tok(build_prompt(s.tokens, prompting["prompt"], prompting["response_format"]))["input_ids"]
-        for s in read_split(conll_dir, "train")[:8]
-    ]
+    prompts = [tok(prompting.text(s.tokens))["input_ids"] for s in read_split(conll_dir, "train")[:8]]
     budgets = [1, 2, 4, 8, 16, 32, 48, 64]
     gen = generate_greedy(model, tok, prompts, budgets, batch_size=3, ends_answer=ANSWER)
     forced = generate_greedy(model, tok, prompts, budgets, batch_size=3, stop=False).tokens

@@ -10,7 +10,7 @@ from qloraner import ENTITY_TYPES, QloranerError
 from qloraner.bio import entities_to_bio
 from qloraner.config import EvalConfig
 from qloraner.conll import read_split
-from qloraner.data import build_prompt
+from qloraner.data import Prompting
 from qloraner.decode import CPU_BATCH, generate_greedy
 from qloraner.evaluate import ARTIFACTS, _prompt_ids, _prompts, evaluate_model, load_for_eval
 from qloraner.labels import CONLL, LabelSet
@@ -85,10 +85,9 @@ def test_prompting_follows_the_adapter_unless_flags_say_otherwise(tmp_path, tiny
     settings = json.loads((adapter / "train_config.json").read_text())
     (adapter / "train_config.json").write_text(json.dumps({**settings, "prompt": "typed", "response_format": "json"}))
     labels = LabelSet.from_saved(settings["labels"])
-    expected = {"prompt": "typed", "response_format": "json", "labels": labels}
-    assert load_for_eval(EvalConfig(adapter=str(adapter)), CPU)[2] == expected
+    assert load_for_eval(EvalConfig(adapter=str(adapter)), CPU).prompting == Prompting("typed", "json", labels)
     flags = EvalConfig(adapter=str(adapter), prompt="fewshot", response_format="lines")
-    assert load_for_eval(flags, CPU)[2] == {"prompt": "fewshot", "response_format": "lines", "labels": labels}
+    assert load_for_eval(flags, CPU).prompting == Prompting("fewshot", "lines", labels)
 
 
 @pytest.mark.parametrize(
@@ -107,7 +106,7 @@ def test_evaluation_uses_the_label_set_the_adapter_recorded(tmp_path, tiny_adapt
     shutil.copytree(tiny_adapter, adapter)
     settings = {k: v for k, v in json.loads((adapter / "train_config.json").read_text()).items() if k != "labels"}
     (adapter / "train_config.json").write_text(json.dumps(settings | ({"labels": saved} if saved else {})))
-    labels = load_for_eval(EvalConfig(adapter=str(adapter)), CPU)[2]["labels"]
+    labels = load_for_eval(EvalConfig(adapter=str(adapter)), CPU).prompting.labels
     assert (labels.types, labels.meanings) == (types, meanings)
 
 
@@ -211,10 +210,7 @@ def test_merge_goes_into_the_dequantized_nf4_weights(tiny_model, tiny_adapter, c
     assert not any(isinstance(m, bnb.nn.Linear4bit) for m in merged.modules())
     assert not any("lora_" in n for n, _ in merged.named_parameters())
     unmerged, _, _, _ = load_for_eval(EvalConfig(model=str(tiny_model), adapter=str(tiny_adapter)), CPU)
-    prompts = [
-        tok(build_prompt(s.tokens, prompting["prompt"], prompting["response_format"]))["input_ids"]
-        for s in read_split(conll_dir, "train")[:8]
-    ]
+    prompts = [tok(prompting.text(s.tokens))["input_ids"] for s in read_split(conll_dir, "train")[:8]]
     with torch.no_grad():
         ids = torch.tensor([prompts[0]])
         torch.testing.assert_close(merged(input_ids=ids).logits, unmerged(input_ids=ids).logits, atol=1e-4, rtol=1e-4)
@@ -340,7 +336,7 @@ def test_an_overlong_prompt_drops_its_context_before_cutting_the_sentence(conll_
     the whole sentence and drops the context; a limit under that cuts the sentence to fit."""
     tok = load_tokenizer(smol_checkpoint)
     s = max(read_split(conll_dir, "valid")[:50], key=lambda x: len(x.context))
-    prompting = {"prompt": "context", "response_format": "lines", "labels": CONLL}
+    prompting = Prompting("context", "lines", CONLL)
     full, bare = (_prompt_ids(tok, s.tokens, prompting, c) for c in (s.context, ""))
     assert len(bare) < len(full)
     assert _prompts(tok, [s], prompting, len(full) - 1) == ([bare], [len(s.tokens)])

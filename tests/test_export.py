@@ -80,7 +80,7 @@ def test_plain_transformers_gives_the_engines_greedy_answers(exported, merged, c
 
     model, tokenizer, prompting, _ = merged
     prompts, _ = _prompts(tokenizer, conll_sentences, prompting, 1024)
-    budgets = [response_budget(tokenizer, s.tokens, MAX_NEW, prompting["response_format"]) for s in conll_sentences]
+    budgets = [response_budget(tokenizer, s.tokens, MAX_NEW, prompting.response_format) for s in conll_sentences]
     ours = generate_greedy(model, tokenizer, prompts, budgets, batch_size=16, graphs=False).tokens
     plain = AutoModelForCausalLM.from_pretrained(exported, dtype=torch.float32).eval()
     plain_tokenizer = AutoTokenizer.from_pretrained(exported)

@@ -62,7 +62,7 @@ def test_tag_tokens_gives_the_evaluators_tags_on_conll_test_sentences(prompt, tm
     rows = [json.loads(line) for line in (out / "responses.jsonl").read_text().splitlines()]
     assert [r["tokens"] for r in rows] == tokens
     tagger = Tagger.load(adapter, "cpu", max_new_tokens=MAX_NEW, progress=False)
-    assert tagger.prompting["prompt"] == prompt
+    assert tagger.prompting.prompt == prompt
     assert tagger.tag_tokens(tokens, documents=[0] * len(tokens)) == [r["pred_tags"] for r in rows]
 
 

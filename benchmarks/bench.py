@@ -198,7 +198,7 @@ def _recipe(name: str) -> dict:
 def train_speed(a: argparse.Namespace, work: Path) -> dict:
     """Our loop through ./run_train.sh with the recipe against the original stack, same model, batch and LoRA."""
     from qloraner.config import TrainConfig
-    from qloraner.model import resolve_model
+    from qloraner.sources import resolve_model
 
     model = shape_model(a.shape)
     recipe = _recipe(a.recipe)

@@ -31,7 +31,9 @@ import torch
 import torch.nn.functional as F
 
 from qloraner import QloranerError, first_line
-from qloraner.model import compile_unavailable, dequantize_four_bit, dequantized_bytes, require_llama_layout
+from qloraner.compiler import compile_unavailable
+from qloraner.model import require_llama_layout
+from qloraner.nf4 import dequantize_four_bit, dequantized_bytes
 
 STOP_TEXT = "\n\n"  # our responses hold no blank line: one after the answer ends it (when ends_answer agrees)
 _TAIL = 4  # tokens decoded to look for STOP_TEXT; it never spans more

@@ -20,9 +20,10 @@ from qloraner.data import Prompting, response_budget
 from qloraner.decode import auto_batch_size, generate_greedy
 from qloraner.labels import CONLL, LabelSet, types_seen
 from qloraner.metrics import error_analysis, score
-from qloraner.model import DEFAULT_MODEL, load_base, load_tokenizer, resolve_model
+from qloraner.model import load_base, load_tokenizer
 from qloraner.parse import ends_answer, is_explicit_empty, parse_response, tag_response
 from qloraner.progress import Progress
+from qloraner.sources import DEFAULT_MODEL, resolve_model
 from qloraner.startup import STOPWATCH, stopwatch
 
 

@@ -380,7 +380,7 @@ def check_output(out: Path, overwrite: bool) -> None:
 
 def base_folder(trained: dict) -> Path:
     """The adapter's base as a local checkpoint folder (a Hub id comes from the local Hub cache)."""
-    from qloraner.model import resolve_model
+    from qloraner.sources import resolve_model
 
     name = trained.get("model")
     try:

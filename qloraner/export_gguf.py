@@ -261,7 +261,7 @@ def source_gguf_vocab(writer, base: Path, n_vocab: int) -> None:
     says (transformers' GGUF conversion drops SmolLM2's digit split), so llama.cpp must split as it did."""
     import gguf
 
-    from qloraner.model import _gguf_path
+    from qloraner.sources import _gguf_path
 
     pre = bpe_pre(base)
     for key, field in gguf.GGUFReader(_gguf_path()).fields.items():
@@ -278,7 +278,7 @@ VOCABS = {"gguf": source_gguf_vocab, "spm": spm_vocab, "bpe": bpe_vocab}
 def vocab_kind(base: Path, trained: dict) -> str:
     """Where the GGUF's tokenizer comes from: the embedded default's source GGUF, a SentencePiece model, or a
     byte-level BPE tokenizer.json (anything else is refused when its pre-tokenizer is read)."""
-    from qloraner.model import DEFAULT_MODEL
+    from qloraner.sources import DEFAULT_MODEL
 
     if (trained.get("model") or DEFAULT_MODEL) == DEFAULT_MODEL:
         return "gguf"

@@ -15,6 +15,7 @@ import torch
 from torch.utils.data import DistributedSampler
 
 from qloraner import ROOT, QloranerError, checkpoint, dist, make_dir, memory
+from qloraner.compiler import compile_layers, compile_unavailable, start_compiler
 from qloraner.config import TrainConfig, as_dict
 from qloraner.conll import resolve_corpus
 from qloraner.data import (
@@ -28,21 +29,10 @@ from qloraner.data import (
     split_step_within,
 )
 from qloraner.labels import LabelSet, types_seen
-from qloraner.model import (
-    add_lora,
-    compile_layers,
-    compile_unavailable,
-    compute_dtype,
-    dequantize_four_bit,
-    dequantize_in_graph,
-    dequantized_bytes,
-    load_base,
-    load_tokenizer,
-    resolve_model,
-    start_compiler,
-    use_counter_dropout,
-)
+from qloraner.model import add_lora, compute_dtype, load_base, load_tokenizer, use_counter_dropout
+from qloraner.nf4 import dequantize_four_bit, dequantize_in_graph, dequantized_bytes
 from qloraner.optim import flatten_trainable
+from qloraner.sources import resolve_model
 from qloraner.step import GRAPH_PADDING, PAD_MULTIPLE, MicroStepGraphs, SupervisedLoss
 
 FROZEN_COPIES_MAX_BYTES = 2**30  # --frozen-copies by default up to this size: a small model's launches and

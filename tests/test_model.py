@@ -16,22 +16,10 @@ from hypothesis import strategies as st
 from transformers import AutoConfig
 
 from qloraner import QloranerError
-from qloraner.model import (
-    CUDA_HEADERS,
-    M31,
-    RECOMPUTE_BUDGET,
-    CounterDropout,
-    NF4Linear,
-    add_lora,
-    compile_layers,
-    cuda_headers,
-    default_checkpoint,
-    load_base,
-    load_tokenizer,
-    resolve_model,
-    start_compiler,
-    use_counter_dropout,
-)
+from qloraner.compiler import CUDA_HEADERS, RECOMPUTE_BUDGET, compile_layers, cuda_headers, start_compiler
+from qloraner.model import M31, CounterDropout, add_lora, load_base, load_tokenizer, use_counter_dropout
+from qloraner.nf4 import NF4Linear
+from qloraner.sources import default_checkpoint, resolve_model
 
 
 def test_tiny_model_loads_in_nf4_with_lora_only_trainable(tiny_model):
@@ -107,7 +95,7 @@ def test_a_damaged_converted_default_is_converted_again(damage, tmp_path, monkey
 
 
 def _convert(cache, **kw) -> subprocess.Popen:
-    code = "from qloraner.model import default_checkpoint; default_checkpoint()"
+    code = "from qloraner.sources import default_checkpoint; default_checkpoint()"
     env = {**os.environ, "QLORANER_CACHE": str(cache)}
     return subprocess.Popen([sys.executable, "-c", code], env=env, text=True, **kw)
 

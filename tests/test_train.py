@@ -203,7 +203,7 @@ def test_compiled_layers_dequantize_nf4_themselves(tmp_path, tiny_model, conll_d
     resolved so on a CPU) or with the frozen copies is refused."""
     import bitsandbytes as bnb
 
-    from qloraner.model import NF4Linear
+    from qloraner.nf4 import NF4Linear
 
     for name, in_graph in [("graph", None), ("bnb", False)]:
         config = _config(tmp_path, tiny_model, conll_dir, name, compile=True, dequantize_in_graph=in_graph)

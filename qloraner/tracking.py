@@ -78,13 +78,15 @@ def check_tracking(output_dir: Path) -> str:
 
 def check_sqlite_store(path: Path) -> None:
     """One line naming an existing sqlite store that sqlite cannot read (cut, or not a database), before any work:
-    MLflow would fail on it only when the run starts, in a traceback. Read-only; a new or empty file passes."""
+    MLflow would fail on it only when the run starts, in a traceback. A new or empty file passes. Opened read-write
+    but never created: a writer killed mid-transaction leaves a hot journal that only a writer may roll back (a
+    read-only probe reads it as "attempt to write a readonly database"); the check writes nothing else."""
     import sqlite3
 
     if not path.is_file() or path.stat().st_size == 0:
         return
     try:
-        with contextlib.closing(sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, timeout=PROBE_S)) as db:
+        with contextlib.closing(sqlite3.connect(f"{path.resolve().as_uri()}?mode=rw", uri=True, timeout=PROBE_S)) as db:
             found = db.execute("PRAGMA quick_check").fetchone()[0]
     except sqlite3.Error as err:
         found = first_line(err)

@@ -9,7 +9,7 @@ import time
 import pytest
 
 from qloraner import QloranerError
-from qloraner.tracking import check_tracking
+from qloraner.tracking import check_sqlite_store, check_tracking
 from tests.conftest import last_line, run_entry, tiny_args
 
 
@@ -116,6 +116,31 @@ def test_a_damaged_mlflow_store_is_one_line_before_any_work(damage, tmp_path, ti
     assert last_line(proc.stderr).startswith(f"error: {db}: not a readable MLflow store (")
     assert last_line(proc.stderr).endswith("move it away to start a new one, or set MLFLOW_TRACKING_URI")
     assert not proc.stdout.strip() and db.read_bytes() == before
+
+
+KILLED_WRITER = """
+import os, signal, sqlite3, sys
+db = sqlite3.connect(sys.argv[1], isolation_level=None)
+db.execute("PRAGMA cache_size=1")  # spill to the file mid-transaction: the journal becomes hot
+db.execute("CREATE TABLE t(x)")
+db.execute("INSERT INTO t VALUES ('committed')")
+db.execute("BEGIN IMMEDIATE")
+for _ in range(2000):
+    db.execute("INSERT INTO t VALUES (?)", ("uncommitted" * 50,))
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def test_a_store_whose_writer_was_killed_mid_write_is_readable(tmp_path):
+    """A sqlite store left with a hot journal by a writer killed mid-transaction (a training killed while MLflow
+    wrote) passes the store check, and the next run sees exactly the committed rows: sqlite rolls the journal back."""
+    import sqlite3
+
+    db = tmp_path / "mlflow.db"
+    proc = subprocess.run([sys.executable, "-c", KILLED_WRITER, str(db)], check=False)
+    assert proc.returncode == -9 and (tmp_path / "mlflow.db-journal").stat().st_size > 0
+    check_sqlite_store(db)
+    assert sqlite3.connect(db).execute("SELECT x FROM t").fetchall() == [("committed",)]
 
 
 RACE = """

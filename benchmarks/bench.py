@@ -102,6 +102,14 @@ def product(script: str, args: list[str], log: Path, env: dict | None = None) ->
     return time.perf_counter() - start
 
 
+def training_params(out: Path) -> dict[str, str]:
+    """The parameters the training run in `out` logged to its MLflow store (its resolved plan among them)."""
+    from mlflow.tracking import MlflowClient
+
+    run_id = json.loads((out / "final" / "trainer_state.json").read_text())["run_id"]
+    return MlflowClient(f"sqlite:///{out / 'mlflow.db'}").get_run(run_id).data.params
+
+
 def training_metrics(out: Path) -> dict[str, list[float]]:
     """The per-step metrics the training run in `out` logged to its MLflow store, in step order."""
     from mlflow.tracking import MlflowClient
@@ -224,12 +232,15 @@ def train_speed(a: argparse.Namespace, work: Path) -> dict:
         *(["--model", str(model)] if model else []),
         *a.flags,
     ]
-    wall = product("run_train.sh", args, work / "ours.log")
-    ours = {**speed(training_metrics(out)), "wall_s": wall}
+    wall = product("run_train.sh", args, work / "ours.log", card_budget(a.card_gib, work))
+    ours = {**speed(training_metrics(out)), "wall_s": wall, "card_gib": a.card_gib or None}
+    params = training_params(out)
+    ours["checkpointing"] = f"{params['gradient_checkpointing_used']} ({params['gradient_checkpointing_source']})"
     result = {"ours": ours, "peer": peer}
     if peer:
         result["speedup"] = ours["tokens_per_s"] / peer["tokens_per_s"]
     cells = f"{ours['tokens_per_s']:,.0f} tokens/s, peak {ours['peak_gib']:.2f} GiB"
+    cells += f", checkpointing {ours['checkpointing']}"
     cells += f", first step {ours['first_step_s']:.0f} s, {ours['slow_steps_after_first']} slow steps after it"
     if ours["compiles_after_first"] is not None:
         cells += f" ({ours['compiles_after_first']:.0f} compiles after it)"
@@ -238,8 +249,29 @@ def train_speed(a: argparse.Namespace, work: Path) -> dict:
             f"peer {peer['tokens_per_s']:,.0f} tokens/s at {peer['peak_gib']:.2f} GiB → ours {cells} "
             f"(**{result['speedup']:.2f}×**)"
         )
-    result["row"] = [f"{a.shape} shape, recipe {a.recipe}, {a.steps} steps", cells]
+    budget = f", the card cut to {a.card_gib:g} GiB" if a.card_gib else ""
+    result["row"] = [f"{a.shape} shape, recipe {a.recipe}, {a.steps} steps{budget}", cells]
     return result
+
+
+CARD_BUDGET = """
+import torch
+if torch.cuda.is_available():  # the caching allocator refuses more than this share, as a smaller card would
+    total = torch.cuda.get_device_properties(0).total_memory
+    torch.cuda.set_per_process_memory_fraction(min(1.0, {gib} * 2**30 / total))
+"""
+
+
+def card_budget(gib: float, work: Path) -> dict | None:
+    """The environment that makes our training see a card of `gib` GiB (0: the whole card): a sitecustomize.py on
+    PYTHONPATH sets torch's per-process memory fraction before the product starts, so the product's own memory rule
+    reads the smaller card; the peer runs on the whole card."""
+    if not gib:
+        return None
+    folder = work / "card-budget"
+    folder.mkdir(exist_ok=True)
+    (folder / "sitecustomize.py").write_text(CARD_BUDGET.format(gib=gib))
+    return {"PYTHONPATH": os.pathsep.join(filter(None, [str(folder), os.environ.get("PYTHONPATH")]))}
 
 
 def eval_speed(a: argparse.Namespace, work: Path) -> dict:
@@ -636,6 +668,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--peer-steps", type=int, default=8)
     p.add_argument("--peer", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--card-gib", type=float, default=0.0, help="our training sees a card of this size (0: the whole)")
     p = sub.add_parser("eval-speed")
     p.set_defaults(measure=eval_speed)
     p.add_argument("--adapter", help="the fine-tuned adapter (without --shape)")

@@ -12,7 +12,7 @@ from tests.conftest import ROOT
 def test_train_speed_runs_the_product_beside_the_peer(tmp_path, conll_dir, llama2_tokenizer_dir):
     """bench.py train-speed on a tiny random LLaMA (CPU), the all-linear recipe, compiled: the peer and ./run_train.sh
     both train, the speeds and the compile count come from the product's own MLflow metrics (no compile after the first
-    step), and the printed row names the command and the raw JSON."""
+    step), the checkpointing choice from its logged plan, and the printed row names the command and the raw JSON."""
     env = {**os.environ, "CONLL_DIR": str(conll_dir), "LLAMA2_TOKENIZER": str(llama2_tokenizer_dir)}
     env.pop("MLFLOW_TRACKING_URI", None)
     args = ["--out", str(tmp_path), "train-speed", "--recipe", "smollm2-135m", "--shape", "tiny", "--steps", "4"]
@@ -28,6 +28,7 @@ def test_train_speed_runs_the_product_beside_the_peer(tmp_path, conll_dir, llama
     row = proc.stdout.strip().splitlines()[-1]
     assert row.startswith("| tiny shape, recipe smollm2-135m, 4 steps | cpu |") and str(raw) in row
     assert "python3 benchmarks/bench.py" in row and "×**" in row and "(0 compiles after it)" in row
+    assert f"checkpointing {result['ours']['checkpointing']}" in row
     assert result["ours"]["compiles_after_first"] == 0 and result["peer"]["compiles_after_first"] is None
 
 

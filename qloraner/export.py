@@ -22,6 +22,7 @@ import torch
 
 from qloraner import QloranerError, run_main
 from qloraner.config import field_errors, opt, parser_for, raise_if
+from qloraner.progress import Progress
 
 SETTINGS_FILE = "qloraner.json"  # marks a folder as a qloraner export (Tagger.load and ./run_eval.sh detect it)
 EXPORT_VERSION = 1  # bump when qloraner.json's keys change meaning
@@ -116,10 +117,17 @@ def base_tensors(base: Path) -> Iterator[tuple[str, torch.Tensor]]:
     files = sorted(base.glob("*.safetensors"))
     if not files:
         raise QloranerError(f"{base}: no safetensors weights to export from (convert the base to safetensors)")
+    total = 0
+    for path in files:
+        with safe_open(str(path), "pt") as f:
+            total += len(f.keys())
+    progress = Progress(total, "export", "tensors")  # a 7B base takes minutes: a SLURM log shows where it is
     for path in files:
         with safe_open(str(path), "pt") as f:
             for name in f.keys():
                 yield name, f.get_tensor(name)
+                progress.update()
+    progress.close()
 
 
 def merged_tensors(base: Path, adapter: Path, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:

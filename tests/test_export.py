@@ -198,13 +198,19 @@ def test_errors_are_one_line_and_exit_2(tmp_path, tiny_adapter):
 
 
 def test_run_export_sh_writes_and_overwrites(tmp_path, tiny_adapter):
-    """./run_export.sh writes a loadable export and says where; --overwrite replaces a non-empty folder whole."""
+    """./run_export.sh writes a loadable export and says where, with progress over the base's tensors (a log line
+    at the end: stdout is not a terminal); --overwrite replaces a non-empty folder whole."""
     out = tmp_path / "merged"
     out.mkdir()
     (out / "stale.txt").write_text("old")
     proc = run_export("--adapter", str(tiny_adapter), "--output", str(out), "--overwrite")
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert last_line(proc.stdout).endswith(str(out))
+    from safetensors import safe_open
+
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        tensors = len(f.keys())
+    assert f"export {tensors}/{tensors} (100.0%)" in proc.stdout
     assert (
         not (out / "stale.txt").exists() and (out / SETTINGS_FILE).is_file() and (out / "model.safetensors").is_file()
     )

@@ -14,7 +14,7 @@ import torch
 from safetensors import SafetensorError
 
 from qloraner import QloranerError, dist, first_line
-from qloraner.config import TrainConfig, as_dict
+from qloraner.config import TrainConfig
 
 STEP_DIR = re.compile(r"^step-(\d{6})$")
 FILES = ("adapter_model.safetensors", "adapter_config.json", "optimizer.pt", "rng-0.pt", "trainer_state.json")
@@ -47,15 +47,16 @@ def step_dir(output_dir: Path, step: int) -> Path:
     return Path(output_dir) / f"step-{step:06d}"
 
 
-def save(path: Path, model, optimizer, state: dict, config: TrainConfig, rank: int = 0) -> Path:
-    """Write the adapter, optimizer, RNG and data position to a temp folder, then rename it into place.
+def save(path: Path, model, optimizer, state: dict, settings: dict, rank: int = 0) -> Path:
+    """Write the adapter, optimizer, RNG, data position and `settings` (train_config.json: Run.saved_settings) to a
+    temp folder, then rename it into place.
 
     The folder appears whole or not at all. Every rank writes its RNG state; rank 0 writes the rest
     (the adapter and optimizer are the same on every rank).
     """
     tmp = path.with_name(f".{path.name}.tmp")
     try:
-        return _save(path, tmp, model, optimizer, state, config, rank)
+        return _save(path, tmp, model, optimizer, state, settings, rank)
     except (OSError, RuntimeError) as err:  # a full disk, a lost mount (torch.save raises RuntimeError for them)
         shutil.rmtree(tmp, ignore_errors=True)  # the half-written folder goes, the complete ones stay
         newest = latest(path.parent)
@@ -77,7 +78,7 @@ def write_failure(err: Exception, folder: Path) -> str:
     return first_line(err)
 
 
-def _save(path: Path, tmp: Path, model, optimizer, state: dict, config: TrainConfig, rank: int) -> Path:
+def _save(path: Path, tmp: Path, model, optimizer, state: dict, settings: dict, rank: int) -> Path:
     if torch.cuda.is_available():  # the paged optimizer state is memory the host reads itself: the update must be done
         torch.cuda.synchronize()
     if rank == 0:
@@ -92,7 +93,7 @@ def _save(path: Path, tmp: Path, model, optimizer, state: dict, config: TrainCon
     if rank == 0:
         model.save_pretrained(tmp)
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-        (tmp / "train_config.json").write_text(json.dumps(as_dict(config), indent=2))
+        (tmp / "train_config.json").write_text(json.dumps(settings, indent=2))
         (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))  # last: marks the folder complete
         for f in tmp.iterdir():
             with open(f, "rb") as fh:

@@ -221,8 +221,8 @@ class TrainConfig:
     labels: dict | None = opt(
         None,
         "one-line descriptions of entity types for the typed and fewshot prompts, a recipe's [labels] section "
-        '(PSN = "people"); the types are the training data\'s. Once training has read the data: every type it '
-        'tags, described or "" (what the adapter learned; CoNLL-2003\'s types keep their own descriptions)',
+        "(PSN = \"people\"); the types are the training data's. The adapter's train_config.json keeps every type "
+        'it learned, described or "" (CoNLL-2003\'s types keep their own descriptions)',
         recipe_only=True,
     )
 

@@ -15,7 +15,7 @@ import torch
 from torch.utils.data import DistributedSampler
 
 from qloraner import ROOT, QloranerError, checkpoint, dist, make_dir, memory
-from qloraner.compiler import compile_layers, compile_unavailable, start_compiler
+from qloraner.compiler import compile_layers, start_compiler
 from qloraner.config import TrainConfig, as_dict
 from qloraner.conll import resolve_corpus
 from qloraner.data import (
@@ -30,14 +30,11 @@ from qloraner.data import (
 )
 from qloraner.labels import LabelSet, types_seen
 from qloraner.model import add_lora, compute_dtype, load_base, load_tokenizer, use_counter_dropout
-from qloraner.nf4 import dequantize_four_bit, dequantize_in_graph, dequantized_bytes
+from qloraner.nf4 import dequantize_four_bit, dequantize_in_graph
 from qloraner.optim import flatten_trainable
 from qloraner.sources import resolve_model
+from qloraner.speed import Speed, choose_compile, resolve_speed
 from qloraner.step import GRAPH_PADDING, PAD_MULTIPLE, MicroStepGraphs, SupervisedLoss
-
-FROZEN_COPIES_MAX_BYTES = 2**30  # --frozen-copies by default up to this size: a small model's launches and
-# dequantizations dominate its steps; a large one's 4-bit weights are what makes it fit
-RECOMPUTE_IN_GRAPH_ON = ("cuda",)  # with compile, checkpointing recomputes inside the compiled graphs (replayable RNG)
 
 
 @dataclass
@@ -65,7 +62,8 @@ class Run:
     graphs: MicroStepGraphs | None = None  # with --cuda-graphs
     dropout_key: torch.Tensor | None = None  # CounterDropout's, set before each micro-step
     micro_plan: memory.MemoryPlan = memory.MemoryPlan(0, "no bound")  # the micro-batches' token bound
-    checkpointing: memory.Checkpointing = memory.Checkpointing(False, "set")  # resolved (the config keeps auto)
+    speed: Speed = Speed(False, memory.Checkpointing(False, "set"))  # the engine's switches, resolved
+    labels: dict = field(default_factory=dict)  # the label set learned (types -> descriptions), from the data
 
     def __post_init__(self) -> None:
         self.lengths = [len(e.input_ids) for e in self.examples]
@@ -78,11 +76,17 @@ class Run:
     @property
     def padding(self) -> tuple[int, int]:
         """collate's multiples: the longest row eager, aligned widths compiled, coarser buckets with CUDA graphs."""
-        return GRAPH_PADDING if self.graphs else (PAD_MULTIPLE, 1) if self.config.compile else (0, 1)
+        return GRAPH_PADDING if self.graphs else (PAD_MULTIPLE, 1) if self.speed.compile else (0, 1)
 
     @property
     def out(self) -> Path:
         return Path(self.config.output_dir)
+
+    @property
+    def saved_settings(self) -> dict:
+        """train_config.json: the settings as asked, with what ran in place of each auto (the label set learned,
+        the engine's switches)."""
+        return {**as_dict(self.config), "labels": self.labels, **self.speed.record()}
 
     def micro_batches(self, step: int) -> tuple[list[list[int]], list[int]]:
         """This rank's micro-batches of the step, and the whole step's sequences."""
@@ -96,85 +100,38 @@ class Run:
         return [parts[i] for i in DistributedSampler(parts, self.world, self.rank, shuffle=False)], batch
 
 
-def _use_compile(config: TrainConfig, device: torch.device) -> bool:
-    """--compile / --no-compile as given; unset, on where it was measured to win (CUDA with Triton and a compiler)."""
-    if config.compile is not None:
-        return config.compile
-    reason = compile_unavailable(device)
-    if reason and device.type == "cuda":
-        print(f"qloraner: training runs eager: {reason}", flush=True)
-    return reason is None
-
-
-def _use_graphs(config: TrainConfig, device: torch.device, checkpointing: bool) -> bool:
-    """--cuda-graphs / --no-cuda-graphs as given (refused in prepare() without a GPU, by the config without
-    --compile); unset, on with compiled layers on a GPU without checkpointing (with it, only when asked: a higher
-    peak)."""
-    if config.cuda_graphs is not None:
-        return config.cuda_graphs
-    return device.type == "cuda" and bool(config.compile) and not checkpointing
-
-
-@dataclass
-class _Built:
-    """_build_model's model and the speed choices it resolved."""
-
-    model: torch.nn.Module
-    checkpointing: memory.Checkpointing
-    cuda_graphs: bool
-    frozen_copies: bool
-    nf4_in_graph: bool
-    dropout_key: torch.Tensor | None
-
-
-def _build_model(config: TrainConfig, model_path, device: torch.device, rank: int, longest: int, micro: int):
-    """The NF4 base with a fresh LoRA adapter (the same init on every rank), compiled when asked; also its
-    checkpointing (the same on every rank: on where any rank needs it), whether CUDA graphs replay its steps,
-    whether its frozen weights were dequantized once and whether by the compiled layers (--gradient-checkpointing,
-    --cuda-graphs, --frozen-copies and --dequantize-in-graph, resolved), and CounterDropout's key with CUDA graphs
-    over checkpointing inside the compiled layers (None elsewhere: torch's dropout, whose recomputed masks replay
-    the RNG's state)."""
+def _build_model(
+    config: TrainConfig, model_path, device: torch.device, rank: int, compiled: bool, longest: int, micro: int
+) -> tuple[torch.nn.Module, Speed, torch.Tensor | None]:
+    """The NF4 base with a fresh LoRA adapter (the same init on every rank), built as the engine's resolved
+    switches say (resolve_speed); and CounterDropout's key where the switches want hashed masks (else None:
+    torch's dropout, whose recomputed masks replay the RNG's state)."""
     torch.manual_seed(config.seed)
     random.seed(config.seed)
     base = load_base(model_path, device)
-    ckpt = memory.choose_checkpointing(config, base, device, compute_dtype(device), longest, micro)
-    if not dist.smallest(int(not ckpt.on), device):  # a rank without the room decides for all
-        ckpt = dataclasses.replace(ckpt, on=True)
-    graphs = _use_graphs(config, device, ckpt.on)
-    in_graph = config.compile and ckpt.on and device.type in RECOMPUTE_IN_GRAPH_ON
+    plan = resolve_speed(config, device, base, compiled, longest, micro)
     model = add_lora(
         base,
         r=config.lora_r,
         alpha=config.lora_alpha,
         dropout=config.lora_dropout,
         target_modules=config.target_module_list,
-        checkpointing=ckpt.on and not in_graph,
+        checkpointing=plan.checkpointing.on and not plan.recompute_in_graph,
     )
-    copies, dtype = config.frozen_copies, compute_dtype(device)
-    if copies is None:  # small models: their steps wait on kernel launches, dequantizations among them
-        copies = device.type == "cuda" and dequantized_bytes(model, dtype) <= FROZEN_COPIES_MAX_BYTES
-    if copies:
-        dequantize_four_bit(model, dtype)
-    if config.dequantize_in_graph and copies:  # compile off never gets here: the config refuses it once resolved
-        raise QloranerError(
-            "--dequantize-in-graph: needs 4-bit weights, and the frozen copies (on by default for a model this "
-            "small) leave none; add --no-frozen-copies"
-        )
-    nf4_in_graph = bool(config.compile and not copies and config.dequantize_in_graph is not False)
-    if nf4_in_graph:
+    if plan.frozen_copies:
+        dequantize_four_bit(model, compute_dtype(device))
+    if plan.nf4_in_graph:
         dequantize_in_graph(model)
-    # A CUDA graph cannot hold the RNG state replayed by the recomputed dropout: masks from a hash instead. Only
-    # there: without graphs the hashed masks raised the 7B recipe's peak (docs/ENGINE.md, speed defaults).
-    key = use_counter_dropout(model) if in_graph and graphs else None
-    if config.compile:
+    key = use_counter_dropout(model) if plan.counter_dropout else None
+    if plan.compile:
         # The first layer's input (the frozen embedding's output) must require grad like every later layer's, or
         # the first layer gets a graph of its own; HF's checkpoint already asks for this.
         model.get_base_model().enable_input_require_grads()
-        compile_layers(model, recompute_in_graph=in_graph)
+        compile_layers(model, recompute_in_graph=plan.recompute_in_graph)
     if rank:  # after the shared init, each rank its own dropout masks
         torch.manual_seed(config.seed + rank)
         random.seed(config.seed + rank)
-    return _Built(model, ckpt, graphs, copies, nf4_in_graph, key)
+    return model, plan, key
 
 
 def _claim_output_dir(config: TrainConfig):
@@ -277,35 +234,28 @@ def prepare(config: TrainConfig, device: torch.device | None = None) -> Run:
     started (rank 0)."""
     rank, world, rank_device = dist.setup()
     device = device or rank_device
-    if config.cuda_graphs and device.type != "cuda":
-        raise QloranerError(f"--cuda-graphs: needs a CUDA GPU, not {device.type}")
-    config = dataclasses.replace(config, compile=_use_compile(config, device))  # train_config.json: what ran
+    compiled = choose_compile(config, device)
     lock = _claim_output_dir(config) if rank == 0 else None
     try:
-        return _load(config, device, rank, world, lock)
+        return _load(config, device, rank, world, lock, compiled)
     except BaseException:
         if lock:
             lock.close()
         raise
 
 
-def _load(config: TrainConfig, device: torch.device, rank: int, world: int, lock) -> Run:
+def _load(config: TrainConfig, device: torch.device, rank: int, world: int, lock, compiled: bool) -> Run:
     """prepare() once the output folder is claimed."""
     model_path = resolve_model(config.model)
-    if config.compile:
+    if compiled:
         start_compiler()  # its workers start while the data and the model load
     tokenizer = load_tokenizer(model_path)
     examples, manifest = _examples(config, tokenizer)
-    config = dataclasses.replace(config, labels=manifest["labels"])  # what the adapter learns: train_config.json
     micro = config.micro_batch_size or math.ceil(config.batch_size / world)
     total = config.max_steps or math.ceil(config.epochs * math.ceil(len(examples) / config.batch_size))
 
     longest = max(len(e.input_ids) for e in examples)
-    built = _build_model(config, model_path, device, rank, longest, micro)
-    model = built.model
-    config = dataclasses.replace(  # what ran (checkpointing's choice stays in the run: an unset flag re-decides)
-        config, cuda_graphs=built.cuda_graphs, frozen_copies=built.frozen_copies, dequantize_in_graph=built.nf4_in_graph
-    )
+    model, plan, key = _build_model(config, model_path, device, rank, compiled, longest, micro)
     import bitsandbytes as bnb  # after the checks above: importing it prints a line about optional CPU kernels
 
     optimizer = bnb.optim.PagedAdamW(flatten_trainable(model), lr=config.lr, weight_decay=config.weight_decay)
@@ -313,13 +263,11 @@ def _load(config: TrainConfig, device: torch.device, rank: int, world: int, lock
     net = SupervisedLoss(model)
     state = {"step": 0, "run_id": None, "data_sha256": manifest["data_sha256"]}
     run = Run(config, device, rank, world, tokenizer, examples, total, micro, accum, model, net, optimizer, state, None)
-    run.lock = lock
-    run.graphs = MicroStepGraphs(net, device) if config.cuda_graphs else None
-    run.dropout_key = built.dropout_key
-    run.checkpointing = built.checkpointing
+    run.lock, run.speed, run.labels, run.dropout_key = lock, plan, manifest["labels"], key
+    run.graphs = MicroStepGraphs(net, device) if plan.cuda_graphs else None
     trainable = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
-    plan = memory.plan(config, model, device, compute_dtype(device), longest, trainable, built.checkpointing.on)
-    run.micro_plan = dataclasses.replace(plan, tokens=dist.smallest(plan.tokens, device))  # the ranks split alike
+    bound = memory.plan(config, model, device, compute_dtype(device), longest, trainable, plan.checkpointing.on)
+    run.micro_plan = dataclasses.replace(bound, tokens=dist.smallest(bound.tokens, device))  # the ranks split alike
     restored = (
         checkpoint.restore_newest(run.out, config, model, optimizer, rank) if config.resume is not False else None
     )
@@ -351,7 +299,8 @@ def _start_tracking(run: Run, model_path, manifest: dict, resumed: Path | None) 
         mlflow.log_params(
             {
                 **as_dict(config),
-                "labels": ",".join(config.labels or ()),  # the types (their descriptions: train_config.json)
+                **run.speed.record(),  # what ran, in place of each auto
+                "labels": ",".join(run.labels),  # the types (their descriptions: train_config.json)
                 "model_path": str(model_path),
                 "git_revision": git_revision(),
                 "train_examples": len(run.examples),
@@ -361,8 +310,6 @@ def _start_tracking(run: Run, model_path, manifest: dict, resumed: Path | None) 
                 "accumulation_per_process": run.accum,
                 "micro_batch_tokens_used": run.micro_plan.tokens,
                 "micro_batch_tokens_source": run.micro_plan.source,
-                "gradient_checkpointing_used": run.checkpointing.on,
-                "gradient_checkpointing_source": run.checkpointing.source,
             }
         )
         (run.out / "instruction_manifest.json").write_text(json.dumps(manifest, indent=2))
@@ -374,8 +321,7 @@ def _start_tracking(run: Run, model_path, manifest: dict, resumed: Path | None) 
     print(
         f"qloraner: training {len(run.examples)} "
         f"sequences, {run.total} steps of {config.batch_size} (about {tokens / 1e6:.2f}M tokens) on {where}, "
-        f"compile {'on' if config.compile else 'off'}, {run.checkpointing.describe()}, "
-        f"frozen weights {_frozen_form(config)}, recipe {config.recipe or 'none'}; {run.micro_plan.describe()}",
+        f"{run.speed.describe()}, recipe {config.recipe or 'none'}; {run.micro_plan.describe()}",
         flush=True,
     )
     if not run.micro_plan.fits_one_row:
@@ -384,9 +330,3 @@ def _start_tracking(run: Run, model_path, manifest: dict, resumed: Path | None) 
         print(
             "qloraner: training on a CPU takes hours at this size; --limit and --max-steps make a short run", flush=True
         )
-
-
-def _frozen_form(config: TrainConfig) -> str:
-    if config.frozen_copies:
-        return "dequantized once"
-    return "NF4 (dequantized in the compiled layers)" if config.dequantize_in_graph else "NF4"

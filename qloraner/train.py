@@ -125,7 +125,7 @@ def settle(run: Run, queued: Queued, since: float) -> tuple[dict[str, float], bo
     }
     if run.device.type == "cuda":
         metrics["gpu_mem_gib"] = torch.cuda.max_memory_allocated(run.device) / 2**30
-    if run.config.compile:
+    if run.speed.compile:
         from torch._dynamo.utils import counters
 
         metrics["compiled_graphs"] = counters["stats"]["unique_graphs"]  # grows with every (re)compile
@@ -241,7 +241,12 @@ def train_adapter(config: TrainConfig, device: torch.device | None = None, on_st
                 stopping, pending = record(pending) or stopping, None
             if stopping or due:
                 run.last_good = checkpoint.save(
-                    checkpoint.step_dir(run.out, step), run.model, run.optimizer, run.state, config, run.rank
+                    checkpoint.step_dir(run.out, step),
+                    run.model,
+                    run.optimizer,
+                    run.state,
+                    run.saved_settings,
+                    run.rank,
                 )
             if stopping:
                 return _stopped(run, step, start)
@@ -273,7 +278,7 @@ def _finished(run: Run, start: float) -> TrainResult:
 
     from qloraner.tracking import end_run
 
-    final = checkpoint.save(run.out / "final", run.model, run.optimizer, run.state, run.config, run.rank)
+    final = checkpoint.save(run.out / "final", run.model, run.optimizer, run.state, run.saved_settings, run.rank)
     if run.main:
         mlflow.log_artifacts(str(final), artifact_path="adapter")
         end_run()

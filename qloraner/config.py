@@ -72,22 +72,49 @@ def field_errors(config) -> list[str]:
     return errors
 
 
-def data_errors(config) -> list[str]:
-    """The data settings' errors (TrainConfig's and EvalConfig's; an empty path is refused where it is resolved, as
-    every path flag's)."""
-    if config.token_column == config.tag_column:
-        return [f"--token-column, --tag-column: both {config.tag_column}; the token and the tag need two columns"]
-    return []
-
-
 def raise_if(errors: list[str]) -> None:
     if errors:
         raise QloranerError("invalid settings: " + "; ".join(errors))
 
 
 @dataclass(frozen=True)
+class DataSettings:
+    """data: where the splits are and how their files read (training passes them on to its evaluation)."""
+
+    data_dir: str | None = opt(
+        None, "a folder of train.txt, valid.txt, test.txt; default $CONLL_DIR, else datasets/conll2003"
+    )
+    train_file: str | None = opt(
+        None,
+        "the train split's file, any name: columns, .jsonl (doccano) or .json (Label Studio)",
+        shown="<data dir>/train.txt",
+    )
+    valid_file: str | None = opt(None, "the valid split's file, as --train-file", shown="<data dir>/valid.txt")
+    test_file: str | None = opt(None, "the test split's file, as --train-file", shown="<data dir>/test.txt")
+    token_column: int = opt(0, "column files: the token's column (0 = the first; negative counts from the end)")
+    tag_column: int = opt(-1, "column files: the NER tag's column (-1 = the last)")
+    tag_scheme: str = opt(
+        "auto",
+        "column files: the tags' scheme, read as IOB2; auto: BIOES or BILOU where the file holds their "
+        "E-/S- or L-/U- tags, else IOB1/IOB2 (they read alike)",
+        choices=TAG_SCHEMES,
+    )
+
+    def data_errors(self) -> list[str]:
+        """The data settings' errors (an empty path is refused where it is resolved, as every path flag's)."""
+        if self.token_column == self.tag_column:
+            return [f"--token-column, --tag-column: both {self.tag_column}; the token and the tag need two columns"]
+        return []
+
+    @property
+    def data_settings(self) -> dict:
+        """The data settings by name, to pass on (a training to its evaluation)."""
+        return {f.name: getattr(self, f.name) for f in fields(DataSettings)}
+
+
+@dataclass(frozen=True)
 class DecodeSettings:
-    """The adapter and the decoding engine's settings that tagging and serving share (their classes add theirs)."""
+    """decoding: the adapter and the engine's settings that tagging and serving share (their classes add theirs)."""
 
     adapter: str | None = opt(None, "trained LoRA adapter folder (e.g. outputs/run/final); required")
     model: str | None = opt(None, "base checkpoint; default: the adapter's base")
@@ -113,27 +140,9 @@ class DecodeSettings:
 
 
 @dataclass(frozen=True)
-class TrainConfig:
+class TrainConfig(DataSettings):
     recipe: str | None = opt(None, "a recipe in recipes/ (by name) or a TOML file")
     model: str = opt("smollm2-135m-instruct", "base checkpoint: a local folder, a hub id, or the embedded default")
-    data_dir: str | None = opt(
-        None, "a folder of train.txt, valid.txt, test.txt; default $CONLL_DIR, else datasets/conll2003"
-    )
-    train_file: str | None = opt(
-        None,
-        "the train split's file, any name: columns, .jsonl (doccano) or .json (Label Studio)",
-        shown="<data dir>/train.txt",
-    )
-    valid_file: str | None = opt(None, "the valid split's file, as --train-file", shown="<data dir>/valid.txt")
-    test_file: str | None = opt(None, "the test split's file, as --train-file", shown="<data dir>/test.txt")
-    token_column: int = opt(0, "column files: the token's column (0 = the first; negative counts from the end)")
-    tag_column: int = opt(-1, "column files: the NER tag's column (-1 = the last)")
-    tag_scheme: str = opt(
-        "auto",
-        "column files: the tags' scheme, read as IOB2; auto: BIOES or BILOU where the file holds their "
-        "E-/S- or L-/U- tags, else IOB1/IOB2 (they read alike)",
-        choices=TAG_SCHEMES,
-    )
     output_dir: str = opt(
         str(ROOT / "outputs" / "run"), "where checkpoints, the final adapter and the MLflow store go"
     )  # the project's, wherever the command runs: as the evaluation's outputs/eval
@@ -227,7 +236,7 @@ class TrainConfig:
     )
 
     def __post_init__(self) -> None:
-        errors = field_errors(self) + data_errors(self)
+        errors = field_errors(self) + self.data_errors()
         if self.labels is not None:
             errors += description_errors(self.labels)
         if self.max_steps == 0 and self.epochs == 0:
@@ -255,25 +264,9 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
-class EvalConfig:
+class EvalConfig(DataSettings):
     model: str | None = opt(None, "base checkpoint; default: the adapter's base, else the embedded default")
     adapter: str | None = opt(None, "trained LoRA adapter folder (e.g. outputs/run/final); none evaluates the base")
-    data_dir: str | None = opt(None, "a folder of train/valid/test.txt; default $CONLL_DIR, else datasets/conll2003")
-    train_file: str | None = opt(
-        None,
-        "the train split's file, any name: columns, .jsonl (doccano) or .json (Label Studio)",
-        shown="<data dir>/train.txt",
-    )
-    valid_file: str | None = opt(None, "the valid split's file, as --train-file", shown="<data dir>/valid.txt")
-    test_file: str | None = opt(None, "the test split's file, as --train-file", shown="<data dir>/test.txt")
-    token_column: int = opt(0, "column files: the token's column (0 = the first; negative counts from the end)")
-    tag_column: int = opt(-1, "column files: the NER tag's column (-1 = the last)")
-    tag_scheme: str = opt(
-        "auto",
-        "column files: the tags' scheme, read as IOB2; auto: BIOES or BILOU where the file holds their "
-        "E-/S- or L-/U- tags, else IOB1/IOB2 (they read alike)",
-        choices=TAG_SCHEMES,
-    )
     split: str = opt("test", "split to evaluate", choices=("train", "valid", "test"))
     limit: int = opt(0, "evaluate only the first N sentences (smoke runs; 0 = the full split)", ge=0)
     batch_size: int | str = opt(
@@ -298,7 +291,7 @@ class EvalConfig:
     experiment: str = opt("qloraner", "MLflow experiment name")
 
     def __post_init__(self) -> None:
-        errors = field_errors(self) + data_errors(self)
+        errors = field_errors(self) + self.data_errors()
         if isinstance(self.batch_size, str) and self.batch_size != "auto":
             errors.append(f"--batch-size: {self.batch_size!r} is neither auto nor a whole number")
         if self.compare_base and not self.adapter:
@@ -350,7 +343,9 @@ def parser_for(cls, description: str, recipe: tuple[str, dict] | None = None) ->
     engine = [flag(f) for f in fields(cls) if f.metadata.get("engine")]
     epilog = f"engine switches, chosen per machine ({', '.join(engine)}): docs/ENGINE.md" if engine else None
     parser = argparse.ArgumentParser(description=description, argument_default=argparse.SUPPRESS, epilog=epilog)
-    for f in (f for f in fields(cls) if not f.metadata.get("recipe_only")):
+    groups = _groups(cls, parser)
+    shown = sorted((f for f in fields(cls) if not f.metadata.get("recipe_only")), key=lambda f: f.name in groups)
+    for f in shown:
         shown = f.metadata.get("shown") or ("auto" if f.default is None else repr(f.default))
         if f.name in values:
             shown = f"{values[f.name]!r}, from recipe {name}"
@@ -358,12 +353,25 @@ def parser_for(cls, description: str, recipe: tuple[str, dict] | None = None) ->
             shown = repr(name)
         shown_help = f"{f.metadata['doc']} (default: {shown})".replace("%", "%%")
         kwargs = {"help": argparse.SUPPRESS if f.metadata.get("engine") else shown_help, "dest": f.name}
+        group = groups.get(f.name) or parser
         if _base_type(f) == "bool":
-            parser.add_argument(flag(f), action=argparse.BooleanOptionalAction, **kwargs)
+            group.add_argument(flag(f), action=argparse.BooleanOptionalAction, **kwargs)
         else:
             parse = f.metadata.get("parse") or _TYPES[_base_type(f)][-1]
-            parser.add_argument(flag(f), type=parse, choices=f.metadata.get("choices"), **kwargs)
+            group.add_argument(flag(f), type=parse, choices=f.metadata.get("choices"), **kwargs)
     return parser
+
+
+def _groups(cls, parser: argparse.ArgumentParser) -> dict:
+    """An argument group per settings class that `cls` extends (DataSettings, DecodeSettings), titled by its
+    docstring (`data: where the splits are ...`), for the fields it declares; --help lists them after the job's own."""
+    groups = dict.fromkeys(vars(cls).get("__annotations__", {}))  # the job's own fields (None: no group)
+    for base in cls.__mro__[1:]:
+        if dataclasses.is_dataclass(base):
+            title, _, about = (base.__doc__ or "").strip().splitlines()[0].partition(": ")
+            group = parser.add_argument_group(title, about)
+            groups |= {name: group for name in vars(base).get("__annotations__", {}) if name not in groups}
+    return {name: group for name, group in groups.items() if group}
 
 
 def from_args(cls, argv: list[str] | None, description: str):

@@ -8,10 +8,13 @@ import re
 import subprocess
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING
 
 from qloraner import ROOT, QloranerError, refuse_empty
 from qloraner.bio import PREFIXES, SCHEME_OF_PREFIX, SCHEMES, scheme_to_iob2
+
+if TYPE_CHECKING:
+    from qloraner import config
 
 SPLITS = ("train", "valid", "test")
 TAG_SCHEMES = ("auto", *SCHEMES)  # auto: BIOES or BILOU where the file holds their E-/S- or L-/U- tags, else IOB2
@@ -197,21 +200,6 @@ def read_split(data_dir: str | Path, split: str) -> list[Sentence]:
     return _read_nonempty(Path(data_dir) / f"{split}.txt", split, Columns())
 
 
-class DataSettings(Protocol):
-    """The settings that say where the splits are and how they read (TrainConfig's and EvalConfig's)."""
-
-    data_dir: str | None
-    train_file: str | None
-    valid_file: str | None
-    test_file: str | None
-    token_column: int
-    tag_column: int
-    tag_scheme: str
-
-
-DATA_FIELDS = tuple(DataSettings.__annotations__)  # a training passes them on to its evaluation
-
-
 @dataclass(frozen=True)
 class Corpus:
     """Where each split's file is and how column files read: a split's own file (--train-file, --valid-file,
@@ -255,7 +243,7 @@ class Corpus:
 DEFAULT_READING = {"format": "columns", **asdict(Columns())}  # CoNLL-2003's, and any column file's by default
 
 
-def resolve_corpus(settings: DataSettings, project_root: Path = ROOT) -> Corpus:
+def resolve_corpus(settings: config.DataSettings, project_root: Path = ROOT) -> Corpus:
     """The Corpus that `settings` name; an empty path is an error."""
     files = tuple(
         (split, refuse_empty(getattr(settings, f"{split}_file"), f"--{split}-file"))

@@ -16,7 +16,7 @@ import torch
 
 from qloraner import ROOT, QloranerError, checkpoint, dist, run_main
 from qloraner.config import EvalConfig, TrainConfig, from_args
-from qloraner.conll import DATA_FIELDS, resolve_corpus
+from qloraner.conll import resolve_corpus
 from qloraner.data import data_sha256
 from qloraner.model import dropout_key
 from qloraner.optim import update
@@ -325,7 +325,7 @@ def main(argv: list[str] | None = None) -> int:
         results = _evaluate_preemptibly(
             EvalConfig(
                 adapter=str(result.final),
-                **{name: getattr(config, name) for name in DATA_FIELDS},
+                **config.data_settings,
                 experiment=config.experiment,
                 limit=config.eval_limit,
                 split=config.eval_split,

@@ -6,7 +6,20 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from qloraner import QloranerError
-from qloraner.config import DEFAULT_RECIPE, RECIPES, EvalConfig, TrainConfig, flag, from_args, load_recipe, parser_for
+from qloraner.config import (
+    DEFAULT_RECIPE,
+    RECIPES,
+    DataSettings,
+    DecodeSettings,
+    EvalConfig,
+    TrainConfig,
+    flag,
+    from_args,
+    load_recipe,
+    parser_for,
+)
+from qloraner.serve import ServeConfig
+from qloraner.tag_cli import TagConfig
 
 
 @pytest.mark.parametrize(
@@ -124,3 +137,33 @@ def test_engine_switches_are_accepted_but_left_out_of_help():
     users = [flag(f) for f in fields(TrainConfig) if not (f.metadata.get("engine") or f.metadata.get("recipe_only"))]
     assert all(name in options for name in users)
     assert vars(parser.parse_args(["--no-compile", "--cuda-graphs"])) == {"compile": False, "cuda_graphs": True}
+
+
+@pytest.mark.parametrize(
+    ("cls", "shared", "title"),
+    [
+        (TrainConfig, DataSettings, "data"),
+        (EvalConfig, DataSettings, "data"),
+        (TagConfig, DecodeSettings, "decoding"),
+        (ServeConfig, DecodeSettings, "decoding"),
+    ],
+)
+def test_shared_settings_are_declared_once_and_shown_as_one_section(cls, shared, title):
+    """A job's settings take the shared ones (data, decoding) from one class: the very same fields, docs and
+    defaults; --help lists the job's own options first, then the shared ones in one section titled by that class,
+    each flag once."""
+    own = [f for f in fields(cls) if f.name not in {g.name for g in fields(shared)}]
+    assert [f for f in fields(cls) if f not in own] == [
+        f for f in fields(shared) if f.name not in vars(cls).get("__annotations__", {})
+    ]
+    head, found, section = parser_for(cls, "x").format_help().partition(f"\n{title}:\n")
+    assert found
+    options = head.partition("\noptions:\n")[2]
+    inherited = [f for f in fields(cls) if f not in own and not f.metadata.get("engine")]
+    assert inherited and all(re.search(rf"^  {flag(f)}\b", section, re.M) for f in inherited)
+    assert not any(re.search(rf"^  {flag(f)}\b", options, re.M) for f in inherited)
+    assert all(
+        re.search(rf"^  {flag(f)}\b", options, re.M)
+        for f in own
+        if not f.metadata.get("recipe_only") and not f.metadata.get("engine")
+    )

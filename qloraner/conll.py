@@ -106,63 +106,70 @@ def read_conll(path: str | Path, columns: Columns = Columns()) -> list[Sentence]
     trailing blanks read alike. Tags are checked for form and normalised to IOB2 from `columns.scheme` (auto: BIOES
     or BILOU where the file holds their E-/S- or L-/U- tags, else IOB1/IOB2). Errors name file:line."""
     path = Path(path)
-    text = _decode(path)
+    raw, docs, first_of_scheme = _read_rows(path, columns)
+    scheme = _file_scheme(path, columns.scheme, first_of_scheme)
+    sentences = [Sentence(tuple(t), tuple(scheme_to_iob2(g, scheme))) for t, g in raw]
+    return [replace(s, context=_context(sentences, docs, i)) for i, s in enumerate(sentences)]
+
+
+def _read_rows(path: Path, columns: Columns):
+    """The file's sentences as written (tokens and tags), each sentence's document number (-DOCSTART- lines divide
+    them), and the first line and tag of each scheme a tag's prefix names (E-/S-: BIOES, L-/U-: BILOU)."""
     allowed = PREFIXES if columns.scheme == "auto" else "".join(SCHEMES[columns.scheme])
-    raw: list[tuple[list[str], list[str]]] = []  # per sentence: its tokens and tags as written
-    docs: list[int] = []  # per sentence: its document's number (-DOCSTART- lines divide them)
+    raw: list[tuple[list[str], list[str]]] = []
+    docs: list[int] = []
     tokens: list[str] = []
     tags: list[str] = []
-    first_of_scheme: dict[str, tuple[int, str]] = {}  # auto: each scheme a prefix names -> its first line and tag
+    first_of_scheme: dict[str, tuple[int, str]] = {}
     width: tuple[int, int] | None = None  # the file's columns, and the line that set them
-
-    def flush() -> None:
-        if tokens:
-            raw.append((tokens.copy(), tags.copy()))
-            docs.append(docs_seen)
-            tokens.clear()
-            tags.clear()
-
     docs_seen = 0
-    for lineno, line in enumerate(LINE_BREAK.split(text), start=1):
+    for lineno, line in enumerate([*LINE_BREAK.split(_decode(path)), ""], start=1):  # "": the last sentence ends
         fields = line.split()
+        if not fields or fields[0] == "-DOCSTART-":
+            if tokens:
+                raw.append((tokens, tags))
+                docs.append(docs_seen)
+                tokens, tags = [], []
+            docs_seen += bool(fields)
+            continue
         where = f"{path}:{lineno}"
-        if not fields:
-            flush()
-            continue
-        if fields[0] == "-DOCSTART-":
-            flush()
-            docs_seen += 1
-            continue
-        if width is None:
-            width = (len(fields), lineno)
-        elif len(fields) != width[0]:
+        width = width or (len(fields), lineno)
+        if len(fields) != width[0]:
             raise QloranerError(
                 f"{where}: expected {width[0]} columns as on line {width[1]}, got {len(fields)}: {quote(line)}"
             )
         token_at, tag_at = _column_indices(fields, columns, where, line)
-        tag = fields[tag_at]
-        prefix = tag_prefix(tag, allowed)
-        if prefix is None:
-            raise QloranerError(
-                f"{where}: bad NER tag {quote(tag)} in column {columns.tag} (expected O or PREFIX-TYPE, PREFIX one of "
-                f"{', '.join(allowed)}; --tag-column picks another column, --tag-scheme the scheme)"
-            )
+        prefix = _checked_prefix(fields[tag_at], allowed, columns, where)
         if prefix in SCHEME_OF_PREFIX:
-            first_of_scheme.setdefault(SCHEME_OF_PREFIX[prefix], (lineno, tag))
+            first_of_scheme.setdefault(SCHEME_OF_PREFIX[prefix], (lineno, fields[tag_at]))
         tokens.append(fields[token_at])
-        tags.append(tag)
-    flush()
-    scheme = columns.scheme
-    if scheme == "auto":
-        if len(first_of_scheme) > 1:
-            (a, (a_line, a_tag)), (b, (b_line, b_tag)) = sorted(first_of_scheme.items(), key=lambda kv: kv[1])
-            raise QloranerError(
-                f"{path}:{b_line}: {b.upper()} tag {quote(b_tag)}, but line {a_line} has the {a.upper()} tag "
-                f"{quote(a_tag)}: one scheme a file; give --tag-scheme"
-            )
-        scheme = next(iter(first_of_scheme), "iob2")
-    sentences = [Sentence(tuple(t), tuple(scheme_to_iob2(g, scheme))) for t, g in raw]
-    return [replace(s, context=_context(sentences, docs, i)) for i, s in enumerate(sentences)]
+        tags.append(fields[tag_at])
+    return raw, docs, first_of_scheme
+
+
+def _checked_prefix(tag: str, allowed: str, columns: Columns, where: str) -> str:
+    """The tag's prefix (O for O); an error naming the line for a tag of another form or scheme."""
+    prefix = tag_prefix(tag, allowed)
+    if prefix is None:
+        raise QloranerError(
+            f"{where}: bad NER tag {quote(tag)} in column {columns.tag} (expected O or PREFIX-TYPE, PREFIX one of "
+            f"{', '.join(allowed)}; --tag-column picks another column, --tag-scheme the scheme)"
+        )
+    return prefix
+
+
+def _file_scheme(path: Path, scheme: str, first_of_scheme: dict[str, tuple[int, str]]) -> str:
+    """The file's scheme: the one given, else the one its prefixes name (iob2 where none does: IOB1 reads alike);
+    a file whose tags name two (BIOES and BILOU) is an error naming both lines."""
+    if scheme != "auto":
+        return scheme
+    if len(first_of_scheme) > 1:
+        (a, (a_line, a_tag)), (b, (b_line, b_tag)) = sorted(first_of_scheme.items(), key=lambda kv: kv[1])
+        raise QloranerError(
+            f"{path}:{b_line}: {b.upper()} tag {quote(b_tag)}, but line {a_line} has the {a.upper()} tag "
+            f"{quote(a_tag)}: one scheme a file; give --tag-scheme"
+        )
+    return next(iter(first_of_scheme), "iob2")
 
 
 def _context(sentences: list[Sentence], docs: list[int], i: int) -> str:

@@ -204,20 +204,7 @@ def create_app(config: ServeConfig, batcher: Batcher) -> FastAPI:
         await asyncio.to_thread(batcher.close)
 
     app = FastAPI(title="qloraner", summary="Named entities in any text, with character offsets", lifespan=lifespan)
-
-    @app.exception_handler(Reject)
-    async def rejected(_request, err: Reject):
-        return _error(err.status, err.message)
-
-    @app.exception_handler(HTTPException)
-    async def http_error(_request, err: HTTPException):  # 404, 405: JSON like every other error
-        return _error(err.status_code, str(err.detail))
-
-    @app.exception_handler(RequestValidationError)
-    async def invalid(_request, err: RequestValidationError):  # FastAPI's own checks: one line too
-        first = err.errors()[0] if err.errors() else {}
-        return _error(422, f"{'.'.join(map(str, first.get('loc', ())))}: {first.get('msg', 'invalid request')}")
-
+    _answer_errors_in_json(app)
     body_schema = {"type": "object", "properties": {"text": {"type": "string"}, "texts": {"type": "array"}}}
     openapi = {"requestBody": {"required": True, "content": {"application/json": {"schema": body_schema}}}}
 
@@ -225,18 +212,9 @@ def create_app(config: ServeConfig, batcher: Batcher) -> FastAPI:
     async def tag(request: Request):
         """{"text": "..."} -> {"entities": [...]}; {"texts": [...]} -> {"results": [{"entities": [...]}, ...]}."""
         texts, single = parse_request(await read_body(request, config.max_body_bytes), config)
-        found: list = []
-        if texts:
-            try:
-                future = batcher.submit(texts)
-            except QueueFull:
-                return _error(429, f"{batcher.max_queue} requests already wait; try again later")
-            except Closed:
-                return _error(503, "shutting down; not taking new requests")
-            try:
-                found = await asyncio.wrap_future(future)
-            except Exception as err:  # the decode thread printed its traceback
-                return _error(500, f"decoding failed: {type(err).__name__}: {err}".splitlines()[0])
+        found = await _tagged(texts, batcher) if texts else []
+        if isinstance(found, JSONResponse):
+            return found
         return _entities(found[0]) if single else {"results": [_entities(f) for f in found]}
 
     @app.get("/health")
@@ -249,6 +227,37 @@ def create_app(config: ServeConfig, batcher: Batcher) -> FastAPI:
         return JSONResponse({"error": "shutting down", **body}, status_code=503)
 
     return app
+
+
+async def _tagged(texts: list[str], batcher: Batcher) -> list | JSONResponse:
+    """Per text its entities, from the batcher's next decode; a 429, 503 or 500 response where it cannot."""
+    try:
+        future = batcher.submit(texts)
+    except QueueFull:
+        return _error(429, f"{batcher.max_queue} requests already wait; try again later")
+    except Closed:
+        return _error(503, "shutting down; not taking new requests")
+    try:
+        return await asyncio.wrap_future(future)
+    except Exception as err:  # the decode thread printed its traceback
+        return _error(500, f"decoding failed: {type(err).__name__}: {err}".splitlines()[0])
+
+
+def _answer_errors_in_json(app: FastAPI) -> None:
+    """Every error as {"error": one line}: our rejections, HTTP errors (404, 405) and FastAPI's own checks."""
+
+    @app.exception_handler(Reject)
+    async def rejected(_request, err: Reject):
+        return _error(err.status, err.message)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(_request, err: HTTPException):
+        return _error(err.status_code, str(err.detail))
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(_request, err: RequestValidationError):
+        first = err.errors()[0] if err.errors() else {}
+        return _error(422, f"{'.'.join(map(str, first.get('loc', ())))}: {first.get('msg', 'invalid request')}")
 
 
 def listen(host: str, port: int) -> socket.socket:

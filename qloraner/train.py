@@ -240,14 +240,7 @@ def train_adapter(config: TrainConfig, device: torch.device | None = None, on_st
             if stopping or due or step == run.total:
                 stopping, pending = record(pending) or stopping, None
             if stopping or due:
-                run.last_good = checkpoint.save(
-                    checkpoint.step_dir(run.out, step),
-                    run.model,
-                    run.optimizer,
-                    run.state,
-                    run.saved_settings,
-                    run.rank,
-                )
+                run.last_good = _save(run, checkpoint.step_dir(run.out, step))
             if stopping:
                 return _stopped(run, step, start)
         return _finished(run, start)
@@ -260,6 +253,11 @@ def train_adapter(config: TrainConfig, device: torch.device | None = None, on_st
         stop.restore()
         if run.lock:
             run.lock.close()  # releases the output folder for the next run in this process
+
+
+def _save(run: Run, folder: Path) -> Path:
+    """The adapter, optimizer, RNG, data position and settings (what ran) into `folder`, atomically."""
+    return checkpoint.save(folder, run.model, run.optimizer, run.state, run.saved_settings, run.rank)
 
 
 def _stopped(run: Run, step: int, start: float) -> TrainResult:
@@ -278,7 +276,7 @@ def _finished(run: Run, start: float) -> TrainResult:
 
     from qloraner.tracking import end_run
 
-    final = checkpoint.save(run.out / "final", run.model, run.optimizer, run.state, run.saved_settings, run.rank)
+    final = _save(run, run.out / "final")
     if run.main:
         mlflow.log_artifacts(str(final), artifact_path="adapter")
         end_run()

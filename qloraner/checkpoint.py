@@ -148,12 +148,18 @@ def finished(output_dir: Path, config: TrainConfig, data_sha256: str) -> Path | 
 def check_compatible(ckpt: Path, config: TrainConfig) -> None:
     """Refuse a checkpoint made with other settings in COMPATIBLE_KEYS; a key the checkpoint predates counts as
     that setting's default (one saved before --response-format was trained on lines)."""
-    saved = json.loads((ckpt / "train_config.json").read_text())
-    saved = {k: saved.get(k, getattr(TrainConfig, k)) for k in COMPATIBLE_KEYS}  # a key it predates: the default
+    settings = json.loads((ckpt / "train_config.json").read_text())
+    saved = {k: settings.get(k, getattr(TrainConfig, k)) for k in COMPATIBLE_KEYS}  # a key it predates: the default
     diff = [
         f"{k}={saved.get(k)!r} (now {getattr(config, k)!r})"
         for k in COMPATIBLE_KEYS
         if saved.get(k) != getattr(config, k)
+    ]
+    learned = settings.get("labels") or {}  # every type the adapter learned and its description (the prompts')
+    diff += [
+        f"[labels] {t}={learned[t]!r} (now {meaning!r})"
+        for t, meaning in (config.labels or {}).items()
+        if isinstance(learned, dict) and t in learned and learned[t] != meaning
     ]
     if diff:
         raise QloranerError(

@@ -2,6 +2,7 @@ import json
 import shutil
 import sys
 import time
+from dataclasses import replace
 
 import pytest
 
@@ -112,3 +113,16 @@ def test_a_second_training_on_the_same_folder_is_refused_until_the_first_dies(tm
     assert third.returncode == 0, third.stderr[-2000:]
     assert json.loads((out / "final" / "trainer_state.json").read_text())["step"] == 2
     shutil.rmtree(out)
+
+
+def test_changed_label_descriptions_do_not_resume_or_count_as_trained(tmp_path, tiny_model, conll_dir):
+    """The typed prompt names each type's description: a run whose recipe's [labels] now describes a type otherwise
+    than its checkpoint learned neither resumes from it nor takes its final adapter as already trained; the error
+    names the type and both descriptions. Unchanged descriptions extend the run as usual."""
+    config = _config(tmp_path, tiny_model, conll_dir, prompt="typed", labels={"PER": "people"}, max_steps=2)
+    train_adapter(config)
+    for steps in (2, 4):  # finished with these settings; then extending it
+        changed = replace(config, labels={"PER": "persons"}, max_steps=steps)
+        with pytest.raises(QloranerError, match=r"incompatible checkpoint, trained with \[labels\] PER='people' "):
+            train_adapter(changed)
+    assert train_adapter(replace(config, max_steps=4)).step == 4

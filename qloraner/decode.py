@@ -15,8 +15,7 @@
 - On a GPU the 4-bit weights are dequantized once for the run when the copies fit (bitsandbytes dequantizes the
   whole weight at every call for all but tiny batches).
 
-It runs the model's own modules (LoRA layers included, NF4 or merged) in the LLaMA layout: embed, per layer
-RMSNorm → q/k/v → RoPE → attention → o → RMSNorm → MLP, norm, LM head.
+The forward it runs, the model's own modules in the LLaMA layout, is qloraner/llama.py's.
 """
 
 from __future__ import annotations
@@ -28,11 +27,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from qloraner import QloranerError, first_line
+from qloraner import first_line
 from qloraner.compiler import compile_unavailable
-from qloraner.model import require_llama_layout
+from qloraner.llama import Llama, attention, fused_attention, head_unfit, prefix_cache
 from qloraner.nf4 import dequantize_four_bit, dequantized_bytes
 
 STOP_TEXT = "\n\n"  # our responses hold no blank line: one after the answer ends it (when ends_answer agrees)
@@ -94,60 +92,6 @@ def _stopped(
     return ends_answer(tokenizer.decode(row))
 
 
-def _shared_scores(qg, pk, scale: float):
-    """Queries qg [B, KV, N, D] against keys pk [KV, P, D] that every row shares: one product per key head over all
-    rows' queries, reading the shared keys once rather than once per row → [B, KV, N, P] (float)."""
-    b, kv, n, d = qg.shape
-    flat = qg.transpose(0, 1).reshape(kv, b * n, d)
-    return (flat @ pk.transpose(-1, -2)).float().view(kv, b, n, -1).transpose(0, 1) * scale
-
-
-def _shared_values(probs, pv):
-    """Weights probs [B, KV, N, P] over values pv [KV, P, D] that every row shares → [B, KV, N, D] (float)."""
-    b, kv, n, p = probs.shape
-    flat = probs.to(pv.dtype).transpose(0, 1).reshape(kv, b * n, p)
-    return (flat @ pv).float().view(kv, b, n, -1).transpose(0, 1)
-
-
-def _attention(q, k, v, mask, scale: float, prefix=None):
-    """q [B, H, S, D]; k, v [B, KV, L, D]; mask [B, S, L] (True: attend); prefix: keys and values [KV, P, D] that
-    every query sees before its own (the shared instruction) → [B, S, H·D].
-
-    The query heads of a group share one key head (grouped-query attention): folding them into the query rows
-    lets one matmul serve them without copying the keys per head."""
-    b, h, s, d = q.shape
-    kv = k.shape[1]
-    qg = q.reshape(b, kv, h // kv * s, d)
-    scores = torch.matmul(qg, k.transpose(-1, -2)).float() * scale
-    scores = scores.view(b, kv, h // kv, s, -1).masked_fill(~mask[:, None, None], float("-inf"))
-    scores = scores.view(b, kv, h // kv * s, -1)
-    p = 0 if prefix is None else prefix[0].shape[1]
-    if p:
-        scores = torch.cat([_shared_scores(qg, prefix[0], scale), scores], -1)  # one softmax over both
-    probs = scores.softmax(-1)
-    out = torch.matmul(probs[..., p:].to(v.dtype), v).float()
-    if p:
-        out = out + _shared_values(probs[..., :p], prefix[1])
-    return out.to(v.dtype).view(b, h, s, d).transpose(1, 2).reshape(b, s, h * d)
-
-
-def _head_unfit(net: _Llama) -> str | None:
-    """Why the Triton kernel can't take this model's heads (its head size must be a power of two from 16), or None."""
-    d = net.head_dim
-    return f"the kernel takes head sizes that are powers of two from 16, not {d}" if d < 16 or d & (d - 1) else None
-
-
-def _fused_attention(net: _Llama):
-    """The Triton kernel's launcher (qloraner.kernels)."""
-    if why := _head_unfit(net):
-        raise QloranerError(f"the decode step's fused attention: {why}")
-    try:
-        from qloraner.kernels import decode_attention
-    except ImportError as err:
-        raise QloranerError(f"the decode step's fused attention needs Triton ({first_line(err)})") from err
-    return decode_attention
-
-
 @contextmanager
 def _dequantized(model, dtype: torch.dtype):
     """Each 4-bit linear layer replaced, while decoding, by a plain one holding its weight dequantized once.
@@ -162,46 +106,6 @@ def _dequantized(model, dtype: torch.dtype):
             setattr(parent, name, layer)
 
 
-def _rms_norm(norm, x):
-    """LLaMA's RMSNorm module `norm` applied to x as it computes it (in float, then the weight in x's dtype), through
-    PyTorch's fused kernel: one kernel where the module's own forward launches eight."""
-    return F.rms_norm(x.float(), (x.shape[-1],), eps=norm.variance_epsilon).to(x.dtype) * norm.weight
-
-
-class _Llama:
-    """The modules of a LLaMA-architecture causal LM (under PEFT or merged), run over keys and values that the
-    caller keeps: `hidden(ids, positions, attend)` calls `attend(layer, q, k, v, scale)` for each layer."""
-
-    def __init__(self, model):
-        from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
-
-        require_llama_layout(model, "decoding")  # load_base already refused others: a safeguard
-        lm = model.get_base_model() if hasattr(model, "get_base_model") else model
-        core = lm.model
-        self.core, self.head, self.rope = core, lm.get_output_embeddings(), apply_rotary_pos_emb
-        attn = core.layers[0].self_attn
-        self.kv_heads = attn.k_proj.out_features // attn.head_dim
-        self.head_dim = attn.head_dim
-        self.layers = len(core.layers)
-        self.vocab = self.head.out_features
-        self.device, self.dtype = core.embed_tokens.weight.device, core.embed_tokens.weight.dtype
-
-    def hidden(self, ids, positions, attend):
-        h = self.core.embed_tokens(ids)
-        cos, sin = self.core.rotary_emb(h, positions)
-        for i, layer in enumerate(self.core.layers):
-            a = layer.self_attn
-            x = _rms_norm(layer.input_layernorm, h)
-            shape = (*x.shape[:-1], -1, a.head_dim)
-            q, k = self.rope(a.q_proj(x).view(shape).transpose(1, 2), a.k_proj(x).view(shape).transpose(1, 2), cos, sin)
-            h = h + a.o_proj(attend(i, q, k, a.v_proj(x).view(shape).transpose(1, 2), a.scaling))
-            h = h + layer.mlp(_rms_norm(layer.post_attention_layernorm, h))
-        return _rms_norm(self.core.norm, h)
-
-    def next_token(self, h):
-        return self.head(h).argmax(-1)
-
-
 class _Pool:
     """`rows` decoding slots of `length` cache positions, all state on the device: keys and values per layer, each
     row's next position (= its last token's cache position), its last token and the tokens it generated; and the
@@ -209,7 +113,7 @@ class _Pool:
     prefix at 0..len-1, then its answer; cache position c is token P + c, and a row attends to 0..its next position.
     `fused`: the Triton attention's launcher (qloraner.kernels), or None for PyTorch's."""
 
-    def __init__(self, net: _Llama, rows: int, length: int, out_len: int, prefix: tuple[list, list], fused=None):
+    def __init__(self, net: Llama, rows: int, length: int, out_len: int, prefix: tuple[list, list], fused=None):
         dev = net.device
         self.prefix, self.offset, self.fused = prefix, prefix[0][0].shape[1], fused
         shape = (rows, net.kv_heads, length, net.head_dim)
@@ -226,7 +130,7 @@ class _Pool:
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.memory = torch.cuda.graph_pool_handle() if dev.type == "cuda" else None
 
-    def moved(self, net: _Llama, keep: list[int], rows: int) -> _Pool:
+    def moved(self, net: Llama, keep: list[int], rows: int) -> _Pool:
         """A pool of `rows` slots holding the rows `keep` of this one, in that order."""
         new = _Pool(net, rows, self.length, self.out_len, self.prefix, self.fused)
         idx = torch.tensor(keep, device=self.slots.device)
@@ -237,7 +141,7 @@ class _Pool:
     def _state(self) -> list[torch.Tensor]:
         return [*self.k, *self.v, self.cur, self.tok, self.out, self.n]
 
-    def _step(self, net: _Llama, width: int) -> None:
+    def _step(self, net: Llama, width: int) -> None:
         """One token for every row; PyTorch's attention reads the first `width` positions of every row (the fused
         kernel reads each row's own). Device tensors only, so a CUDA graph can capture it."""
         cur = self.cur.clamp(max=self.length - 1)  # a stopped row idles until refilled: keep its writes in bounds
@@ -252,7 +156,7 @@ class _Pool:
             shared = (self.prefix[0][i], self.prefix[1][i])
             if self.fused:
                 return self.fused(q, self.k[i], self.v[i], seen, scale, shared)
-            return _attention(q, self.k[i][:, :, :width], self.v[i][:, :, :width], mine, scale, shared)
+            return attention(q, self.k[i][:, :, :width], self.v[i][:, :, :width], mine, scale, shared)
 
         nxt = net.next_token(net.hidden(self.tok[:, None], self.offset + cur[:, None], attend)[:, -1])
         self.out.index_put_((self.slots, self.n.clamp(max=self.out_len - 1)), nxt)
@@ -260,7 +164,7 @@ class _Pool:
         self.cur.add_(1)
         self.n.add_(1)
 
-    def decode(self, net: _Llama, steps: int, width: int, graphs: bool) -> int:
+    def decode(self, net: Llama, steps: int, width: int, graphs: bool) -> int:
         """`steps` decode steps; on a GPU through the CUDA graph of this width, captured on first use
         after one eager step (the warm-up torch.cuda.graph asks for). Returns 1 if it captured a graph, -1 if
         capturing failed (the steps then ran eagerly; the caller stops asking for graphs), else 0."""
@@ -287,26 +191,7 @@ class _Pool:
         return 0
 
 
-def _prefix_cache(net: _Llama, prefix: list[int]) -> tuple[list, list]:
-    """Keys and values of the shared prefix, [kv, P, head_dim] per layer."""
-    ks, vs = [], []
-    ids = torch.tensor([prefix], device=net.device)
-    mask = torch.ones((1, len(prefix), len(prefix)), dtype=torch.bool, device=net.device).tril()
-
-    def attend(i, q, k, v, scale):
-        ks.append(k[0].contiguous())
-        vs.append(v[0].contiguous())
-        return _attention(q, k, v, mask, scale)
-
-    if prefix:
-        net.hidden(ids, torch.arange(len(prefix), device=net.device)[None], attend)
-    else:
-        empty = torch.zeros((net.kv_heads, 0, net.head_dim), dtype=net.dtype, device=net.device)
-        ks, vs = [empty] * net.layers, [empty] * net.layers
-    return ks, vs
-
-
-def _prefill(net: _Llama, pool: _Pool, slots: list[int], suffixes: list[list[int]]) -> None:
+def _prefill(net: Llama, pool: _Pool, slots: list[int], suffixes: list[list[int]]) -> None:
     """Write the prompts (the pool's shared prefix + `suffixes`) into `slots`: keys, values and next positions; and
     each row's first generated token. Suffixes are right-padded: every row's own tokens start at cache position 0."""
     pk, pv = pool.prefix
@@ -325,7 +210,7 @@ def _prefill(net: _Llama, pool: _Pool, slots: list[int], suffixes: list[list[int
     def attend(i, q, k, v, scale):
         pool.k[i][idx, :, :s] = k
         pool.v[i][idx, :, :s] = v
-        return _attention(q, k, v, sees, scale, (pk[i], pv[i]))
+        return attention(q, k, v, sees, scale, (pk[i], pv[i]))
 
     h = net.hidden(ids, p + at[None].expand(r, -1), attend)
     first = net.next_token(h[torch.arange(r, device=dev), lens - 1])
@@ -399,114 +284,188 @@ def generate_greedy(
     """
     if not prompts:
         return Generation([], 0)
-    net = _Llama(model)
+    net = Llama(model)
     size = dequantized_bytes(model, net.dtype)
     if dequantize is None:
         dequantize = net.device.type == "cuda" and size <= DEQUANT_SHARE * torch.cuda.mem_get_info(net.device)[0]
     if fused is None:
-        why = compile_unavailable(net.device) or _head_unfit(net)
+        why = compile_unavailable(net.device) or head_unfit(net)
         fused = why is None
         if why and net.device.type == "cuda":
             print(f"qloraner: the decode step's attention runs in PyTorch: {why}", flush=True)
-    launcher = _fused_attention(net) if fused else None
+    launcher = fused_attention(net) if fused else None
     with _dequantized(model, net.dtype) if dequantize and size else nullcontext():
         gen = _generate(net, tokenizer, prompts, budgets, batch_size, progress, graphs, stop, launcher, ends_answer)
     gen.stats["dequantized_bytes"] = size if dequantize else 0
     return gen
 
 
+@dataclass(frozen=True)
+class _StopRule:
+    """What the stop rule reads: the tokenizer, the EOS id (-1 with stop=False: no token is it), which token ids hold
+    a newline (a list for _stopped, a NumPy mask for the scan; none with stop=False) and the caller's answer test."""
+
+    tokenizer: object
+    eos: int
+    newline: list[bool]
+    is_event: np.ndarray
+    ends_answer: Callable[[str], bool] | None
+
+    @classmethod
+    def of(cls, tokenizer, vocab: int, stop: bool, ends_answer: Callable[[str], bool] | None) -> _StopRule:
+        """The rule generate_greedy asks for; stop=False: rows end at their budgets only."""
+        eos = tokenizer.eos_token_id if stop else -1
+        newline = newline_table(tokenizer, vocab) if stop else [False] * vocab
+        return cls(tokenizer, eos, newline, np.array(newline), ends_answer)
+
+    def stops(self, row: list[int]) -> bool:
+        """Whether `row` stops at its last token: _stopped under this rule."""
+        return _stopped(self.tokenizer, row, self.eos, self.newline, self.ends_answer)
+
+
+@dataclass
+class _Book:
+    """The loop's bookkeeping on the host: the prompt each pool slot holds and how far it has come, what each prompt
+    produced, and the engine's stats."""
+
+    live: dict[int, int]  # slot -> prompt index
+    made: list[int]  # per slot: tokens generated so far (host mirror of pool.n)
+    checked: list[int]  # per slot: tokens the stop rule has seen
+    out: list[list[int]]  # per prompt: its tokens, once it stopped
+    cut: list[bool]  # per prompt: its budget ran out before it stopped
+    stats: dict  # Generation.stats
+
+    @classmethod
+    def start(cls, pool: _Pool, prompts: int, shared: int, attention: str) -> _Book:
+        """No slot live yet, for `prompts` prompts that share `shared` tokens (computed in one pass, if any)."""
+        stats = {
+            "prefill_passes": 1 if shared else 0,
+            "decode_steps": 0,
+            "pools": 1,
+            "cuda_graphs": 0,
+            "shared_prefix": shared,
+            "rows": pool.rows,
+            "length": pool.length,
+            "row_steps": 0,
+            "live_row_steps": 0,
+            "attention": attention,
+        }
+        return cls({}, [0] * pool.rows, [0] * pool.rows, [[] for _ in range(prompts)], [False] * prompts, stats)
+
+    def decoded(self, rows: int, graphs: int) -> None:
+        """Count SYNC_EVERY decode steps of a pool of `rows` slots that captured `graphs` CUDA graphs."""
+        self.stats["cuda_graphs"] += graphs
+        self.stats["decode_steps"] += SYNC_EVERY
+        self.stats["row_steps"] += SYNC_EVERY * rows  # rows decoded, live or not
+        self.stats["live_row_steps"] += SYNC_EVERY * len(self.live)
+        for slot in self.live:
+            self.made[slot] += SYNC_EVERY
+
+
+def _refill(
+    net: Llama,
+    pool: _Pool,
+    book: _Book,
+    clock: _Clock,
+    prompts: list[list[int]],
+    shared: int,
+    own: list[int],
+    free: list[int],
+    take: list[int],
+) -> None:
+    """Prefill the prompts `take` (indices, longest first) into the `free` slots, in passes of rows of similar
+    length (_prefill_passes); each is live from there, with its first token made."""
+    at = 0
+    for part in _prefill_passes([own[i] for i in take]):
+        _prefill(net, pool, free[at : at + part], [prompts[i][shared:] for i in take[at : at + part]])
+        book.stats["prefill_passes"] += 1
+        at += part
+    clock.lap(book.stats, "prefill_s")
+    for slot, i in zip(free, take):
+        book.live[slot], book.made[slot], book.checked[slot] = i, 1, 0
+
+
+def _shrink(net: Llama, pool: _Pool, book: _Book, clock: _Clock) -> _Pool:
+    """The live rows moved, in slot order, to a pool of the next power of two slots that holds them."""
+    keep = sorted(book.live)
+    pool = pool.moved(net, keep, 1 << (len(keep) - 1).bit_length())
+    book.live = {new: book.live[old] for new, old in enumerate(keep)}
+    book.made = [book.made[old] for old in keep] + [0] * (pool.rows - len(keep))
+    book.checked = [book.checked[old] for old in keep] + [0] * (pool.rows - len(keep))
+    book.stats["pools"] += 1
+    clock.lap(book.stats, "move_s")
+    return pool
+
+
+def _apply_stop_rule(rule: _StopRule, book: _Book, budgets, slots: list[int], tokens: np.ndarray) -> int:
+    """The stop rule over the live `slots`, whose pool rows are `tokens`: a row that stopped or reached its budget
+    gives its prompt's tokens and frees its slot. Returns how many did.
+
+    Python only where a row wrote an EOS or a newline, or reached its budget (NumPy: small single-threaded arrays;
+    torch's CPU thread pool costs more than the work here)."""
+    lo = np.array([book.checked[slot] for slot in slots])
+    budget = np.array([budgets[book.live[slot]] for slot in slots])
+    hi = np.minimum(np.array([book.made[slot] for slot in slots]), budget)
+    cols = np.arange(tokens.shape[1])
+    hits = ((tokens == rule.eos) | rule.is_event[tokens]) & (cols >= lo[:, None]) & (cols < hi[:, None])
+    ended = hi >= budget
+    done = []
+    for k in np.flatnonzero(hits.any(1) | ended).tolist():
+        slot, row = slots[k], tokens[k, : hi[k]].tolist()
+        marks = np.flatnonzero(hits[k]).tolist()
+        length = next((j + 1 for j in marks if rule.stops(row[: j + 1])), None)
+        if length is not None or ended[k]:
+            book.out[book.live[slot]] = row[: length or len(row)]
+            book.cut[book.live[slot]] = length is None
+            done.append(slot)
+    for slot, upto in zip(slots, hi.tolist()):
+        book.checked[slot] = upto
+    for slot in done:
+        del book.live[slot]
+    return len(done)
+
+
 def _generate(
-    net: _Llama, tokenizer, prompts, budgets, batch_size, progress, graphs, stop, fused, ends_answer
+    net: Llama, tokenizer, prompts, budgets, batch_size, progress, graphs, stop, fused, ends_answer
 ) -> Generation:
     """generate_greedy's loop: prefill into free slots, decode SYNC_EVERY steps, apply the stop rule, repeat."""
     graphs = graphs and net.device.type == "cuda"
-    eos = tokenizer.eos_token_id if stop else -1
-    newline = newline_table(tokenizer, net.vocab) if stop else [False] * net.vocab
-    is_event = np.array(newline)
+    rule = _StopRule.of(tokenizer, net.vocab, stop, ends_answer)
     p = _common_prefix(prompts)
     waiting = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))  # longest first: memory peaks early
     own = [len(x) - p for x in prompts]  # a row's own prompt tokens, after the shared prefix
     length = _round_up(max(n + b for n, b in zip(own, budgets)) + SYNC_EVERY, KEY_BLOCK)  # and its answer
-    prefix = _prefix_cache(net, prompts[0][:p])
+    prefix = prefix_cache(net, prompts[0][:p])
     pool = _Pool(net, min(batch_size, len(prompts)), length, max(budgets) + 1, prefix, fused)
-    live: dict[int, int] = {}  # slot -> prompt index
-    made = [0] * pool.rows  # per slot: tokens generated so far (host mirror of pool.n)
-    checked = [0] * pool.rows  # per slot: tokens the stop rule has seen
-    out: list[list[int]] = [[] for _ in prompts]
-    cut = [False] * len(prompts)
-    stats = {
-        "prefill_passes": 1 if p else 0,
-        "decode_steps": 0,
-        "pools": 1,
-        "cuda_graphs": 0,
-        "shared_prefix": p,
-        "rows": pool.rows,
-        "length": pool.length,
-        "row_steps": 0,
-        "live_row_steps": 0,
-        "attention": "triton" if fused else "pytorch",
-    }
+    book = _Book.start(pool, len(prompts), p, "triton" if fused else "pytorch")
     clock = _Clock(net.device)
-    while waiting or live:
-        free = [slot for slot in range(pool.rows) if slot not in live]
-        if waiting and (not live or len(free) >= REFILL_SHARE * pool.rows):
+    while waiting or book.live:
+        # waiting prompts fill the free slots once REFILL_SHARE of them are free (or none is live): a prefill pass
+        # serves many rows at once
+        free = [slot for slot in range(pool.rows) if slot not in book.live]
+        if waiting and (not book.live or len(free) >= REFILL_SHARE * pool.rows):
             take, waiting = waiting[: len(free)], waiting[len(free) :]
-            at = 0
-            for part in _prefill_passes([own[i] for i in take]):
-                _prefill(net, pool, free[at : at + part], [prompts[i][p:] for i in take[at : at + part]])
-                stats["prefill_passes"] += 1
-                at += part
-            clock.lap(stats, "prefill_s")
-            for slot, i in zip(free, take):
-                live[slot], made[slot], checked[slot] = i, 1, 0
-        elif not waiting and len(live) <= SHRINK_SHARE * pool.rows and pool.rows > 1:
-            keep = sorted(live)
-            pool = pool.moved(net, keep, 1 << (len(keep) - 1).bit_length())
-            live = {new: live[old] for new, old in enumerate(keep)}
-            made = [made[old] for old in keep] + [0] * (pool.rows - len(keep))
-            checked = [checked[old] for old in keep] + [0] * (pool.rows - len(keep))
-            stats["pools"] += 1
-            clock.lap(stats, "move_s")
+            _refill(net, pool, book, clock, prompts, p, own, free, take)
+        # with none waiting, few live rows move to a smaller pool: a long answer does not keep a big batch busy
+        elif not waiting and len(book.live) <= SHRINK_SHARE * pool.rows and pool.rows > 1:
+            pool = _shrink(net, pool, book, clock)
         width = 0  # the kernel needs none: one CUDA graph a pool
         if not fused:  # PyTorch's attention reads every row as far as the furthest live one gets in these steps
-            reach = max(own[i] + made[slot] + SYNC_EVERY for slot, i in live.items())
+            reach = max(own[i] + book.made[slot] + SYNC_EVERY for slot, i in book.live.items())
             width = min(_round_up(reach, KEY_BLOCK), pool.length)
         captured = pool.decode(net, SYNC_EVERY, width, graphs)
-        graphs = graphs and captured >= 0
-        stats["cuda_graphs"] += max(captured, 0)
-        stats["decode_steps"] += SYNC_EVERY
-        stats["row_steps"] += SYNC_EVERY * pool.rows  # rows decoded, live or not
-        stats["live_row_steps"] += SYNC_EVERY * len(live)
-        for slot in live:
-            made[slot] += SYNC_EVERY
-        # the stop rule, on the host: Python only where a row wrote an EOS or a newline, or reached its budget
-        # (NumPy: small single-threaded arrays; torch's CPU thread pool costs more than the work here)
-        slots = sorted(live)
+        graphs = graphs and captured >= 0  # a failed capture: the steps run eagerly from here on
+        book.decoded(pool.rows, max(captured, 0))
+        # the stop rule, on the host every SYNC_EVERY steps rather than every step: the host waits for the device
+        # that rarely (a stopped row runs at most SYNC_EVERY steps more, discarded)
+        slots = sorted(book.live)
         tokens = pool.out.cpu().numpy()[slots]  # waits for the chunk
-        clock.lap(stats, "decode_s")
-        lo = np.array([checked[slot] for slot in slots])
-        budget = np.array([budgets[live[slot]] for slot in slots])
-        hi = np.minimum(np.array([made[slot] for slot in slots]), budget)
-        cols = np.arange(pool.out_len)
-        hits = ((tokens == eos) | is_event[tokens]) & (cols >= lo[:, None]) & (cols < hi[:, None])
-        ended = hi >= budget
-        done = []
-        for k in np.flatnonzero(hits.any(1) | ended).tolist():
-            slot, row = slots[k], tokens[k, : hi[k]].tolist()
-            marks = np.flatnonzero(hits[k]).tolist()
-            length = next((j + 1 for j in marks if _stopped(tokenizer, row[: j + 1], eos, newline, ends_answer)), None)
-            if length is not None or ended[k]:
-                out[live[slot]] = row[: length or len(row)]
-                cut[live[slot]] = length is None
-                done.append(slot)
-        for slot, upto in zip(slots, hi.tolist()):
-            checked[slot] = upto
-        for slot in done:
-            del live[slot]
+        clock.lap(book.stats, "decode_s")
+        done = _apply_stop_rule(rule, book, budgets, slots, tokens)
         if progress is not None and done:
-            progress.update(len(done))
-        clock.lap(stats, "host_s")
-    for row in out:
-        if row and row[-1] == eos:
+            progress.update(done)
+        clock.lap(book.stats, "host_s")
+    for row in book.out:
+        if row and row[-1] == rule.eos:
             row.pop()
-    return Generation(out, stats["prefill_passes"] + stats["decode_steps"], stats, cut)
+    return Generation(book.out, book.stats["prefill_passes"] + book.stats["decode_steps"], book.stats, book.cut)

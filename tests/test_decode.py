@@ -14,7 +14,6 @@ from qloraner.data import IGNORE_INDEX, build_prompt, encode, response_budget
 from qloraner.decode import (
     PREFILL_SHARE,
     PREFILL_TOKENS,
-    _attention,
     _common_prefix,
     _prefill_passes,
     _stopped,
@@ -23,6 +22,7 @@ from qloraner.decode import (
     newline_table,
 )
 from qloraner.evaluate import load_for_eval
+from qloraner.llama import attention as _attention
 from qloraner.model import load_base, load_tokenizer
 from qloraner.parse import RENDERERS, ends_answer, render_response
 from tests.strategies import valid_iob2, word

@@ -62,7 +62,7 @@ def _decode_attention_kernel(
 
 def decode_attention(q, k, v, n_own, scale: float, prefix) -> torch.Tensor:
     """One query per row: q [B, H, 1, D] over the shared prefix keys and values [KV, P, D] and the row's own
-    positions [0, n_own) of k, v [B, KV, L, D] (contiguous) → [B, 1, H·D]: what decode._attention computes over the
+    positions [0, n_own) of k, v [B, KV, L, D] (contiguous) → [B, 1, H·D]: what llama.attention computes over the
     prefix and the first n_own positions."""
     b, h, _, d = q.shape
     kv = k.shape[1]

@@ -176,6 +176,8 @@ def training_records(
 
 @dataclass(frozen=True)
 class Encoded:
+    """One training example as token ids and the labels the loss reads."""
+
     input_ids: list[int]
     labels: list[int]  # IGNORE_INDEX over the prompt; the response's ids and a final EOS
 

@@ -196,6 +196,7 @@ def _fitted(config: TrainConfig, tokenizer, labels: LabelSet, record: dict, enco
     loses its document context, never its answer (its sentence stays whole); what is still over is truncated."""
 
     def build(words: int, context: bool) -> Encoded:
+        """The example with its context as encoded, else re-encoded without it (its `words` are always all)."""
         if context:
             return encoded
         prompt = build_prompt(record["tokens"], config.prompt, config.response_format, "", labels)

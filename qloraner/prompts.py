@@ -80,7 +80,7 @@ class Fitted(NamedTuple, Generic[Built]):
     context: bool  # whether it holds the document context
 
 
-def fit(build: Callable[[int, bool], Built], words: int, context: bool, budget: int, fewest: int = 0) -> Fitted:
+def fit(build: Callable[[int, bool], Built], words: int, context: bool, budget: int, fewest: int = 0) -> Fitted[Built]:
     """The one fit-to-length policy of training and evaluation: a sequence over `budget` tokens first drops its
     document context (where `context` says it has one), then has its sentence cut, down to `fewest` words.
 
@@ -123,7 +123,7 @@ class Prompting:
         """The token ids of one sentence's prompt."""
         return tokenizer(self.text(tokens, context))["input_ids"]
 
-    def fitted(self, tokenizer, tokens: tuple[str, ...] | list[str], context: str, budget: int) -> Fitted:
+    def fitted(self, tokenizer, tokens: tuple[str, ...] | list[str], context: str, budget: int) -> Fitted[list[int]]:
         """The prompt's ids fitted to `budget` tokens (fit): an over-long prompt drops its context, then has its
         sentence cut, as far as no word; `words` says how many it keeps."""
         return fit(

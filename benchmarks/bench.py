@@ -352,9 +352,9 @@ def decode_shape(a: argparse.Namespace, work: Path) -> dict:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from qloraner.data import Prompting
     from qloraner.decode import auto_batch_size, generate_greedy
     from qloraner.model import load_base, load_tokenizer
+    from qloraner.prompts import Prompting
 
     path, device = shape_model(a.shape), _device()
     sentences = _test_sentences()
@@ -431,7 +431,7 @@ def _score(sentences, texts: list[str]) -> float:
 
 
 def _prompt_texts(sentences, prompting) -> list[str]:
-    """The prompts the peers are given: the adapter's (a data.Prompting), as ours decodes them."""
+    """The prompts the peers are given: the adapter's (a prompts.Prompting), as ours decodes them."""
     return [prompting.text(s.tokens, s.context) for s in sentences]
 
 

@@ -11,9 +11,9 @@ from pathlib import Path
 
 from qloraner import ROOT, QloranerError
 from qloraner.conll import TAG_SCHEMES
-from qloraner.data import TEMPLATES
 from qloraner.labels import description_errors
 from qloraner.parse import RENDERERS
+from qloraner.prompts import TEMPLATES
 
 RECIPES = ROOT / "recipes"
 DEFAULT_RECIPE = "smollm2-135m"  # the embedded default model's recipe: applies when no --recipe is given

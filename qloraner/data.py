@@ -1,8 +1,7 @@
-"""Instruction examples: prompt templates, the instruction-data file, token ids and label masks."""
+"""Instruction examples: the instruction-data file of the training splits, token ids and label masks, batches."""
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import os
@@ -15,85 +14,11 @@ from qloraner import QloranerError
 from qloraner.conll import DEFAULT_READING, Corpus, Sentence, as_corpus
 from qloraner.labels import CONLL, LabelSet, name_errors, types_seen
 from qloraner.parse import RENDERERS, render_response
+from qloraner.prompts import build_prompt
 
 FORMAT_VERSION = 1  # bump when a template or the response format changes: old files get rebuilt
 BUDGET_SLACK = 1  # response_budget's tokens past the longest answer: the EOS that ends it
 IGNORE_INDEX = -100  # label value the loss skips
-FORMAT_RULES = {  # `{types}`: the label set's types, listed (CoNLL-2003's: LOC, MISC, ORG, PER)
-    "lines": "List each entity on its own line as [TYPE] mention, in the order they occur, with TYPE one of "
-    "{types}. If there are none, answer [NONE].",
-    "json": "Answer with one JSON object that maps each type ({types}) to the list of its mentions, "
-    "in the order they occur; leave out types without mentions. If there are none, answer {{}}.",
-    "inline": "Rewrite the sentence with each entity in brackets as [TYPE mention], with TYPE one of {types}. "
-    "If there are none, answer [NONE].",
-}  # one per parse.RENDERERS format
-_EXAMPLE = ("EU rejects German call to boycott British lamb .".split(), "B-ORG O B-MISC O O O B-MISC O O".split())
-
-
-@functools.lru_cache(maxsize=64)
-def _example(labels: LabelSet, response_format: str) -> str:
-    """The few-shot example (a new line, then the sentence and its answer in `response_format`) where its types
-    (ORG, MISC) are all of the label set; else nothing: an example must not tag a type the model does not learn,
-    nor leave one of its mentions untagged."""
-    if not set(types_seen([_EXAMPLE[1]])) <= set(labels.types):
-        return ""
-    answer = render_response(*_EXAMPLE, response_format, labels)
-    return f"\nExample sentence: {' '.join(_EXAMPLE[0])}\nExample answer:\n{answer}"
-
-
-# The prompt ends in a newline, so no tokenizer merges its last token with the response's first.
-_ASK = "### Instruction:\nExtract named entities from the sentence. {rules}"
-_TAIL = "\n\n### Sentence:\n{sentence}\n\n### Response:\n"
-TEMPLATES = {
-    "simple": _ASK + _TAIL,
-    "typed": _ASK + "\n{types}" + _TAIL,
-    "fewshot": _ASK + "\n{types}{example}" + _TAIL,
-    # the neighbouring sentences of the same document, for the names they share with it; answer for the sentence
-    "context": _ASK + " Answer for the sentence only.\n\n### Context:\n{context}" + _TAIL,
-}
-
-
-def build_prompt(
-    tokens: tuple[str, ...] | list[str],
-    template: str,
-    response_format: str = "lines",
-    context: str = "",
-    labels: LabelSet = CONLL,
-) -> str:
-    """The prompt for one sentence; its rules (and the few-shot example's answer) ask for `response_format` and the
-    types of `labels` (their descriptions in `typed` and `fewshot`). `context` (its document's neighbouring
-    sentences) shows only in the `context` template."""
-    if template not in TEMPLATES:
-        raise QloranerError(f"unknown prompt template {template!r}; choose one of {', '.join(TEMPLATES)}")
-    if response_format not in RENDERERS:
-        raise QloranerError(f"unknown response format {response_format!r}; choose one of {', '.join(RENDERERS)}")
-    return TEMPLATES[template].format(
-        rules=FORMAT_RULES[response_format].format(types=labels.listed),
-        types=labels.describe(),
-        example=_example(labels, response_format),
-        sentence=" ".join(tokens),
-        context=context or "(none)",
-    )
-
-
-@dataclass(frozen=True)
-class Prompting:
-    """How a model is asked and how it answers: what an adapter was trained with (evaluation and tagging use it)."""
-
-    prompt: str = "simple"
-    """The prompt template, a name in TEMPLATES."""
-    response_format: str = "lines"
-    """The answer the model learned, a name in parse.RENDERERS."""
-    labels: LabelSet | None = CONLL
-    """The entity types it names; None for a base model until the evaluated data gives them."""
-
-    def text(self, tokens: tuple[str, ...] | list[str], context: str = "") -> str:
-        """The prompt for one sentence (build_prompt)."""
-        return build_prompt(tokens, self.prompt, self.response_format, context, self.labels or CONLL)
-
-    def record(self) -> dict:
-        """As metrics.json and MLflow record it: the label set as its types."""
-        return {"prompt": self.prompt, "response_format": self.response_format, "labels": list(self.labels.types)}
 
 
 def build_record(sentence: Sentence, template: str, response_format: str = "lines", labels: LabelSet = CONLL) -> dict:
@@ -156,6 +81,39 @@ def label_set_of(source: Path, tags: list, descriptions: Mapping[str, str] | Non
     return LabelSet.from_data(types, descriptions)
 
 
+def _cache_key(corpus: Corpus, template: str, response_format: str, descriptions: Mapping[str, str] | None) -> dict:
+    """What the instruction-data file is current for: the train file's checksum and how it reads, template, response
+    format and format version, and the recipe's type descriptions where it gives any."""
+    key = {
+        "source_sha256": sha256_of(corpus.path("train")),
+        "reading": corpus.reading("train"),
+        "template": template,
+        "response_format": response_format,
+        "format_version": FORMAT_VERSION,
+    }
+    return key | ({"label_descriptions": dict(descriptions)} if descriptions else {})
+
+
+def _cached_records(out_path: Path, key: dict) -> list[dict] | None:
+    """The records of the file at `out_path` where its manifest matches `key`; None where it is missing, damaged
+    or stale."""
+    if not out_path.is_file():
+        return None
+    try:
+        stored = json.loads(out_path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError):
+        return None
+    return stored["records"] if all(stored.get("manifest", {}).get(k) == v for k, v in key.items()) else None
+
+
+def _write_records(out_path: Path, manifest: dict, records: list[dict]) -> None:
+    """The instruction-data file, written to a temp file and renamed: a kill leaves no half file."""
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_path.with_suffix(f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps({"manifest": manifest, "records": records}, ensure_ascii=False), encoding="utf-8")
+    os.replace(tmp, out_path)
+
+
 def instruction_data(
     data: Corpus | Path,
     template: str,
@@ -167,52 +125,65 @@ def instruction_data(
     """Records for the train split, from `out_path` when it is current, else rebuilt and written.
 
     The file's manifest records the source checksum and how it reads, template, response format and format version
-    (and the recipe's type descriptions, where it gives any); any change makes the file stale. It is written to a
-    temp file and renamed, so a kill leaves no half file. The returned manifest adds `labels`, the label set the
-    prompts were built with (LabelSet.to_saved's form): the types of the split's tags.
+    (and the recipe's type descriptions, where it gives any); any change makes the file stale. The returned manifest
+    adds `labels`, the label set the prompts were built with (LabelSet.to_saved's form): the types of the split's tags.
     """
     corpus = as_corpus(data)
     source = corpus.path("train")
     if not source.is_file():
         raise QloranerError(f"{source}: file not found")
-    key = {
-        "source_sha256": sha256_of(source),
-        "reading": corpus.reading("train"),
-        "template": template,
-        "response_format": response_format,
-        "format_version": FORMAT_VERSION,
-    }
-    if descriptions:
-        key["label_descriptions"] = dict(descriptions)
+    key = _cache_key(corpus, template, response_format, descriptions)
     manifest = {"source": str(source), **key}
-    records = None
-    if out_path.is_file():
-        try:
-            stored = json.loads(out_path.read_text(encoding="utf-8"))
-        except (ValueError, UnicodeDecodeError):
-            stored = {}
-        if all(stored.get("manifest", {}).get(k) == v for k, v in key.items()):
-            records = stored["records"]
+    records = _cached_records(out_path, key)
     if records is None:
         sentences = corpus.read("train")
         labels = label_set_of(source, [s.tags for s in sentences], descriptions)
         records = [build_record(s, template, response_format, labels) for s in sentences]
-        manifest["records"] = len(records)
-        out_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out_path.with_suffix(f".tmp{os.getpid()}")
-        tmp.write_text(json.dumps({"manifest": manifest, "records": records}, ensure_ascii=False), encoding="utf-8")
-        os.replace(tmp, out_path)
+        _write_records(out_path, {**manifest, "records": len(records)}, records)
     else:
         labels = label_set_of(source, [r["tags"] for r in records], descriptions)
-    manifest["records"] = len(records)
-    manifest["labels"] = labels.to_saved()
+    manifest |= {"records": len(records), "labels": labels.to_saved()}
     return (records[:limit] if limit else records), manifest
+
+
+def training_records(
+    data: Corpus | Path,
+    splits: tuple[str, ...],
+    template: str,
+    out_path: Path,
+    response_format: str = "lines",
+    descriptions: Mapping[str, str] | None = None,
+) -> tuple[dict[str, list[dict]], dict]:
+    """The records of each split a run learns from (train, then any other: valid for a final run), and the manifest.
+
+    The train split's come from instruction_data (its cached file); every prompt names the train split's label set,
+    which the manifest's `labels` records. The manifest adds the `splits`, their `files` and `data_sha256` (what
+    the run's checkpoints are tied to).
+    """
+    corpus = as_corpus(data)
+    train, manifest = instruction_data(corpus, template, out_path, None, response_format, descriptions)
+    labels = LabelSet.from_saved(manifest["labels"])
+    by_split = {"train": train}
+    for split in splits[1:]:
+        by_split[split] = [build_record(s, template, response_format, labels) for s in corpus.read(split)]
+    manifest |= {
+        "splits": list(splits),
+        "files": [str(corpus.path(split)) for split in splits],
+        "data_sha256": data_sha256(corpus, splits),
+    }
+    return by_split, manifest
 
 
 @dataclass(frozen=True)
 class Encoded:
+    """One training example as token ids and the labels the loss reads."""
+
     input_ids: list[int]
     labels: list[int]  # IGNORE_INDEX over the prompt; the response's ids and a final EOS
+
+    def __len__(self) -> int:
+        """Its length in tokens (what prompts.fit measures)."""
+        return len(self.input_ids)
 
     @property
     def n_supervised(self) -> int:

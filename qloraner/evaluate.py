@@ -16,39 +16,61 @@ import torch
 from qloraner import ROOT, QloranerError, dist, make_dir, refuse_empty, run_main
 from qloraner.config import EvalConfig, as_dict, from_args
 from qloraner.conll import Sentence, resolve_corpus
-from qloraner.data import Prompting, response_budget
+from qloraner.data import response_budget
 from qloraner.decode import auto_batch_size, generate_greedy
 from qloraner.labels import CONLL, LabelSet, types_seen
 from qloraner.metrics import error_analysis, score
 from qloraner.model import load_base, load_tokenizer
 from qloraner.parse import ends_answer, is_explicit_empty, parse_response, tag_response
 from qloraner.progress import Progress
+from qloraner.prompts import Prompting
 from qloraner.sources import DEFAULT_MODEL, resolve_model
 from qloraner.startup import STOPWATCH, stopwatch
 
 
 def _prompt_ids(tokenizer, tokens, prompting: Prompting, context: str) -> list[int]:
-    return tokenizer(prompting.text(tokens, context))["input_ids"]
+    """The token ids of one sentence's prompt."""
+    return prompting.ids(tokenizer, tokens, context)
 
 
 def _prompts(
     tokenizer, sentences: list[Sentence], prompting: Prompting, max_prompt_tokens: int
 ) -> tuple[list[list[int]], list[int]]:
-    """Prompt ids per sentence; an over-long prompt drops its document context first, then its sentence is cut to
-    fit (the cut tokens score as O)."""
-    ids, kept = [], []
-    for s in sentences:
-        n, context = len(s.tokens), s.context
-        p = _prompt_ids(tokenizer, s.tokens, prompting, context)
-        if len(p) > max_prompt_tokens and context:
-            context = ""
-            p = _prompt_ids(tokenizer, s.tokens, prompting, context)
-        while len(p) > max_prompt_tokens and n > 0:
-            n = max(0, min(n - 1, n * max_prompt_tokens // len(p)))
-            p = _prompt_ids(tokenizer, s.tokens[:n], prompting, context)
-        ids.append(p)
-        kept.append(n)
-    return ids, kept
+    """Prompt ids per sentence and the words each keeps, fitted to `max_prompt_tokens` (Prompting.fitted, by
+    prompts.fit): an over-long prompt drops its document context first, then its sentence is cut to fit (the cut
+    tokens score as O)."""
+    fitted = [prompting.fitted(tokenizer, s.tokens, s.context, max_prompt_tokens) for s in sentences]
+    return [f.built for f in fitted], [f.words for f in fitted]
+
+
+def _fitted_prompts(
+    tokenizer, sentences: list[Sentence], prompting: Prompting, config: EvalConfig
+) -> tuple[list[list[int]], list[int], list[int]]:
+    """Each sentence's prompt ids fitted to --max-prompt-tokens, the words it keeps, and their response budget."""
+    with stopwatch("prompts"):
+        prompt_ids, kept = _prompts(tokenizer, sentences, prompting, config.max_prompt_tokens)
+    fmt, labels = prompting.response_format, prompting.labels
+    budgets = [
+        response_budget(tokenizer, s.tokens[:k], config.max_new_tokens, fmt, labels) for s, k in zip(sentences, kept)
+    ]
+    return prompt_ids, kept, budgets
+
+
+def _row(sentence: Sentence, kept: int, raw: str, labels: LabelSet, generated: int, budget: int, cut: bool) -> dict:
+    """One sentence's row of responses.jsonl: its tokens, gold and predicted tags (the words cut from its prompt
+    O), the raw answer and its entities."""
+    entities = parse_response(raw, labels)
+    return {
+        "tokens": list(sentence.tokens),
+        "gold_tags": list(sentence.tags),
+        "raw_response": raw,
+        "entities": {t: entities.get(t, []) for t in labels.types},
+        "pred_tags": tag_response(sentence.tokens[:kept], raw, labels) + ["O"] * (len(sentence.tokens) - kept),
+        "parse_failure": bool(raw.strip()) and not entities and not is_explicit_empty(raw),
+        "generated_tokens": generated,
+        "budget": budget,
+        "cut": cut,  # the budget ran out before the answer ended: it may have lost entities
+    }
 
 
 def respond(
@@ -65,17 +87,12 @@ def respond(
 
     `prompting` names the prompt template, the response format and the label set (`load_for_eval` gives them).
     """
-    with stopwatch("prompts"):
-        prompt_ids, kept = _prompts(tokenizer, sentences, prompting, config.max_prompt_tokens)
+    prompt_ids, kept, budgets = _fitted_prompts(tokenizer, sentences, prompting, config)
     truncated = sum(k < len(s.tokens) for k, s in zip(kept, sentences))
     if truncated:
         warnings.warn(
             f"{truncated} sentence(s) cut to fit --max-prompt-tokens {config.max_prompt_tokens}", stacklevel=2
         )
-    fmt, labels = prompting.response_format, prompting.labels
-    budgets = [
-        response_budget(tokenizer, s.tokens[:k], config.max_new_tokens, fmt, labels) for s, k in zip(sentences, kept)
-    ]
     start = time.perf_counter()
     progress = Progress(len(sentences), f"eval {label}", "sentences", enabled=show)
     try:
@@ -87,7 +104,7 @@ def respond(
             batch_size,
             progress=STOPWATCH.until_first(progress),
             graphs=config.cuda_graphs,
-            ends_answer=ends_answer(labels),
+            ends_answer=ends_answer(prompting.labels),
         )
     finally:
         progress.close()
@@ -98,24 +115,11 @@ def respond(
         "batch_size": batch_size,
         "engine": gen.stats,
     }
-    rows = []
-    for s, k, toks, budget, cut in zip(sentences, kept, gen.tokens, budgets, gen.cut):
-        raw = tokenizer.decode(toks, skip_special_tokens=True)
-        entities = parse_response(raw, labels)
-        pred = tag_response(s.tokens[:k], raw, labels) + ["O"] * (len(s.tokens) - k)
-        rows.append(
-            {
-                "tokens": list(s.tokens),
-                "gold_tags": list(s.tags),
-                "raw_response": raw,
-                "entities": {t: entities.get(t, []) for t in labels.types},
-                "pred_tags": pred,
-                "parse_failure": bool(raw.strip()) and not entities and not is_explicit_empty(raw),
-                "generated_tokens": len(toks),
-                "budget": budget,
-                "cut": cut,  # the budget ran out before the answer ended: it may have lost entities
-            }
-        )
+    raws = [tokenizer.decode(toks, skip_special_tokens=True) for toks in gen.tokens]
+    rows = [
+        _row(s, k, raw, prompting.labels, len(toks), budget, cut)
+        for s, k, raw, toks, budget, cut in zip(sentences, kept, raws, gen.tokens, budgets, gen.cut)
+    ]
     return rows, stats
 
 

@@ -200,9 +200,9 @@ def copy_base_files(base: Path, out: Path, dtype: str) -> None:
 
 def task_settings(trained: dict, config: ExportConfig) -> dict:
     """qloraner.json: what a user needs to prompt the model and read its answers without qloraner."""
-    from qloraner.data import build_prompt
     from qloraner.decode import STOP_TEXT
     from qloraner.labels import LabelSet
+    from qloraner.prompts import build_prompt
 
     prompt, fmt = trained.get("prompt") or "simple", trained.get("response_format") or "lines"
     labels = LabelSet.from_saved(trained.get("labels"))
@@ -494,9 +494,9 @@ def load_export(path: Path, device: torch.device, config):
         path, dtype=compute_dtype(device), device_map={"": device}, attn_implementation="sdpa", **weights
     )
     model.eval()
-    from qloraner.data import Prompting
     from qloraner.evaluate import Loaded
     from qloraner.labels import LabelSet
+    from qloraner.prompts import Prompting
 
     prompting = Prompting(
         config.prompt or settings["prompt"],

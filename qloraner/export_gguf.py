@@ -345,7 +345,7 @@ def _write_data(writer, data: np.ndarray, path: Path) -> None:
 
 def ollama_template(settings: dict) -> str:
     """The adapter's prompt as an Ollama (Go) template: what the user types is the sentence; no document context."""
-    from qloraner.data import build_prompt
+    from qloraner.prompts import build_prompt
 
     marker = "\x00SENTENCE\x00"
     text = build_prompt([marker], settings["prompt"], settings["response_format"], "")

@@ -18,20 +18,12 @@ from qloraner import ROOT, QloranerError, checkpoint, dist, make_dir, memory
 from qloraner.compiler import compile_layers, start_compiler
 from qloraner.config import TrainConfig, as_dict
 from qloraner.conll import resolve_corpus
-from qloraner.data import (
-    Encoded,
-    build_prompt,
-    build_record,
-    data_sha256,
-    encode,
-    instruction_data,
-    length_grouped_batches,
-    split_step_within,
-)
+from qloraner.data import Encoded, encode, length_grouped_batches, split_step_within, training_records
 from qloraner.labels import LabelSet, types_seen
 from qloraner.model import add_lora, compute_dtype, load_base, load_tokenizer, use_counter_dropout
 from qloraner.nf4 import dequantize_four_bit, dequantize_in_graph
 from qloraner.optim import flatten_trainable
+from qloraner.prompts import build_prompt, fit
 from qloraner.sources import resolve_model
 from qloraner.speed import Speed, choose_compile, resolve_speed
 from qloraner.step import GRAPH_PADDING, PAD_MULTIPLE, MicroStepGraphs, SupervisedLoss
@@ -172,36 +164,23 @@ def _claim_output_dir(config: TrainConfig):
 
 
 def _examples(config: TrainConfig, tokenizer) -> tuple[list[Encoded], dict]:
-    """The training examples as token ids and labels, and the instruction data's manifest (its `labels`: the label
-    set of the training split's types, which every prompt names)."""
-    corpus = resolve_corpus(config, ROOT)
-    records, manifest = instruction_data(
-        corpus,
+    """The training examples as token ids and labels, each fitted to --max-length (_fitted), and the instruction
+    data's manifest (its `labels`: the label set of the training split's types, which every prompt names)."""
+    by_split, manifest = training_records(
+        resolve_corpus(config, ROOT),
+        config.train_splits,
         config.prompt,
         ROOT / "datasets" / "ner_instruct_data.json",
-        None,
         config.response_format,
         config.labels,
     )
     labels = LabelSet.from_saved(manifest["labels"])
     _warn_labels(config, labels)
     for split in config.train_splits[1:]:  # a final run learns from valid too, once settings were chosen there
-        extra = corpus.read(split)
-        _warn_labels(config, labels, split, types_seen(s.tags for s in extra))
-        records += [build_record(s, config.prompt, config.response_format, labels) for s in extra]
-    records = records[: config.limit or None]
-    manifest |= {
-        "splits": list(config.train_splits),
-        "files": [str(corpus.path(split)) for split in config.train_splits],
-        "data_sha256": data_sha256(corpus, config.train_splits),
-    }
-    examples = encode(tokenizer, [r["prompt"] for r in records], [r["response"] for r in records])
-    if config.prompt == "context":  # as in evaluation: an over-long example loses its document context, not its answer
-        long = [i for i, e in enumerate(examples) if len(e.input_ids) > config.max_length]
-        prompts = [build_prompt(records[i]["tokens"], config.prompt, config.response_format, "", labels) for i in long]
-        for i, e in zip(long, encode(tokenizer, prompts, [records[i]["response"] for i in long])):
-            examples[i] = e
-    examples = [Encoded(e.input_ids[: config.max_length], e.labels[: config.max_length]) for e in examples]
+        _warn_labels(config, labels, split, types_seen(r["tags"] for r in by_split[split]))
+    records = [r for split in config.train_splits for r in by_split[split]][: config.limit or None]
+    encoded = encode(tokenizer, [r["prompt"] for r in records], [r["response"] for r in records])
+    examples = [_fitted(config, tokenizer, labels, r, e) for r, e in zip(records, encoded)]
     empty = sum(e.n_supervised == 0 for e in examples)
     if empty:
         longest = max(len(e.input_ids) - e.n_supervised for e in examples)
@@ -210,6 +189,22 @@ def _examples(config: TrainConfig, tokenizer) -> tuple[list[Encoded], dict]:
             f"token (prompts run to {longest} tokens); raise it above that"
         )
     return examples, manifest
+
+
+def _fitted(config: TrainConfig, tokenizer, labels: LabelSet, record: dict, encoded: Encoded) -> Encoded:
+    """One example fitted to --max-length by prompts.fit, as evaluation fits a prompt: an over-long context example
+    loses its document context, never its answer (its sentence stays whole); what is still over is truncated."""
+
+    def build(words: int, context: bool) -> Encoded:
+        """The example with its context as encoded, else re-encoded without it (its `words` are always all)."""
+        if context:
+            return encoded
+        prompt = build_prompt(record["tokens"], config.prompt, config.response_format, "", labels)
+        return encode(tokenizer, [prompt], [record["response"]])[0]
+
+    words = len(record["tokens"])
+    e = fit(build, words, config.prompt == "context", config.max_length, fewest=words).built
+    return Encoded(e.input_ids[: config.max_length], e.labels[: config.max_length])
 
 
 def _warn_labels(config: TrainConfig, labels: LabelSet, split: str = "", types: tuple[str, ...] = ()) -> None:

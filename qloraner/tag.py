@@ -17,8 +17,8 @@ import torch
 from qloraner.bio import spans
 from qloraner.config import DecodeSettings, EvalConfig
 from qloraner.conll import Sentence, _context
-from qloraner.data import Prompting
 from qloraner.evaluate import batch_size_for, load_for_eval, respond
+from qloraner.prompts import Prompting
 from qloraner.text import Token, sentences
 
 

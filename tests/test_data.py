@@ -8,7 +8,6 @@ from qloraner.bio import entities_to_bio
 from qloraner.conll import Sentence, read_split
 from qloraner.data import (
     IGNORE_INDEX,
-    TEMPLATES,
     build_record,
     encode,
     instruction_data,
@@ -19,6 +18,7 @@ from qloraner.data import (
 )
 from qloraner.model import load_tokenizer
 from qloraner.parse import parse_response
+from qloraner.prompts import TEMPLATES
 
 
 def test_records_hold_text_and_parts(conll_dir, tmp_path):

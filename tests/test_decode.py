@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from qloraner.config import EvalConfig
 from qloraner.conll import read_split
-from qloraner.data import IGNORE_INDEX, build_prompt, encode, response_budget
+from qloraner.data import IGNORE_INDEX, encode, response_budget
 from qloraner.decode import (
     PREFILL_SHARE,
     PREFILL_TOKENS,
@@ -25,6 +25,7 @@ from qloraner.evaluate import load_for_eval
 from qloraner.llama import attention as _attention
 from qloraner.model import load_base, load_tokenizer
 from qloraner.parse import RENDERERS, ends_answer, render_response
+from qloraner.prompts import build_prompt
 from tests.strategies import valid_iob2, word
 
 CPU = torch.device("cpu")

@@ -10,13 +10,13 @@ from qloraner import ENTITY_TYPES, QloranerError
 from qloraner.bio import entities_to_bio
 from qloraner.config import EvalConfig
 from qloraner.conll import read_split
-from qloraner.data import Prompting
 from qloraner.decode import CPU_BATCH, generate_greedy
 from qloraner.evaluate import ARTIFACTS, _prompt_ids, _prompts, evaluate_model, load_for_eval
 from qloraner.labels import CONLL, LabelSet
 from qloraner.metrics import score
 from qloraner.model import load_tokenizer
 from qloraner.parse import parse_response
+from qloraner.prompts import Prompting
 from tests.conftest import fill, last_line, run_entry
 
 CPU = torch.device("cpu")

@@ -271,7 +271,7 @@ def gguf_alone(export_dir: Path, tmp_path: Path) -> Path:
 
 
 def prompt_texts(export_dir: Path, sentences) -> list[str]:
-    from qloraner.data import build_prompt
+    from qloraner.prompts import build_prompt
 
     settings = json.loads((export_dir / SETTINGS_FILE).read_text())
     return [build_prompt(s.tokens, settings["prompt"], settings["response_format"], s.context) for s in sentences]
@@ -402,9 +402,9 @@ def test_modelfile_template_is_the_adapters_prompt(prompt, fmt):
     (no document context); it reads model.gguf, decodes greedily and stops at a blank line."""
     import re
 
-    from qloraner.data import build_prompt
     from qloraner.decode import STOP_TEXT
     from qloraner.export_gguf import modelfile
+    from qloraner.prompts import build_prompt
 
     sentence = "EU rejects German call to boycott British lamb ."
     text = modelfile({"prompt": prompt, "response_format": fmt, "stop": {"text": STOP_TEXT}}, 8192)

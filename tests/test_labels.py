@@ -12,11 +12,12 @@ from qloraner import ENTITY_TYPES, QloranerError
 from qloraner.bio import bio_to_entities, entities_to_bio, spans
 from qloraner.config import TrainConfig, load_recipe
 from qloraner.conll import read_split
-from qloraner.data import RENDERERS, TEMPLATES, build_prompt, instruction_data
+from qloraner.data import instruction_data
 from qloraner.evaluate import report_types
 from qloraner.labels import CONLL, LabelSet, name_errors, types_seen
 from qloraner.metrics import score
-from qloraner.parse import canonical_type, parse_response, render_response, tag_response
+from qloraner.parse import RENDERERS, canonical_type, parse_response, render_response, tag_response
+from qloraner.prompts import TEMPLATES, build_prompt
 from tests.conftest import ROOT, run_entry, tiny_args
 from tests.strategies import gold_and_pred, label_set, tagged_sentence, word
 

@@ -634,9 +634,10 @@ def test_a_final_run_learns_from_train_and_valid(tmp_path, tiny_model, conll_dir
     """--train-split train+valid: every train sentence, then every valid one, become examples (in that order), and
     the run is tied to both files' checksums, not to train.txt's alone."""
     from qloraner.conll import read_split
-    from qloraner.data import build_prompt, data_sha256
+    from qloraner.data import data_sha256
     from qloraner.model import load_tokenizer
     from qloraner.prepare import _examples
+    from qloraner.prompts import build_prompt
 
     tok = load_tokenizer(tiny_model)
     both, manifest = _examples(_config(tmp_path, tiny_model, conll_dir, "run", limit=0, train_split="train+valid"), tok)

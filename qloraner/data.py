@@ -34,10 +34,13 @@ def build_record(sentence: Sentence, template: str, response_format: str = "line
     }
 
 
-def _worst_tags(n: int, types: tuple[str, ...]) -> list[list[str]]:
+def _worst_tags(n: int, types: tuple[str, ...], tokenizer) -> list[list[str]]:
     """Tags of the longest perfect answers a sentence of n tokens can have: every token a one-token mention, all of
-    one type (each type's name tokenizes differently), or the types in turn (JSON: a group per type)."""
-    return [[f"B-{t}"] * n for t in types] + [[f"B-{types[i % len(types)]}" for i in range(n)]]
+    one type (each type's name tokenizes differently), or the types in turn (JSON: a group per type, each naming its
+    type), in the label set's order and longest name first (with fewer tokens than types, the longest names)."""
+    cost = dict(zip(types, map(len, tokenizer([f'"{t}": [' for t in types], add_special_tokens=False)["input_ids"])))
+    orders = [types, tuple(sorted(types, key=lambda t: -cost[t]))]
+    return [[f"B-{t}"] * n for t in types] + [[f"B-{order[i % len(order)]}" for i in range(n)] for order in orders]
 
 
 def response_budget(
@@ -51,7 +54,7 @@ def response_budget(
     types of `labels`, its stop included: the longest answer it can have, tokenized, plus BUDGET_SLACK; `cap` (> 0)
     only lowers it."""
     formats = [response_format] if response_format else list(RENDERERS)
-    worst = _worst_tags(len(tokens), labels.types)
+    worst = _worst_tags(len(tokens), labels.types, tokenizer)
     answers = [RENDERERS[f](list(tokens), tags, labels) for f in formats for tags in worst]
     need = max(map(len, tokenizer(answers, add_special_tokens=False)["input_ids"])) + BUDGET_SLACK
     return min(cap, need) if cap else need

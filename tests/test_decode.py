@@ -287,6 +287,24 @@ def test_a_perfect_answer_always_fits_its_budget(which, data, smol_checkpoint, l
         assert response_budget(tok, tokens, 3, response_format) == min(3, budget)
 
 
+@pytest.mark.parametrize(
+    ("which", "tokens", "tags", "response_format"),
+    [
+        ("smol", [":", ":"], ["B-MISC", "B-ORG"], "json"),  # two groups, the longer names: Hypothesis found it
+        ("smol", ["a", "b", "c"], ["B-MISC", "B-ORG", "B-PER"], "json"),
+        ("llama2", [":", ":"], ["B-MISC", "B-ORG"], "json"),
+        ("llama2", ['"', "]", "\\"], ["B-PER", "B-MISC", "B-ORG"], "inline"),
+    ],
+)
+def test_real_perfect_answers_fit_their_budget(
+    which, tokens, tags, response_format, smol_checkpoint, llama2_tokenizer_dir
+):
+    """Cases that once needed more than their budget: answers whose groups name the types with the longest names."""
+    tok = _tokenizer(smol_checkpoint if which == "smol" else llama2_tokenizer_dir)
+    need = _trained_answer_length(tok, tokens, tags, response_format)
+    assert need <= response_budget(tok, tokens, response_format=response_format)
+
+
 def test_every_perfect_answer_to_the_test_split_fits_its_budget(conll_dir, smol_checkpoint):
     """Each gold answer of the test split (its longest sentence: 124 tokens, whose inline answer needs more than
     256) in each response format, with its EOS, fits the budget derived from its sentence."""

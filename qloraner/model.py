@@ -3,6 +3,7 @@ Where the base comes from: sources.py; its 4-bit weights: nf4.py; compiled layer
 
 from __future__ import annotations
 
+import sys
 import zlib
 from pathlib import Path
 
@@ -46,8 +47,10 @@ def load_base(model: Path | str, device: torch.device, dtype: torch.dtype | None
         bnb_4bit_use_double_quant=True,
         bnb_4bit_compute_dtype=dtype,
     )
-    verbosity = hf_logging.get_verbosity()
+    verbosity, bar = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
     hf_logging.set_verbosity_error()  # the per-weight load report is noise for our users
+    if not sys.stderr.isatty():  # its bar redraws with carriage returns: one long line in a log or a SLURM file
+        hf_logging.disable_progress_bar()
     try:
         loaded = AutoModelForCausalLM.from_pretrained(
             model, quantization_config=quant, dtype=dtype, device_map={"": device}, attn_implementation="sdpa"
@@ -56,6 +59,8 @@ def load_base(model: Path | str, device: torch.device, dtype: torch.dtype | None
         raise QloranerError(f"cannot load model {model}: {str(err).splitlines()[0]}") from None
     finally:
         hf_logging.set_verbosity(verbosity)
+        if bar:
+            hf_logging.enable_progress_bar()
     require_llama_layout(loaded, model)
     _keep_cpu_compute_dtype(loaded)
     return loaded

@@ -137,10 +137,12 @@ def run_tag(*args: str, stdin: str = "") -> subprocess.CompletedProcess:
 
 def test_run_tag_sh_text_in_jsonl_out(tagger, tiny_adapter, train_text):
     """Text on standard input comes back as one JSON record holding the text exactly (CRLF, emoji, tabs) and the
-    entities the Python API finds, in its character offsets."""
+    entities the Python API finds, in its character offsets; standard error (a log here, not a terminal) holds no
+    redrawn progress bar of the model's loading."""
     text = "😀\t" + train_text.replace("\n", "\r\n") + " (x) "
     proc = run_tag("--adapter", str(tiny_adapter), "--max-new-tokens", str(MAX_NEW), stdin=text)
     assert proc.returncode == 0, proc.stderr.decode()[-3000:]
+    assert b"Loading weights" not in proc.stderr and b"\r" not in proc.stderr
     (record,) = [json.loads(line) for line in proc.stdout.decode().splitlines()]
     assert record["text"] == text
     assert record["entities"] == [asdict(e) for e in tagger.tag([text])[0]] != []

@@ -300,7 +300,7 @@ def _bar_chart(results: dict[str, dict], path: Path) -> None:
     plt.close(fig)
 
 
-def decode(config: EvalConfig, device: torch.device) -> tuple[dict, dict, dict]:
+def decode_split(config: EvalConfig, device: torch.device) -> tuple[dict, dict, dict]:
     """Decode this rank's share of the split with the fine-tuned model (and with --compare-base, the base);
     rank 0 gets every rank's rows back in sentence order. Returns (responses, stats, context) per model label;
     responses and stats are empty on other ranks."""
@@ -432,7 +432,7 @@ def evaluate_model(config: EvalConfig, device: torch.device | None = None) -> di
             make_dir(out)
             check_tracking(store)
             check_experiment(config.experiment)
-    responses, stats, context = decode(config, device)
+    responses, stats, context = decode_split(config, device)
     if not responses:  # not rank 0
         return {}
     results = {label: summarize(rows, stats[label], context["types"]) for label, rows in responses.items()}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -38,9 +39,16 @@ def _worst_tags(n: int, types: tuple[str, ...], tokenizer) -> list[list[str]]:
     """Tags of the longest perfect answers a sentence of n tokens can have: every token a one-token mention, all of
     one type (each type's name tokenizes differently), or the types in turn (JSON: a group per type, each naming its
     type), in the label set's order and longest name first (with fewer tokens than types, the longest names)."""
-    cost = dict(zip(types, map(len, tokenizer([f'"{t}": [' for t in types], add_special_tokens=False)["input_ids"])))
-    orders = [types, tuple(sorted(types, key=lambda t: -cost[t]))]
+    orders = [types, _longest_names_first(tokenizer, types)]
     return [[f"B-{t}"] * n for t in types] + [[f"B-{order[i % len(order)]}" for i in range(n)] for order in orders]
+
+
+@functools.lru_cache(maxsize=16)
+def _longest_names_first(tokenizer, types: tuple[str, ...]) -> tuple[str, ...]:
+    """The types ordered by the tokens their JSON key takes, most first: once per tokenizer and label set, not per
+    sentence (evaluation asks a budget for each)."""
+    cost = dict(zip(types, map(len, tokenizer([f'"{t}": [' for t in types], add_special_tokens=False)["input_ids"])))
+    return tuple(sorted(types, key=lambda t: -cost[t]))
 
 
 def response_budget(

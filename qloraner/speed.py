@@ -10,7 +10,7 @@ import torch
 
 from qloraner import QloranerError, dist, memory
 from qloraner.compiler import compile_unavailable
-from qloraner.config import TrainConfig, raise_if
+from qloraner.config import TrainConfig
 from qloraner.model import compute_dtype
 from qloraner.nf4 import dequantized_bytes
 
@@ -71,10 +71,8 @@ def choose_compile(config: TrainConfig, device: torch.device) -> bool:
     reason = compile_unavailable(device)
     if reason and device.type == "cuda":
         print(f"qloraner: training runs eager: {reason}", flush=True)
-    if reason:  # the settings refuse these beside --no-compile; left to auto, compile is off only once resolved
-        needs = {"--dequantize-in-graph": "--compile and 4-bit weights", "--cuda-graphs": "--compile"}
-        asked = [k for k in needs if getattr(config, k[2:].replace("-", "_"))]
-        raise_if([f"{k}: needs {needs[k]}, and compile is off here ({reason})" for k in asked])
+    if reason:  # resolved off: the settings' own checks refuse what needs --compile (--dequantize-in-graph...)
+        dataclasses.replace(config, compile=False)
     return reason is None
 
 

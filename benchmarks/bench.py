@@ -102,20 +102,23 @@ def product(script: str, args: list[str], log: Path, env: dict | None = None) ->
     return time.perf_counter() - start
 
 
-def training_params(out: Path) -> dict[str, str]:
-    """The parameters the training run in `out` logged to its MLflow store (its resolved plan among them)."""
+def training_run(out: Path):
+    """The MLflow client of the training run in `out` (its sqlite store) and the run's id (final/'s state)."""
     from mlflow.tracking import MlflowClient
 
     run_id = json.loads((out / "final" / "trainer_state.json").read_text())["run_id"]
-    return MlflowClient(f"sqlite:///{out / 'mlflow.db'}").get_run(run_id).data.params
+    return MlflowClient(f"sqlite:///{out / 'mlflow.db'}"), run_id
+
+
+def training_params(out: Path) -> dict[str, str]:
+    """The parameters the training run in `out` logged to its MLflow store (its resolved plan among them)."""
+    client, run_id = training_run(out)
+    return client.get_run(run_id).data.params
 
 
 def training_metrics(out: Path) -> dict[str, list[float]]:
     """The per-step metrics the training run in `out` logged to its MLflow store, in step order."""
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(f"sqlite:///{out / 'mlflow.db'}")
-    run_id = json.loads((out / "final" / "trainer_state.json").read_text())["run_id"]
+    client, run_id = training_run(out)
     keys = ("loss", "tokens_per_s", "step_s", "gpu_mem_gib", "compiled_graphs")  # the last with compile only
     return {k: [m.value for m in sorted(client.get_metric_history(run_id, k), key=lambda m: m.step)] for k in keys}
 

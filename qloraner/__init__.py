@@ -1,4 +1,4 @@
-"""qloraner: QLoRA fine-tuning of LLaMA-architecture models for CoNLL-2003 NER."""
+"""qloraner: QLoRA fine-tuning of LLaMA-architecture models for named-entity recognition (CoNLL-2003 by default)."""
 
 from pathlib import Path
 

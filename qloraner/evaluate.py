@@ -1,4 +1,4 @@
-"""Batched greedy decoding on a CoNLL-2003 split, scored with seqeval; base vs fine-tuned."""
+"""Batched greedy decoding on a data split (CoNLL-2003 or the run's own files), scored by seqeval; base vs tuned."""
 
 from __future__ import annotations
 

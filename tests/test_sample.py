@@ -67,6 +67,7 @@ def test_the_readme_counts_are_the_files():
     assert tuple(sorted(set(counts.entity_counts()["train"]) - {"sentences", "tokens"})) == _readme_types()
 
 
+@pytest.mark.slow  # about 25 s on 2 cores
 def test_the_sample_end_to_end(tmp_path, tiny_model):
     """The recipe, with the tiny model, trains 2 steps on the sample, then evaluates 4 test sentences: the adapter
     records the sample's types with the recipe's descriptions, and the evaluation reports exactly those types."""

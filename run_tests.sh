@@ -11,7 +11,7 @@ if [ "${1:-}" = --quick ]; then
   "$PY" -m ruff format --check qloraner tests benchmarks
   set -- -m "not slow" tests/test_bio.py tests/test_parse.py tests/test_conll.py tests/test_config.py \
     tests/test_memory.py tests/test_text.py tests/test_metrics.py tests/test_progress.py tests/test_results_doc.py \
-    tests/test_data.py tests/test_speed.py tests/test_prompts.py "$@"
+    tests/test_data.py tests/test_speed.py tests/test_prompts.py tests/test_sample.py "$@"
 fi
 set +e
 "$PY" -m pytest "$@"

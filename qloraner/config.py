@@ -16,6 +16,7 @@ from qloraner.parse import RENDERERS
 from qloraner.prompts import TEMPLATES
 
 RECIPES = ROOT / "recipes"
+RECIPE_PATHS = ("data_dir", "train_file", "valid_file", "test_file", "output_dir")  # resolved from the recipe
 DEFAULT_RECIPE = "smollm2-135m"  # the embedded default model's recipe: applies when no --recipe is given
 
 
@@ -332,6 +333,10 @@ def load_recipe(cls, name: str) -> tuple[str, dict]:
     ]
     if errors:
         raise QloranerError(f"{path}: " + "; ".join(errors) + f" (keys: {', '.join(by_name)})")
+    # a recipe's relative paths are its own, not the folder a command runs in: the project's for recipes/, else the
+    # TOML file's folder
+    base = ROOT if path.parent == RECIPES else path.parent
+    values |= {k: str(base / v) for k, v in values.items() if k in RECIPE_PATHS and v and not Path(v).is_absolute()}
     return (path.stem if path.parent == RECIPES else str(path)), values
 
 

@@ -476,7 +476,7 @@ def done_line(m: dict, split: str, out: Path) -> str:
 def main(argv: list[str] | None = None) -> int:
     def body() -> int:
         STOPWATCH.begin()
-        config = from_args(EvalConfig, argv, "Evaluate a base model or LoRA adapter on CoNLL-2003 (./run_eval.sh)")
+        config = from_args(EvalConfig, argv, "Evaluate a base model or an adapter on NER data (./run_eval.sh)")
         results = evaluate_model(config)
         if results and config.verbose:
             print(STOPWATCH.line(), flush=True)

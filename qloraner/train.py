@@ -308,7 +308,7 @@ def _evaluate_preemptibly(config: EvalConfig) -> dict | None:
 
 def main(argv: list[str] | None = None) -> int:
     def body() -> int:
-        config = from_args(TrainConfig, argv, "QLoRA fine-tuning for CoNLL-2003 NER (run via ./run_train.sh)")
+        config = from_args(TrainConfig, argv, "QLoRA fine-tuning for NER (run via ./run_train.sh)")
         result = train_adapter(config)
         if result.preempted:
             return EXIT_PREEMPTED

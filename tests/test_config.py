@@ -1,13 +1,15 @@
 import re
 from dataclasses import fields
+from pathlib import Path
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from qloraner import QloranerError
+from qloraner import ROOT, QloranerError
 from qloraner.config import (
     DEFAULT_RECIPE,
+    RECIPE_PATHS,
     RECIPES,
     DataSettings,
     DecodeSettings,
@@ -100,6 +102,23 @@ def test_bad_recipe_is_one_line_naming_the_file(tmp_path, text, message):
     with pytest.raises(QloranerError) as err:
         from_args(TrainConfig, ["--recipe", str(path)], "test")
     assert str(path) in str(err.value) and message in str(err.value) and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("key", RECIPE_PATHS)
+def test_a_recipes_relative_paths_are_its_own_and_a_flags_the_users(tmp_path, monkeypatch, key):
+    """A relative path in a TOML file given by path is that file's folder's, an absolute one stays as written, and
+    the same path as a flag is the folder's the command runs in; a recipe in recipes/ reads from the project."""
+    (tmp_path / "mine").mkdir()
+    recipe = tmp_path / "mine" / "r.toml"
+    recipe.write_text(f'{key} = "data/x"\n')
+    monkeypatch.chdir(tmp_path)
+    assert getattr(from_args(TrainConfig, ["--recipe", str(recipe)], "test"), key) == str(tmp_path / "mine/data/x")
+    recipe.write_text(f'{key} = "{tmp_path}/abs"\n')
+    assert getattr(from_args(TrainConfig, ["--recipe", str(recipe)], "test"), key) == f"{tmp_path}/abs"
+    flag = "--" + key.replace("_", "-")
+    assert getattr(from_args(TrainConfig, ["--recipe", str(recipe), flag, "data/x"], "test"), key) == "data/x"
+    project = {k: v for name in RECIPES.glob("*.toml") for k, v in load_recipe(TrainConfig, name.stem)[1].items()}
+    assert all(Path(project[k]).is_relative_to(ROOT) for k in RECIPE_PATHS if k in project)
 
 
 def test_missing_recipe_lists_the_known_ones():

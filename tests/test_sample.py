@@ -4,6 +4,7 @@ evaluates end to end with its own types."""
 import importlib.util
 import json
 import re
+from pathlib import Path
 
 import pytest
 
@@ -27,10 +28,10 @@ def _readme_types() -> tuple[str, ...]:
 
 
 def test_the_recipe_names_the_sample_files():
-    """The recipe reads the sample's three files (relative to the project folder, where the README's commands run),
-    and the splits it names are the ones counts.py reports."""
-    corpus = resolve_corpus(TrainConfig(**RECIPE), ROOT)
-    assert {split: (ROOT / corpus.path(split)).resolve() for split in counts.SPLITS} == {
+    """The recipe reads the sample's three files (its paths are the project folder's, wherever a command runs), and
+    the splits it names are the ones counts.py reports."""
+    corpus = resolve_corpus(TrainConfig(**RECIPE), Path("/"))
+    assert {split: Path(corpus.path(split)).resolve() for split in counts.SPLITS} == {
         split: SAMPLE / name for split, name in counts.SPLITS.items()
     }
 

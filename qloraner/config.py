@@ -335,9 +335,10 @@ def load_recipe(cls, name: str) -> tuple[str, dict]:
         raise QloranerError(f"{path}: " + "; ".join(errors) + f" (keys: {', '.join(by_name)})")
     # a recipe's relative paths are its own, not the folder a command runs in: the project's for recipes/, else the
     # TOML file's folder
-    base = ROOT if path.parent == RECIPES else path.parent
+    in_project = path.parent == RECIPES
+    base = ROOT if in_project else path.parent
     values |= {k: str(base / v) for k, v in values.items() if k in RECIPE_PATHS and v and not Path(v).is_absolute()}
-    return (path.stem if path.parent == RECIPES else str(path)), values
+    return (path.stem if in_project else str(path)), values
 
 
 def parser_for(cls, description: str, recipe: tuple[str, dict] | None = None) -> argparse.ArgumentParser:

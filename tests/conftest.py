@@ -204,6 +204,9 @@ def start_entry(*command: str):
     )
 
 
+FIRST_STEP = "qloraner: the first step took"  # a CPU run's first line after its first step: training is under way
+
+
 def wait_for(proc, prefix: str) -> list[str]:
     """Lines of `proc` up to and including the first that starts with `prefix`."""
     seen = []

@@ -11,6 +11,7 @@ from qloraner.checkpoint import latest
 from qloraner.config import TrainConfig
 from qloraner.train import train_adapter
 from tests.conftest import (
+    FIRST_STEP,
     fill,
     last_line,
     run_entry,
@@ -98,7 +99,7 @@ def test_a_second_training_on_the_same_folder_is_refused_until_the_first_dies(tm
     args = tiny_args(tiny_model, conll_dir, out, "--no-eval")
     first = start_entry(sys.executable, "-m", "qloraner.train", *args, "--max-steps", "100000")
     try:
-        wait_for(first, "train ")  # training has begun: the lock is held
+        wait_for(first, FIRST_STEP)  # training has begun: the lock is held
         second = run_entry("train", *args, "--max-steps", "2")
         assert second.returncode == 2
         assert last_line(second.stderr) == (

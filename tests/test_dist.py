@@ -12,7 +12,7 @@ import torch
 from mlflow.tracking import MlflowClient
 from safetensors.torch import load_file
 
-from tests.conftest import ROOT, tiny_args, wait_for
+from tests.conftest import FIRST_STEP, ROOT, tiny_args, wait_for
 
 
 def _env(nproc: int, conll_dir) -> dict[str, str]:
@@ -132,7 +132,7 @@ def test_a_signal_to_one_rank_stops_both_after_the_same_step(tmp_path, tiny_mode
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
     )
-    wait_for(proc, "train ")
+    wait_for(proc, FIRST_STEP)
     os.kill(_worker(out, 1), signal.SIGTERM)
     rest = proc.communicate(timeout=300)[0]
     stopped = re.search(r"qloraner: stopped at step (\d+): saved (\S+); run again to resume", rest)

@@ -19,6 +19,7 @@ from qloraner.config import DEFAULT_RECIPE, TrainConfig
 from qloraner.prepare import prepare
 from qloraner.train import get_lr, train_adapter
 from tests.conftest import (
+    FIRST_STEP,
     ROOT,
     last_line,
     lora_model,
@@ -579,7 +580,7 @@ def test_a_stop_signal_saves_a_checkpoint_and_ends_the_mlflow_run(signum, tmp_pa
     out = tmp_path / "run"
     args = tiny_args(tiny_model, conll_dir, out, "--no-eval", "--max-steps", "100000", "--save-every", "0")
     proc = start_entry(sys.executable, "-m", "qloraner.train", *args)
-    wait_for(proc, "train ")
+    wait_for(proc, FIRST_STEP)
     proc.send_signal(signum)
     rest = proc.stdout.read()
     assert proc.wait() == 75 and "Traceback" not in rest, rest[-2000:]

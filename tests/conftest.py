@@ -91,7 +91,7 @@ def tiny_adapter(tmp_path_factory, tiny_model, conll_dir) -> Path:
 
 @pytest.fixture(scope="session")
 def trained_default(tmp_path_factory, conll_dir):
-    """./run_train.sh with the embedded default: 32 sentences, 4 steps, a checkpoint every 2, no eval."""
+    """./run_train.sh with the embedded default: 16 sentences, 4 steps of 4, a checkpoint every 2, no eval."""
     import subprocess
 
     out = tmp_path_factory.mktemp("e2e") / "run"
@@ -101,11 +101,11 @@ def trained_default(tmp_path_factory, conll_dir):
         [
             str(ROOT / "run_train.sh"),
             "--limit",
-            "32",
+            "16",
             "--max-steps",
             "4",
             "--batch-size",
-            "8",
+            "4",
             "--save-every",
             "2",
             "--output-dir",

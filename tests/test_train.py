@@ -437,14 +437,14 @@ def test_missing_model_exits_with_one_line(tmp_path, conll_dir):
 
 @pytest.mark.slow
 def test_run_train_sh_end_to_end(trained_default):
-    """./run_train.sh with the embedded default, 32 sentences, 4 steps: checkpoints and an MLflow run; its output,
+    """./run_train.sh with the embedded default, 16 sentences, 4 steps: checkpoints and an MLflow run; its output,
     not a terminal, holds the plan (with the micro-batch bound chosen from the machine's memory) and a progress line
     per step (each a quarter of the work)."""
     from mlflow.tracking import MlflowClient
 
     out = trained_default
     log = (out.parent / "stdout.log").read_text().splitlines()
-    plan = [line for line in log if line.startswith("qloraner: training 32 sequences, 4 steps of 8")]
+    plan = [line for line in log if line.startswith("qloraner: training 16 sequences, 4 steps of 4")]
     assert plan and re.search(
         r"on CPU, compile off, checkpointing off \(auto: fits [0-9.]+ of [0-9.]+ GiB: 25% of [0-9.]+ GiB [a-z' ]+\), "
         f"frozen weights NF4, recipe {DEFAULT_RECIPE}; micro-batches of at most [0-9,]+ padded "
@@ -459,7 +459,7 @@ def test_run_train_sh_end_to_end(trained_default):
     client = MlflowClient(f"sqlite:///{out / 'mlflow.db'}")
     run = client.get_run(state["run_id"])
     assert run.info.status == "FINISHED"
-    assert run.data.params["limit"] == "32" and run.data.params["lora_r"] == "64"
+    assert run.data.params["limit"] == "16" and run.data.params["lora_r"] == "64"
     assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == [1, 2, 3, 4]
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "adapter")}
     assert "adapter/adapter_model.safetensors" in artifacts

@@ -13,8 +13,14 @@ if [ "${1:-}" = --quick ]; then
     tests/test_memory.py tests/test_text.py tests/test_metrics.py tests/test_progress.py tests/test_results_doc.py \
     tests/test_data.py tests/test_speed.py tests/test_prompts.py tests/test_sample.py "$@"
 fi
+# One worker per core (at most 4: each holds models in memory), each torch on one thread: a test spends seconds
+# importing torch on one core, so two workers keep both of CI's cores busy. QLORANER_TEST_WORKERS=0 runs serially.
+workers=${QLORANER_TEST_WORKERS:-$(nproc)}
+[ "$workers" -gt 4 ] && workers=4
+[ "$workers" -le 1 ] && workers=0
+[ "$workers" -gt 1 ] && export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 set +e
-"$PY" -m pytest "$@"
+"$PY" -m pytest -n "$workers" --dist loadgroup "$@"
 rc=$?
 set -e
 [ "$rc" -eq 5 ] && { echo "run_tests.sh: no tests ran" >&2; exit 1; }

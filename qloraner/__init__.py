@@ -52,8 +52,6 @@ def run_main(body) -> int:
     exit code 130."""
     import sys
 
-    from qloraner import dist
-
     try:
         return body()
     except QloranerError as err:
@@ -63,7 +61,8 @@ def run_main(body) -> int:
         print("error: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
     finally:
-        dist.shutdown()
+        if dist := sys.modules.get("qloraner.dist"):  # a command that ended before torch loaded has none to shut down
+            dist.shutdown()
 
 
 def __getattr__(name: str):

@@ -1,9 +1,10 @@
 """Where a command's start-up seconds go: a stopwatch of named phases up to its first decoded sentence.
 
 The entry points (evaluate, tag_cli) call STOPWATCH.begin() first thing in main(), which books the seconds since the
-process started as "imports"; `with stopwatch("model load"):` books a phase; respond() books "first sentence" when
-the engine hands back its first finished sentence (its warm-up: kernels, CUDA graphs and the first chunk). --verbose
-prints the breakdown as one line; ./run_eval.sh logs it to MLflow as startup_<phase>_s metrics.
+process started as "imports" (tag_cli books its later import of the model code there too); `with stopwatch("model
+load"):` books a phase; respond() books "first sentence" when the engine hands back its first finished sentence (its
+warm-up: kernels, CUDA graphs and the first chunk). --verbose prints the breakdown as one line; ./run_eval.sh logs it
+to MLflow as startup_<phase>_s metrics.
 """
 
 from __future__ import annotations

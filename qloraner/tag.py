@@ -9,36 +9,16 @@ from __future__ import annotations
 import contextlib
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
-from qloraner.bio import spans
 from qloraner.config import DecodeSettings, EvalConfig
 from qloraner.conll import Sentence, _context
 from qloraner.evaluate import batch_size_for, load_for_eval, respond
 from qloraner.prompts import Prompting
-from qloraner.text import Token, sentences
-
-
-@dataclass(frozen=True)
-class Entity:
-    start: int  # character offset of its first character in the text
-    end: int  # one past its last character
-    label: str  # one of the adapter's types (Tagger.types): LOC, MISC, ORG or PER for CoNLL-2003
-    text: str  # text[start:end]
-
-
-def entities_of(text: str, tokens: Sequence[Sequence[Token]], tags: Sequence[Sequence[str]]) -> list[Entity]:
-    """The entities that per-sentence tags mark over `text`'s tokens, each from its first token's start to its last
-    token's end, in order."""
-    found = []
-    for sentence, sentence_tags in zip(tokens, tags):
-        for span in spans(list(sentence_tags)):
-            start, end = sentence[span.start].start, sentence[span.end - 1].end
-            found.append(Entity(start, end, span.type, text[start:end]))
-    return found
+from qloraner.text import Entity, entities_of, sentences
 
 
 def _default_device() -> torch.device:

@@ -11,8 +11,7 @@ from qloraner import QloranerError, run_main
 from qloraner.config import DecodeSettings, opt, parser_for, raise_if
 from qloraner.conll import quote
 from qloraner.startup import STOPWATCH, stopwatch
-from qloraner.tag import Tagger, entities_of
-from qloraner.text import Token, is_space, sentences
+from qloraner.text import Token, entities_of, is_space, sentences
 
 STDIN = "<stdin>"
 
@@ -173,6 +172,8 @@ def tag_files(config: TagConfig, names: list[str]) -> None:
     """Read every input, tag all its sentences in one batched pass, write the records to standard output."""
     with stopwatch("input"):
         docs = read_documents(names or [STDIN], config.input_format)
+    with stopwatch("imports"):  # torch and the model code load after the input reads: a bad file fails at once
+        from qloraner.tag import Tagger
     tagger = Tagger.from_settings(config, progress=config.progress)
     tags = tagger.tag_documents([[[t.text for t in s] for s in doc.sentences] for doc in docs])
     write = jsonl_out if config.output_format == "jsonl" else conll_out

@@ -6,15 +6,18 @@ downloads. Its tokens are finer than CoNLL-2003's in a few places, which `_conll
 word (`AL-AIN`, `German-born`), a lower-upper case change (`McDonald`, `iPhone`), an abbreviation's final period
 (`U.S.`, `Dr.`), a lone `'s` and a decimal without its zero (`.778`). Whatever syntok does, every token is an exact
 slice of the text without whitespace, and every character that is not whitespace lies in exactly one token (`_cover`
-adds any that syntok left out).
+adds any that syntok left out). `entities_of` goes back: per-token tags to entities at the text's character offsets.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from syntok import segmenter
 from syntok.tokenizer import Tokenizer
+
+from qloraner.bio import spans
 
 _SPACES = frozenset("\u200b")  # syntok splits at the zero-width space as at whitespace: so do we
 _HYPHENS = frozenset(Tokenizer._hyphens + "_")  # what syntok drops between a word's parts (not its tokens)
@@ -120,3 +123,22 @@ def _cover(text: str, found: list[list[Token]]) -> list[list[Token]]:
     elif tail:
         out.append(tail)
     return out
+
+
+@dataclass(frozen=True)
+class Entity:
+    start: int  # character offset of its first character in the text
+    end: int  # one past its last character
+    label: str  # one of the adapter's types (Tagger.types): LOC, MISC, ORG or PER for CoNLL-2003
+    text: str  # text[start:end]
+
+
+def entities_of(text: str, tokens: Sequence[Sequence[Token]], tags: Sequence[Sequence[str]]) -> list[Entity]:
+    """The entities that per-sentence tags mark over `text`'s tokens, each from its first token's start to its last
+    token's end, in order."""
+    found = []
+    for sentence, sentence_tags in zip(tokens, tags):
+        for span in spans(list(sentence_tags)):
+            start, end = sentence[span.start].start, sentence[span.end - 1].end
+            found.append(Entity(start, end, span.type, text[start:end]))
+    return found

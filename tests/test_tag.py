@@ -120,13 +120,14 @@ def test_no_text_and_empty_texts_give_no_entities(tagger):
     assert tagger.tag_tokens([]) == []
 
 
-def run_tag(*args: str, stdin: str = "") -> subprocess.CompletedProcess:
+def run_tag(*args: str, stdin: str = "", env: dict | None = None) -> subprocess.CompletedProcess:
     """./run_tag.sh ARGS as a user runs it, in this interpreter's environment (env.sh's container mode: the venv's
-    python3, no venv setup)."""
+    python3, no venv setup) and `env`."""
     env = {
         **os.environ,
         "QLORANER_IN_CONTAINER": "1",
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+        **(env or {}),
     }
     proc = subprocess.run(
         [str(ROOT / "run_tag.sh"), *args], input=stdin.encode(), capture_output=True, env=env, timeout=600
@@ -205,6 +206,23 @@ def test_run_tag_sh_bad_input_is_one_line_and_exit_2(tmp_path, tiny_adapter, inp
     assert proc.returncode == 2 and proc.stdout == b""
     (line,) = proc.stderr.decode().splitlines()
     assert re.match(rf"error: .*{message}", line), line
+
+
+def test_bad_input_is_refused_before_torch_loads(tmp_path):
+    """./run_tag.sh reads its input before it imports torch and the model code: a bad file is refused in a fraction of
+    the seconds those imports take. Python's own import log (PYTHONPROFILEIMPORTTIME) of the run names no torch
+    module, and the error line is the same."""
+    source = tmp_path / "in.jsonl"
+    source.write_text('{"text": 3}\n')
+    proc = run_tag(
+        "--adapter", str(tmp_path), "--input-format", "jsonl", str(source), env={"PYTHONPROFILEIMPORTTIME": "1"}
+    )
+    imported = [
+        line.split("|")[-1].strip() for line in proc.stderr.decode().splitlines() if line.startswith("import time:")
+    ]
+    assert proc.returncode == 2 and "qloraner.config" in imported, proc.stderr.decode()[-2000:]
+    assert not [name for name in imported if name.split(".")[0] in ("torch", "transformers") or name == "qloraner.tag"]
+    assert last_line(proc.stderr.decode()) == f'error: {source}:1: "text" must be a string, not int'
 
 
 def test_run_tag_sh_missing_file_and_adapter(tmp_path, tiny_adapter):

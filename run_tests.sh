@@ -14,7 +14,8 @@ if [ "${1:-}" = --quick ]; then
     tests/test_data.py tests/test_speed.py tests/test_prompts.py tests/test_sample.py "$@"
 fi
 # One worker per core (at most 4: each holds models in memory), each torch on one thread: a test spends seconds
-# importing torch on one core, so two workers keep both of CI's cores busy. QLORANER_TEST_WORKERS=0 runs serially.
+# importing torch on one core, so two workers keep both of CI's cores busy. QLORANER_TEST_WORKERS=0 (or -n 0 among the
+# pytest args) runs serially, as --pdb needs.
 workers=${QLORANER_TEST_WORKERS:-$(nproc)}
 [ "$workers" -gt 4 ] && workers=4
 [ "$workers" -le 1 ] && workers=0

@@ -21,7 +21,7 @@ workers=${QLORANER_TEST_WORKERS:-$(nproc)}
 [ "$workers" -le 1 ] && workers=0
 [ "$workers" -gt 1 ] && export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 set +e
-"$PY" -m pytest -n "$workers" --dist loadgroup "$@"
+"$PY" -m pytest -n "$workers" "$@"
 rc=$?
 set -e
 [ "$rc" -eq 5 ] && { echo "run_tests.sh: no tests ran" >&2; exit 1; }

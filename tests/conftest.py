@@ -22,6 +22,26 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "dev"))
 
 ROOT = Path(__file__).resolve().parents[1]
 
+# Under pytest-xdist (./run_tests.sh), tests that share something run on one worker, one after another; every other
+# test is a work unit of its own. (xdist 3.8's xdist_group mark did not group under pytest 9.2 here.)
+SHARED = {
+    "tests/test_deploy.py::test_sbatch_job_trains_then_evaluates": "slurm",  # the requeue test needs the node idle
+    "tests/test_deploy.py::test_usr1_checkpoints_requeues_and_resumes": "slurm",
+    "tests/test_train.py::test_run_train_sh_end_to_end": "trained-default",  # the fixture trains once
+    "tests/test_evaluate.py::test_run_eval_sh_end_to_end": "trained-default",
+}
+
+
+def pytest_xdist_make_scheduler(config, log):
+    """xdist's scope scheduler with SHARED's groups as the only scopes of more than one test."""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class Shared(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return SHARED.get(nodeid.split("[")[0], nodeid)
+
+    return Shared(config, log)
+
 
 @pytest.fixture(scope="session")
 def conll_dir() -> Path:

@@ -239,7 +239,6 @@ def _log(job_id: str) -> str:
     return "".join((ROOT / "logs" / f"{_NAMES[job_id]}-{job_id}.{k}").read_text() for k in ("out", "err"))
 
 
-@pytest.mark.xdist_group("slurm")  # one worker: the requeue test needs the one-node cluster idle
 @pytest.mark.slow
 def test_sbatch_job_trains_then_evaluates(tmp_path, tiny_model, conll_dir):
     """sbatch slurm_job.sbatch on the real one-node cluster: COMPLETED, with an adapter, metrics.json and logs."""
@@ -263,7 +262,6 @@ def test_sbatch_job_trains_then_evaluates(tmp_path, tiny_model, conll_dir):
     assert f"qloraner job {job}, restart 0" in _log(job)
 
 
-@pytest.mark.xdist_group("slurm")  # one worker: the requeue test needs the one-node cluster idle
 @pytest.mark.slow
 @pytest.mark.parametrize("nproc", [1, 2])
 def test_usr1_checkpoints_requeues_and_resumes(tmp_path, tiny_model, conll_dir, nproc):

@@ -138,7 +138,6 @@ def test_overlong_sentences_are_cut_counted_and_reported(tmp_path, tiny_model, c
     assert [len(r["pred_tags"]) for r in rows] == lengths
 
 
-@pytest.mark.xdist_group("trained-default")  # one worker trains the fixture once
 @pytest.mark.slow
 def test_run_eval_sh_end_to_end(trained_default, conll_dir):
     """./run_eval.sh --limit 10 --compare-base writes every artifact and an MLflow run holding them; its output,

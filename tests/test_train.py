@@ -435,7 +435,6 @@ def test_missing_model_exits_with_one_line(tmp_path, conll_dir):
     ]
 
 
-@pytest.mark.xdist_group("trained-default")  # one worker trains the fixture once
 @pytest.mark.slow
 def test_run_train_sh_end_to_end(trained_default):
     """./run_train.sh with the embedded default, 16 sentences, 4 steps: checkpoints and an MLflow run; its output,

@@ -4,6 +4,7 @@ SLURM tests need the one-node cluster that .ci/run starts (tests/slurm/start.sh)
 skip, except under CI=true, where a missing cluster fails them.
 """
 
+import ast
 import json
 import os
 import re
@@ -19,7 +20,7 @@ from pathlib import Path
 import dockerfile
 import pytest
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, SHARED
 
 SCRIPTS = [
     "env.sh",
@@ -83,6 +84,15 @@ def test_shell_scripts_pass_shellcheck():
     _need(shutil.which("shellcheck") is not None, "shellcheck is not installed")
     proc = subprocess.run(["shellcheck", *SCRIPTS], cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout
+
+
+def test_each_test_kept_on_one_worker_exists():
+    """Every test that conftest's SHARED keeps with its group is a test function of the file it names: a renamed one
+    would run beside its group again (a second SLURM job on the one node, a second default run)."""
+    for nodeid in SHARED:
+        path, name = nodeid.split("::")
+        tree = ast.parse((ROOT / path).read_text(encoding="utf-8"))
+        assert name in {n.name for n in tree.body if isinstance(n, ast.FunctionDef)}, nodeid
 
 
 def _free_port() -> int:

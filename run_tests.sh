@@ -16,7 +16,11 @@ fi
 # One worker per core (at most 4: each holds models in memory), each torch on one thread: a test spends seconds
 # importing torch on one core, so two workers keep both of CI's cores busy. QLORANER_TEST_WORKERS=0 (or -n 0 among the
 # pytest args) runs serially, as --pdb needs.
-workers=${QLORANER_TEST_WORKERS:-$(nproc)}
+cores=$(nproc)  # the cores this process may use; a container's CPU quota (docker --cpus) can allow fewer
+if read -r quota period 2>/dev/null < /sys/fs/cgroup/cpu.max && [ "$quota" != max ]; then
+  cores=$(( (quota + period - 1) / period < cores ? (quota + period - 1) / period : cores ))
+fi
+workers=${QLORANER_TEST_WORKERS:-$cores}
 [ "$workers" -gt 4 ] && workers=4
 [ "$workers" -le 1 ] && workers=0
 [ "$workers" -gt 1 ] && export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"

@@ -18,7 +18,8 @@ fi
 # pytest args) runs serially, as --pdb needs.
 cores=$(nproc)  # the cores this process may use; a container's CPU quota (docker --cpus) can allow fewer
 if read -r quota period 2>/dev/null < /sys/fs/cgroup/cpu.max && [ "$quota" != max ]; then
-  cores=$(( (quota + period - 1) / period < cores ? (quota + period - 1) / period : cores ))
+  allowed=$(( (quota + period - 1) / period ))  # the quota in cores, rounded up
+  [ "$allowed" -lt "$cores" ] && cores=$allowed
 fi
 workers=${QLORANER_TEST_WORKERS:-$cores}
 [ "$workers" -gt 4 ] && workers=4
